@@ -1,0 +1,56 @@
+//! `gateway`: load the config, set up logging, run. `gateway -t -c FILE` only validates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use floodgate_proxy::config::GatewayConfig;
+use floodgate_proxy::RunOptions;
+
+/// Floodgate edge gateway: rate limits, connection caps and health-checked load balancing.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (YAML).
+    #[arg(short = 'c', long = "config", default_value = "config/gateway.yaml")]
+    config: PathBuf,
+    /// Test the configuration and exit: 0 when valid, 1 with the reason otherwise.
+    #[arg(short = 't', long = "test")]
+    test: bool,
+    /// Take over the listening sockets of a running gateway (send it SIGQUIT after starting).
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+    /// Socket used for the --upgrade hand-over.
+    #[arg(long, default_value = "/tmp/floodgate-upgrade.sock")]
+    upgrade_sock: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match GatewayConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gateway: configuration invalid: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if cli.test {
+        println!("gateway: configuration {} is valid", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    env_logger::Builder::new()
+        .filter_level(config.log_level.filter())
+        .parse_env("RUST_LOG")
+        .init();
+    let opts = RunOptions {
+        upgrade: cli.upgrade,
+        upgrade_sock: Some(cli.upgrade_sock),
+    };
+    match floodgate_proxy::run(config, &opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Every Prometheus metric the gateway exports, in one place, and the `/metrics` endpoint.
+//!
+//! Label lookups (`with_label_values`) hash and lock, so the request path never does them:
+//! handles for each backend are resolved once when the backend joins the pool
+//! ([`BackendMetrics`]) and the fixed-label ones are resolved here at start-up.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Why the gateway answered a request itself instead of proxying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No backend was healthy (or all were tried).
+    NoHealthyBackend,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 1] = [Rejection::NoHealthyBackend];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::NoHealthyBackend => "no_healthy_backend",
+        }
+    }
+}
+
+/// The gateway's metrics registry and pre-resolved handles.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    /// `gateway_requests_total` for requests that never reached a backend, by status class.
+    no_backend_requests: [IntCounter; 5],
+    pub request_duration: Histogram,
+    backend_up: IntGaugeVec,
+    pub downstream_connections: IntGauge,
+    pub inflight_requests: IntGauge,
+    connect_failures: IntCounterVec,
+    pub retries_connect: IntCounter,
+    pub retries_after_send: IntCounter,
+    rejections: Vec<IntCounter>,
+}
+
+/// Handles for one backend's series, resolved when it joins the pool.
+pub struct BackendMetrics {
+    pub requests: [IntCounter; 5],
+    pub up: IntGauge,
+    pub connect_failures: IntCounter,
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Index into a `[_; 5]` of status classes.
+pub fn class_index(status: u16) -> usize {
+    (status / 100).clamp(1, 5) as usize - 1
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "gateway_requests_total",
+                "Requests answered, by status class and backend (\"none\" when no backend served it).",
+            ),
+            &["code", "backend"],
+        )
+        .expect("valid metric");
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_request_duration_seconds",
+                "Time from request header to the end of the response, in seconds.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        let backend_up = IntGaugeVec::new(
+            Opts::new(
+                "gateway_backend_up",
+                "1 when the backend passes health checks and receives traffic, else 0.",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let downstream_connections = IntGauge::new(
+            "gateway_downstream_connections",
+            "Open client connections (idle keep-alive ones included).",
+        )
+        .expect("valid metric");
+        let inflight_requests = IntGauge::new(
+            "gateway_inflight_requests",
+            "Requests being processed right now.",
+        )
+        .expect("valid metric");
+        let connect_failures = IntCounterVec::new(
+            Opts::new(
+                "gateway_upstream_connect_failures_total",
+                "Failed connection attempts to a backend (refused, timeout).",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "gateway_upstream_retries_total",
+                "Requests retried on another backend, by why.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let rejections_vec = IntCounterVec::new(
+            Opts::new(
+                "gateway_rejections_total",
+                "Requests the gateway answered itself with an error, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(backend_up.clone()),
+            Box::new(downstream_connections.clone()),
+            Box::new(inflight_requests.clone()),
+            Box::new(connect_failures.clone()),
+            Box::new(retries.clone()),
+            Box::new(rejections_vec.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        let no_backend_requests = CLASSES.map(|c| requests.with_label_values(&[c, "none"]));
+        let rejections = Rejection::ALL
+            .iter()
+            .map(|r| rejections_vec.with_label_values(&[r.label()]))
+            .collect();
+        Arc::new(Metrics {
+            registry,
+            requests,
+            no_backend_requests,
+            request_duration,
+            backend_up,
+            downstream_connections,
+            inflight_requests,
+            connect_failures,
+            retries_connect: retries.with_label_values(&["connect_failure"]),
+            retries_after_send: retries.with_label_values(&["error_after_send"]),
+            rejections,
+        })
+    }
+
+    /// Resolve the series of one backend (called when it joins the pool, not per request).
+    pub fn backend(&self, label: &str) -> BackendMetrics {
+        BackendMetrics {
+            requests: CLASSES.map(|c| self.requests.with_label_values(&[c, label])),
+            up: self.backend_up.with_label_values(&[label]),
+            connect_failures: self.connect_failures.with_label_values(&[label]),
+        }
+    }
+
+    /// Drop the series of a backend that left the pool.
+    pub fn forget_backend(&self, label: &str) {
+        let _ = self.backend_up.remove_label_values(&[label]);
+    }
+
+    /// Count a response that no backend served.
+    pub fn no_backend_response(&self, status: u16) {
+        self.no_backend_requests[class_index(status)].inc();
+    }
+
+    pub fn reject(&self, reason: Rejection) {
+        self.rejections[reason as usize].inc();
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to a Vec cannot fail");
+        buf
+    }
+}
+
+/// The `/metrics` HTTP endpoint, on its own listener.
+pub struct MetricsEndpoint {
+    pub metrics: Arc<Metrics>,
+    /// Refreshes gauges that are derived from other state (backend health) before a scrape.
+    pub on_scrape: Box<dyn Fn() + Send + Sync>,
+}
+
+#[async_trait]
+impl ServeHttp for MetricsEndpoint {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path();
+        let (status, ctype, body) = if path == "/metrics" {
+            (self.on_scrape)();
+            (200, "text/plain; version=0.0.4", self.metrics.render())
+        } else {
+            (
+                404,
+                "application/json",
+                br#"{"error":"not found: metrics are at /metrics"}"#.to_vec(),
+            )
+        };
+        Response::builder()
+            .status(status)
+            .header("Content-Type", ctype)
+            .header("Content-Length", body.len())
+            .body(body)
+            .expect("valid response")
+    }
+}

@@ -1,0 +1,331 @@
+//! Test harness: real HTTP upstreams (small hyper servers on free ports) and the real
+//! `gateway` binary started with a config written for the test.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What an upstream observed.
+#[derive(Default)]
+pub struct UpstreamState {
+    /// Requests other than health checks.
+    pub requests: AtomicU64,
+    /// Health checks answered.
+    pub probes: AtomicU64,
+    /// When false, `/ready` answers 503.
+    pub ready: AtomicBool,
+    /// Requests being served right now, and the most seen at once.
+    pub inflight: AtomicUsize,
+    pub max_inflight: AtomicUsize,
+    /// The last request's headers, as `name: value` lines.
+    pub last_headers: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+/// A real HTTP upstream that says who it is. `/slow?ms=N` waits N ms before answering.
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub state: Arc<UpstreamState>,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap(), Arc::default(), true).await
+    }
+
+    /// An upstream whose readiness probe always fails.
+    pub async fn start_never_ready(name: &str) -> Upstream {
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap(), Arc::default(), false).await
+    }
+
+    async fn start_on(
+        name: &str,
+        addr: SocketAddr,
+        state: Arc<UpstreamState>,
+        ready: bool,
+    ) -> Upstream {
+        state.ready.store(ready, Ordering::SeqCst);
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut tasks = JoinSet::new();
+        let (n, s) = (name.to_string(), state.clone());
+        tasks.spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (n, s) = (n.clone(), s.clone());
+                conns.spawn(async move {
+                    let svc = service_fn(move |req| handle(n.clone(), s.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            name: name.to_string(),
+            addr,
+            state,
+            tasks: Some(tasks),
+        }
+    }
+
+    /// Stop listening and drop every open connection, like a killed process.
+    pub fn kill(&mut self) {
+        if let Some(mut t) = self.tasks.take() {
+            t.abort_all();
+        }
+    }
+
+    /// Start again on the same address, keeping the counters.
+    pub async fn restart(&mut self) {
+        let fresh = Self::start_on(&self.name, self.addr, self.state.clone(), true).await;
+        self.tasks = fresh.tasks;
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.state
+            .last_headers
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+}
+
+async fn handle(
+    name: String,
+    state: Arc<UpstreamState>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/ready" {
+        state.probes.fetch_add(1, Ordering::SeqCst);
+        let status = if state.ready.load(Ordering::SeqCst) {
+            200
+        } else {
+            503
+        };
+        return Ok(Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap());
+    }
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    *state.last_headers.lock().unwrap() = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let now = state.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_inflight.fetch_max(now, Ordering::SeqCst);
+    if req.uri().path() == "/slow" {
+        let ms: u64 = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("ms="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    state.inflight.fetch_sub(1, Ordering::SeqCst);
+    Ok(Response::builder()
+        .header("X-Served-By", name.as_str())
+        .header("Content-Type", "application/json")
+        .body(Full::new(Bytes::from(format!(
+            "{{\"served_by\":\"{name}\"}}"
+        ))))
+        .unwrap())
+}
+
+/// The path of the built `gateway` binary.
+pub fn gateway_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_gateway")
+}
+
+/// A running `gateway` process with its own config file; killed on drop.
+pub struct GatewayProc {
+    pub child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl GatewayProc {
+    /// Start a gateway whose config is `body` (YAML without `listen`/`metrics_listen`, which
+    /// the harness adds on free ports). Waits until it accepts connections.
+    pub async fn start(body: &str) -> GatewayProc {
+        let port = free_port();
+        let metrics_port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("gateway.yaml");
+        let yaml = format!(
+            "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\nlog_level: warn\n{body}"
+        );
+        std::fs::File::create(&config_path)
+            .unwrap()
+            .write_all(yaml.as_bytes())
+            .unwrap();
+        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        let child = Command::new(gateway_bin())
+            .arg("-c")
+            .arg(&config_path)
+            .arg("--upgrade-sock")
+            .arg(dir.path().join("upgrade.sock"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("gateway binary runs");
+        let mut g = GatewayProc {
+            child,
+            port,
+            metrics_port,
+            dir,
+            config_path,
+        };
+        g.wait_listening().await;
+        g
+    }
+
+    async fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("gateway exited with {status}: {}", self.log());
+            }
+            let a = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await;
+            let b = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await;
+            if a.is_ok() && b.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not start: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one sample, `name{labels}` exactly as exposed, or 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+
+    /// Wait until `n` backends report up.
+    pub async fn wait_backends_up(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = self.metrics().await;
+            let up = text
+                .lines()
+                .filter(|l| l.starts_with("gateway_backend_up{") && l.ends_with(" 1"))
+                .count();
+            if up == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backends up: {up}, wanted {n}\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A client that opens a fresh connection for every request (no pooling surprises).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Backends as YAML lines.
+pub fn backends_yaml(ups: &[&Upstream]) -> String {
+    ups.iter()
+        .map(|u| format!("    - \"{}\"\n", u.addr))
+        .collect()
+}

@@ -1,0 +1,318 @@
+//! Black-box tests of the gateway core: the real binary in front of real HTTP upstreams.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const FAST_HEALTH: &str =
+    "  health_check: {interval: 200ms, timeout: 200ms, failures: 2, successes: 1}\n";
+
+async fn served_by_counts(gw: &GatewayProc, n: usize) -> HashMap<String, usize> {
+    let c = client();
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let r = c.get(gw.url("/items")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let who = r.headers()["x-served-by"].to_str().unwrap().to_string();
+        *counts.entry(who).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_is_even_and_weighted() {
+    let (a, b, c) = (
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    );
+    let gw = GatewayProc::start(&format!(
+        "upstream:\n  backends:\n{}{FAST_HEALTH}",
+        backends_yaml(&[&a, &b, &c])
+    ))
+    .await;
+    gw.wait_backends_up(3).await;
+    let counts = served_by_counts(&gw, 300).await;
+    for name in ["a", "b", "c"] {
+        let n = counts[name];
+        assert!((99..=101).contains(&n), "{name} got {n}: {counts:?}");
+    }
+    drop(gw);
+
+    let gw = GatewayProc::start(&format!(
+        "upstream:\n  backends:\n    - {{address: \"{}\", weight: 1}}\n    - {{address: \"{}\", weight: 2}}\n{FAST_HEALTH}",
+        a.addr, b.addr
+    ))
+    .await;
+    gw.wait_backends_up(2).await;
+    let counts = served_by_counts(&gw, 300).await;
+    assert!((99..=101).contains(&counts["a"]), "{counts:?}");
+    assert!((199..=201).contains(&counts["b"]), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_upstream_is_retried_then_marked_down_then_back() {
+    let a = Upstream::start("a").await;
+    let mut b = Upstream::start("b").await;
+    let gw = GatewayProc::start(&format!(
+        "upstream:\n  backends:\n{}{FAST_HEALTH}",
+        backends_yaml(&[&a, &b])
+    ))
+    .await;
+    gw.wait_backends_up(2).await;
+    let failures = format!(
+        "gateway_upstream_connect_failures_total{{backend=\"{}\"}}",
+        b.addr
+    );
+
+    b.kill();
+    let killed = Instant::now();
+    // interval 200ms x failures 2 + 1 s: after this the dead backend gets no request.
+    let settle = Duration::from_millis(200 * 2 + 1000);
+    let c = client();
+    let mut errors = 0;
+    let mut sent = 0;
+    while killed.elapsed() < settle {
+        let r = c.get(gw.url("/items")).send().await;
+        sent += 1;
+        if !r.is_ok_and(|r| r.status() == 200) {
+            errors += 1;
+        }
+    }
+    assert_eq!(
+        errors, 0,
+        "{errors} of {sent} requests failed while the backend died"
+    );
+    let attempts_after_settle = gw.metric(&failures).await;
+    for _ in 0..50 {
+        let r = c.get(gw.url("/items")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-served-by"], "a");
+    }
+    assert_eq!(
+        gw.metric(&failures).await,
+        attempts_after_settle,
+        "the dead backend was still tried after interval x failures + 1s"
+    );
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            &format!("gateway_backend_up{{backend=\"{}\"}}", b.addr)
+        ),
+        0.0
+    );
+
+    b.restart().await;
+    gw.wait_backends_up(2).await;
+    let counts = served_by_counts(&gw, 20).await;
+    assert_eq!(counts.get("b"), Some(&10), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_that_never_passes_a_check_never_gets_a_request() {
+    let good = Upstream::start("good").await;
+    let never = Upstream::start_never_ready("never").await;
+    let gw = GatewayProc::start(&format!(
+        "upstream:\n  backends:\n{}{FAST_HEALTH}",
+        backends_yaml(&[&good, &never])
+    ))
+    .await;
+    // Send from the very first moment: pingora alone would treat `never` as healthy until it
+    // failed `failures` checks.
+    let c = client();
+    for _ in 0..100 {
+        let r = c.get(gw.url("/items")).send().await.unwrap();
+        assert!(r.status() == 200 || r.status() == 503, "{}", r.status());
+    }
+    assert!(never.state.probes.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert_eq!(never.requests(), 0);
+    assert!(good.requests() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_down_is_503_json_with_retry_after() {
+    let mut a = Upstream::start("a").await;
+    let addr = a.addr;
+    a.kill();
+    let gw = GatewayProc::start(&format!(
+        "upstream:\n  backends:\n    - \"{addr}\"\n{FAST_HEALTH}"
+    ))
+    .await;
+    let r = client().get(gw.url("/items")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert!(r.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no healthy backend"),
+        "{body}"
+    );
+    assert_eq!(
+        gw.metric("gateway_rejections_total{reason=\"no_healthy_backend\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_the_test_did_and_headers_are_forwarded() {
+    let a = Upstream::start("a").await;
+    let gw = GatewayProc::start(&format!(
+        "upstream:\n  backends:\n{}{FAST_HEALTH}",
+        backends_yaml(&[&a])
+    ))
+    .await;
+    gw.wait_backends_up(1).await;
+    let c = client();
+    for _ in 0..7 {
+        assert_eq!(c.get(gw.url("/items")).send().await.unwrap().status(), 200);
+    }
+    let r = c
+        .get(gw.url("/items"))
+        .header("X-Request-Id", "abc-123")
+        .header("X-Forwarded-For", "203.0.113.9")
+        .header("Connection", "keep-alive, X-Custom-Hop")
+        .header("X-Custom-Hop", "secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+    assert_eq!(a.header("x-request-id").as_deref(), Some("abc-123"));
+    assert_eq!(
+        a.header("x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(a.header("x-real-ip").as_deref(), Some("127.0.0.1"));
+    assert_eq!(a.header("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(a.header("x-custom-hop"), None, "hop-by-hop header leaked");
+
+    let r = c.get(gw.url("/items")).send().await.unwrap();
+    let generated = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(generated.len(), 20);
+    assert_eq!(a.header("x-request-id"), Some(generated));
+
+    let m = gw.metrics().await;
+    let series = format!(
+        "gateway_requests_total{{backend=\"{}\",code=\"2xx\"}}",
+        a.addr
+    );
+    assert_eq!(metric_value(&m, &series), 9.0, "{m}");
+    assert_eq!(
+        metric_value(&m, "gateway_request_duration_seconds_count"),
+        9.0
+    );
+    assert_eq!(
+        metric_value(&m, &format!("gateway_backend_up{{backend=\"{}\"}}", a.addr)),
+        1.0
+    );
+    assert_eq!(metric_value(&m, "gateway_inflight_requests"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish() {
+    let a = Upstream::start("a").await;
+    let mut gw = GatewayProc::start(&format!(
+        "shutdown_grace: 5s\nupstream:\n  backends:\n{}{FAST_HEALTH}",
+        backends_yaml(&[&a])
+    ))
+    .await;
+    gw.wait_backends_up(1).await;
+    let url = gw.url("/slow?ms=1000");
+    let inflight = tokio::spawn(async move { client().get(url).send().await });
+    while a.state.inflight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent = Instant::now();
+    gw.signal(15);
+    let r = inflight
+        .await
+        .unwrap()
+        .expect("in-flight request completed");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "{\"served_by\":\"a\"}");
+    // It exits once drained, well before the grace period ends.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let status = loop {
+        if let Some(s) = gw.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not exit after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert!(sent.elapsed() < Duration::from_secs(4));
+}
+
+fn check_config(yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(gateway_bin())
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code() == Some(0),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+#[test]
+fn dash_t_accepts_the_shipped_config_and_rejects_bad_ones() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/gateway.yaml");
+    let (ok, out) = check_config(&std::fs::read_to_string(shipped).unwrap());
+    assert!(ok, "{out}");
+    assert!(out.contains("is valid"));
+
+    let cases = [
+        (
+            "unknown key",
+            "upstream:\n  backends: [\"127.0.0.1:1\"]\nworkerz: 2\n",
+            "workerz",
+        ),
+        (
+            "bad duration",
+            "upstream:\n  backends: [\"127.0.0.1:1\"]\ntimeouts:\n  connect: soon\n",
+            "timeouts.connect",
+        ),
+        (
+            "empty pool",
+            "upstream:\n  backends: []\n",
+            "upstream.backends",
+        ),
+        (
+            "bad address",
+            "upstream:\n  backends: [\"127.0.0.1\"]\n",
+            "upstream.backends",
+        ),
+        (
+            "zero interval",
+            "upstream:\n  backends: [\"127.0.0.1:1\"]\n  health_check:\n    interval: 0ms\n",
+            "upstream.health_check.interval",
+        ),
+        ("bad yaml", "upstream: [\n", "line"),
+    ];
+    for (what, yaml, key) in cases {
+        let (ok, out) = check_config(yaml);
+        assert!(!ok, "{what}: accepted");
+        assert!(
+            out.contains(key),
+            "{what}: message does not name {key}: {out}"
+        );
+        assert!(out.contains("line"), "{what}: message has no line: {out}");
+    }
+}

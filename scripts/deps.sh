@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install the system packages Floodgate needs, when they are missing.
+#   scripts/deps.sh          build + test needs: cmake (pingora), redis-server, postgresql
+#   scripts/deps.sh bench    plus the load-test tools: nginx, wrk, hey
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have cmake || need+=(cmake)
+have redis-server || need+=(redis-server)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+if [ "${1:-}" = bench ]; then
+  have nginx || [ -x /usr/sbin/nginx ] || need+=(nginx)
+  have wrk || need+=(wrk)
+  have hey || need+=(hey)
+fi
+
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing system packages: ${need[*]}" >&2
+  echo "install them with:  sudo apt-get install -y ${need[*]}" >&2
+  exit 1
+fi
+echo "installing: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y --no-install-recommends "${need[@]}" >/dev/null 2>&1 || {
+  apt-get update >/dev/null
+  apt-get install -y --no-install-recommends "${need[@]}"
+}
+# Debian starts the packaged services; our tests and demo start their own on free ports.
+for svc in redis-server postgresql nginx; do
+  if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
+done

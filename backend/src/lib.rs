@@ -1,1 +1,20 @@
+//! Floodgate's API backend: the service the gateway balances across.
+//!
+//! - [`config`]: flags and environment variables (`backend --help`).
+//! - [`startup`]: builds the server (tests start it on port 0) and runs it until a signal.
+//! - [`routes`]: the router; [`routes::items`] the items API, [`routes::probes`] health,
+//!   readiness and metrics.
+//! - [`admission`]: the per-instance in-flight cap (load shedding, no queueing).
+//! - [`readiness`]: what `/ready` reports, with dependencies checked in the background.
+//! - [`db`]: PostgreSQL or embedded SQLite through sqlx, with migrations.
+//! - [`error`]: the API's errors and their one JSON shape.
+//! - [`metrics`]: every Prometheus metric.
 
+pub mod admission;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod metrics;
+pub mod readiness;
+pub mod routes;
+pub mod startup;

@@ -1,0 +1,110 @@
+//! Configuration from flags and environment variables; `backend --help` lists them all.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Parse "250ms", "5s", "1m".
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Floodgate API backend: items API, probes, admission control.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Settings {
+    /// Address to bind.
+    #[arg(long, env = "HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 8001)]
+    pub port: u16,
+    /// Instance id sent in `X-Served-By` (default: backend-<port>).
+    #[arg(long, env = "INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// `postgres://user:pass@host:port/db`; unset: embedded SQLite under DATA_DIR.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Directory of the embedded SQLite file (data/floodgate.db).
+    #[arg(long, env = "DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Database connections per instance.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 10)]
+    pub db_pool_size: u32,
+    /// How long a request waits for a database connection before 503.
+    #[arg(long, env = "DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub db_acquire_timeout: Duration,
+    /// `redis://host:port`; unset: limits are kept in-process (one instance's scope).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Cap on requests in flight; beyond it requests get 503 at once (probes exempt).
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 50)]
+    pub max_in_flight: usize,
+    /// Listen backlog (pending connections the kernel queues).
+    #[arg(long, env = "LISTEN_BACKLOG", default_value_t = 1024)]
+    pub listen_backlog: u32,
+    /// Time allowed to receive a complete request head, counted from when the connection
+    /// became idle: it is also the keep-alive idle timeout (uvicorn's --timeout-keep-alive).
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// Largest accepted request body, in bytes (413 beyond).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 65536)]
+    pub max_body_bytes: usize,
+    /// SIGTERM: readiness fails, then in-flight requests get this long to finish.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// Readiness fails when in-flight requests reach this share of MAX_IN_FLIGHT.
+    #[arg(long, env = "READY_INFLIGHT_RATIO", default_value_t = 0.9)]
+    pub ready_inflight_ratio: f64,
+    /// Readiness fails when this share of recent requests failed with 5xx (sheds excluded).
+    #[arg(long, env = "READY_MAX_ERROR_RATE", default_value_t = 0.5)]
+    pub ready_max_error_rate: f64,
+    /// The sliding window of the error rate, in seconds.
+    #[arg(long, env = "READY_ERROR_WINDOW_SECS", default_value_t = 10)]
+    pub ready_error_window_secs: u64,
+    /// Fewest requests in the window before the error rate counts.
+    #[arg(long, env = "READY_ERROR_MIN_REQUESTS", default_value_t = 20)]
+    pub ready_error_min_requests: u64,
+    /// How often dependencies (database) are checked in the background.
+    #[arg(long, env = "DEPENDENCY_CHECK_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub dependency_check_interval: Duration,
+    /// Log level (RUST_LOG overrides).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Create the demo users and API keys (one per tier) and print the keys.
+    Seed,
+}
+
+impl Settings {
+    pub fn instance_id(&self) -> String {
+        self.instance_id
+            .clone()
+            .unwrap_or_else(|| format!("backend-{}", self.port))
+    }
+
+    pub fn db(&self) -> crate::db::DbSettings {
+        crate::db::DbSettings {
+            url: self.database_url.clone().filter(|u| !u.is_empty()),
+            data_dir: self.data_dir.clone(),
+            pool_size: self.db_pool_size,
+            acquire_timeout: self.db_acquire_timeout,
+        }
+    }
+
+    /// Settings with every default, for tests.
+    pub fn defaults() -> Settings {
+        Settings::parse_from(["backend"])
+    }
+}

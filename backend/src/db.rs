@@ -1,0 +1,244 @@
+//! Storage: PostgreSQL when `DATABASE_URL` is a `postgres://` URL, otherwise an embedded
+//! SQLite file (WAL mode, busy timeout). The SQL is the same text for both (`$1` placeholders
+//! work in both); [`with_pool!`] dispatches one query to whichever pool is in use.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+/// An item as stored and returned.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
+pub struct Item {
+    pub id: i64,
+    pub name: String,
+    pub description: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A user resolved from an API key.
+#[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
+pub struct KeyOwner {
+    pub user_id: i64,
+    pub user_name: String,
+    pub tier: String,
+}
+
+/// Storage failures, split by what the client should be told.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database cannot be reached (down, pool exhausted, timed out): 503.
+    #[error("database unavailable: {0}")]
+    Unavailable(sqlx::Error),
+    /// Anything else: a bug or a broken schema, 500.
+    #[error("database error: {0}")]
+    Other(sqlx::Error),
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => DbError::Unavailable(e),
+            sqlx::Error::Database(d) => {
+                // PostgreSQL class 08 (connection), 53 (resources), 57P (shutdown);
+                // SQLite BUSY/LOCKED (5, 6).
+                let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
+                if code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57P")
+                    || code == "5"
+                    || code == "6"
+                {
+                    DbError::Unavailable(e)
+                } else {
+                    DbError::Other(e)
+                }
+            }
+            _ => DbError::Other(e),
+        }
+    }
+}
+
+/// The connection pool of whichever engine is configured.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Run `$body` with `$pool` bound to the concrete pool.
+macro_rules! with_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Postgres($pool) => $body,
+            Db::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct DbSettings {
+    /// `postgres://...`, `sqlite://path`, or None for `<data_dir>/floodgate.db`.
+    pub url: Option<String>,
+    pub data_dir: std::path::PathBuf,
+    pub pool_size: u32,
+    /// How long a request waits for a pooled connection before 503.
+    pub acquire_timeout: Duration,
+}
+
+impl Db {
+    /// Connect lazily: the service starts even when the database is down (readiness says so).
+    pub fn connect(s: &DbSettings) -> Result<Db, sqlx::Error> {
+        match s.url.as_deref() {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let pool = PgPoolOptions::new()
+                    .max_connections(s.pool_size)
+                    .acquire_timeout(s.acquire_timeout)
+                    .connect_lazy(url)?;
+                Ok(Db::Postgres(pool))
+            }
+            other => {
+                let opts = match other {
+                    Some(url) => SqliteConnectOptions::from_str(url)?,
+                    None => {
+                        std::fs::create_dir_all(&s.data_dir)?;
+                        SqliteConnectOptions::new().filename(default_sqlite_path(&s.data_dir))
+                    }
+                };
+                let opts = opts
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(5))
+                    .foreign_keys(true);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(s.pool_size)
+                    .acquire_timeout(s.acquire_timeout)
+                    .connect_lazy_with(opts);
+                Ok(Db::Sqlite(pool))
+            }
+        }
+    }
+
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Db::Postgres(_) => "postgres",
+            Db::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Apply the migrations in `migrations/<engine>/`.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        match self {
+            Db::Postgres(p) => sqlx::migrate!("../migrations/postgres").run(p).await,
+            Db::Sqlite(p) => sqlx::migrate!("../migrations/sqlite").run(p).await,
+        }
+    }
+
+    /// A cheap round trip, for the readiness checker.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        with_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ())?);
+        Ok(())
+    }
+
+    /// Insert an item; returns only after the row is committed.
+    pub async fn create_item(
+        &self,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<Item, DbError> {
+        const SQL: &str = "INSERT INTO items (name, description) VALUES ($1, $2) \
+                           RETURNING id, name, description, created_at";
+        Ok(with_pool!(self, p => sqlx::query_as::<_, Item>(SQL)
+            .bind(name)
+            .bind(description)
+            .fetch_one(p)
+            .await?))
+    }
+
+    /// Up to `limit` items with id greater than `after`, in id order.
+    pub async fn list_items(&self, after: i64, limit: i64) -> Result<Vec<Item>, DbError> {
+        const SQL: &str = "SELECT id, name, description, created_at FROM items \
+                           WHERE id > $1 ORDER BY id LIMIT $2";
+        Ok(with_pool!(self, p => sqlx::query_as::<_, Item>(SQL)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(p)
+            .await?))
+    }
+
+    pub async fn get_item(&self, id: i64) -> Result<Option<Item>, DbError> {
+        const SQL: &str = "SELECT id, name, description, created_at FROM items WHERE id = $1";
+        Ok(with_pool!(self, p => sqlx::query_as::<_, Item>(SQL)
+            .bind(id)
+            .fetch_optional(p)
+            .await?))
+    }
+
+    /// Delete an item; true when it existed.
+    pub async fn delete_item(&self, id: i64) -> Result<bool, DbError> {
+        const SQL: &str = "DELETE FROM items WHERE id = $1";
+        let n = with_pool!(self, p => sqlx::query(SQL).bind(id).execute(p).await?.rows_affected());
+        Ok(n > 0)
+    }
+
+    /// The owner of a non-revoked key, by the key's SHA-256 hex.
+    pub async fn key_owner(&self, key_hash: &str) -> Result<Option<KeyOwner>, DbError> {
+        const SQL: &str = "SELECT u.id AS user_id, u.name AS user_name, u.tier AS tier \
+                           FROM api_keys k JOIN users u ON u.id = k.user_id \
+                           WHERE k.key_hash = $1 AND k.revoked = FALSE";
+        Ok(with_pool!(self, p => sqlx::query_as::<_, KeyOwner>(SQL)
+            .bind(key_hash)
+            .fetch_optional(p)
+            .await?))
+    }
+
+    /// Create (or keep) a user and attach the key to it. Used by `backend seed`.
+    pub async fn upsert_user_key(&self, name: &str, tier: &str, key: &str) -> Result<(), DbError> {
+        const USER: &str = "INSERT INTO users (name, tier) VALUES ($1, $2) \
+                            ON CONFLICT (name) DO UPDATE SET tier = excluded.tier";
+        const KEY: &str = "INSERT INTO api_keys (key_hash, user_id) \
+                           SELECT $1, id FROM users WHERE name = $2 \
+                           ON CONFLICT (key_hash) DO NOTHING";
+        let hash = hash_key(key);
+        with_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query(USER).bind(name).bind(tier).execute(&mut *tx).await?;
+            sqlx::query(KEY).bind(&hash).bind(name).execute(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Connections in use and idle, for the pool gauges.
+    pub fn pool_usage(&self) -> (u32, u32) {
+        with_pool!(self, p => {
+            let size = p.size();
+            let idle = p.num_idle() as u32;
+            (size.saturating_sub(idle), idle)
+        })
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, p => p.close().await)
+    }
+}
+
+/// SHA-256 hex of an API key, as stored.
+pub fn hash_key(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Where the SQLite file lives when no URL is given.
+pub fn default_sqlite_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("floodgate.db")
+}

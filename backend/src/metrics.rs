@@ -1,0 +1,92 @@
+//! The backend's Prometheus metrics, in one place.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// By route (a fixed name, never the raw path), method and status code.
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub inflight: IntGauge,
+    /// Requests refused before any work, by reason (in_flight_cap, shutting_down, ...).
+    pub shed: IntCounterVec,
+    /// Database pool connections by state (used, idle).
+    pub db_pool: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "backend_requests_total",
+                "Requests by route, method and status.",
+            ),
+            &["route", "method", "status"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "backend_request_duration_seconds",
+                "Request latency by route, in seconds.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["route"],
+        )
+        .expect("valid metric");
+        let inflight = IntGauge::new("backend_inflight_requests", "Requests being served now.")
+            .expect("valid metric");
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "backend_shed_total",
+                "Requests refused with 503 before any work, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let db_pool = IntGaugeVec::new(
+            Opts::new(
+                "backend_db_pool_connections",
+                "Database pool connections by state.",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(inflight.clone()),
+            Box::new(shed.clone()),
+            Box::new(db_pool.clone()),
+        ] {
+            registry.register(c).expect("registered once");
+        }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            inflight,
+            shed,
+            db_pool,
+        }
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to a Vec cannot fail");
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

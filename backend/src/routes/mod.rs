@@ -1,0 +1,196 @@
+//! The router: method + path to a handler, and what every response gets on the way out
+//! (admission control, `X-Served-By`, metrics, the error-rate window).
+
+pub mod items;
+pub mod probes;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+
+use crate::error::ApiError;
+use crate::startup::App;
+
+/// Every route, named by what it is for; the name is the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    Ready,
+    Metrics,
+    ListItems,
+    CreateItem,
+    GetItem(i64),
+    DeleteItem(i64),
+    /// A known path with a method it does not take.
+    WrongMethod(&'static str),
+    NotFound,
+}
+
+impl Route {
+    pub fn resolve(method: &Method, path: &str) -> Route {
+        let path = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(path);
+        match path {
+            "/health" | "/healthz" => return probe(method, Route::Health, "health"),
+            "/ready" | "/readyz" => return probe(method, Route::Ready, "ready"),
+            "/metrics" => return probe(method, Route::Metrics, "metrics"),
+            "/items" => {
+                return match *method {
+                    Method::GET | Method::HEAD => Route::ListItems,
+                    Method::POST => Route::CreateItem,
+                    _ => Route::WrongMethod("items"),
+                }
+            }
+            _ => {}
+        }
+        if let Some(id) = path.strip_prefix("/items/") {
+            let Ok(id) = id.parse::<i64>() else {
+                return Route::NotFound;
+            };
+            return match *method {
+                Method::GET | Method::HEAD => Route::GetItem(id),
+                Method::DELETE => Route::DeleteItem(id),
+                _ => Route::WrongMethod("item"),
+            };
+        }
+        Route::NotFound
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Health => "health",
+            Route::Ready => "ready",
+            Route::Metrics => "metrics",
+            Route::ListItems => "list_items",
+            Route::CreateItem => "create_item",
+            Route::GetItem(_) => "get_item",
+            Route::DeleteItem(_) => "delete_item",
+            Route::WrongMethod(l) => l,
+            Route::NotFound => "not_found",
+        }
+    }
+
+    /// Probes answer even when the instance is at its in-flight cap.
+    fn is_probe(&self) -> bool {
+        matches!(self, Route::Health | Route::Ready | Route::Metrics)
+    }
+}
+
+fn probe(method: &Method, route: Route, label: &'static str) -> Route {
+    if method == Method::GET || method == Method::HEAD {
+        route
+    } else {
+        Route::WrongMethod(label)
+    }
+}
+
+pub type Resp = Response<Full<Bytes>>;
+
+/// Handle one request: admission, dispatch, and the bookkeeping every response gets.
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Resp, std::convert::Infallible> {
+    let started = Instant::now();
+    let route = Route::resolve(req.method(), req.uri().path());
+    let method = req.method().clone();
+    let mut resp = if route.is_probe() {
+        dispatch(&app, route, req).await
+    } else if app
+        .readiness
+        .shutting_down
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        app.metrics.shed.with_label_values(&["shutting_down"]).inc();
+        Err(ApiError::ShuttingDown)
+    } else {
+        match app.admission.try_enter() {
+            Some(_permit) => {
+                app.metrics.inflight.inc();
+                let r = dispatch(&app, route, req).await;
+                app.metrics.inflight.dec();
+                r
+            }
+            None => {
+                app.metrics.shed.with_label_values(&["in_flight_cap"]).inc();
+                Err(ApiError::Overloaded)
+            }
+        }
+    }
+    .unwrap_or_else(ApiError::into_response);
+
+    let status = resp.status();
+    resp.headers_mut()
+        .insert("x-served-by", app.served_by.clone());
+    if !route.is_probe() {
+        // Sheds are the admission control working, not the instance failing.
+        let failed = status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE;
+        app.readiness.errors.record(failed);
+    }
+    app.metrics
+        .requests
+        .with_label_values(&[route.label(), method.as_str(), status.as_str()])
+        .inc();
+    app.metrics
+        .duration
+        .with_label_values(&[route.label()])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+async fn dispatch(app: &App, route: Route, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    match route {
+        Route::Health => Ok(probes::health()),
+        Route::Ready => Ok(probes::ready(app)),
+        Route::Metrics => Ok(probes::metrics(app)),
+        Route::ListItems => items::list(app, req.uri().query()).await,
+        Route::CreateItem => {
+            let body = json_body(app, req).await?;
+            items::create(app, &body).await
+        }
+        Route::GetItem(id) => items::get(app, id).await,
+        Route::DeleteItem(id) => items::delete(app, id).await,
+        Route::WrongMethod(_) => Err(ApiError::MethodNotAllowed),
+        Route::NotFound => Err(ApiError::NotFound(format!(
+            "no route for {} {}",
+            req.method(),
+            req.uri().path()
+        ))),
+    }
+}
+
+/// The request body, after checking its content type and size (413 before reading when the
+/// declared length is over the cap, and as soon as a chunked body passes it).
+async fn json_body(app: &App, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let ctype = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ctype.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let cap = app.settings.max_body_bytes;
+    if req.body().size_hint().lower() > cap as u64 {
+        return Err(ApiError::PayloadTooLarge(cap));
+    }
+    match Limited::new(req.into_body(), cap).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge(cap)),
+        Err(e) => Err(ApiError::MalformedJson(format!(
+            "could not read the body: {e}"
+        ))),
+    }
+}
+
+/// `X-Served-By` value for this instance.
+pub fn served_by(instance: &str) -> HeaderValue {
+    HeaderValue::from_str(instance).unwrap_or_else(|_| HeaderValue::from_static("backend"))
+}

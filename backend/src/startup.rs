@@ -1,0 +1,171 @@
+//! Builds the service so `main` and the tests start it the same way (tests on port 0).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::admission::Admission;
+use crate::config::Settings;
+use crate::db::Db;
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
+use crate::routes;
+
+/// Shared by every request.
+pub struct App {
+    pub settings: Settings,
+    /// `X-Served-By`, so round robin is visible through the gateway.
+    pub served_by: http::HeaderValue,
+    pub db: Db,
+    /// The in-flight cap.
+    pub admission: Arc<Admission>,
+    pub readiness: Arc<Readiness>,
+    pub metrics: Metrics,
+}
+
+/// A bound, not yet serving, instance.
+pub struct Server {
+    listener: TcpListener,
+    pub app: Arc<App>,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("database settings: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Server {
+    /// Connect the database, apply migrations, bind the listener.
+    pub async fn build(settings: Settings) -> Result<Server, StartError> {
+        let db = Db::connect(&settings.db())?;
+        db.migrate().await?;
+        Self::build_with_db(settings, db)
+    }
+
+    /// Bind with an already-connected database.
+    pub fn build_with_db(settings: Settings, db: Db) -> Result<Server, StartError> {
+        let addr = SocketAddr::new(settings.host, settings.port);
+        let listener = bind(addr, settings.listen_backlog)
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let admission = Admission::new(settings.max_in_flight);
+        let readiness = Arc::new(Readiness::new(
+            admission.clone(),
+            settings.ready_error_window_secs,
+            settings.ready_inflight_ratio,
+            settings.ready_max_error_rate,
+            settings.ready_error_min_requests,
+        ));
+        let app = Arc::new(App {
+            served_by: routes::served_by(&settings.instance_id()),
+            settings,
+            db,
+            admission,
+            readiness,
+            metrics: Metrics::new(),
+        });
+        Ok(Server { listener, app })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Serve until `shutdown` resolves; then readiness fails, the listener closes, and
+    /// in-flight requests get `shutdown_grace` to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server { listener, app } = self;
+        let checker = tokio::spawn(
+            app.readiness
+                .clone()
+                .watch_database(app.db.clone(), app.settings.dependency_check_interval),
+        );
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(app.settings.header_read_timeout)
+            .keep_alive(true);
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        log::info!(
+            "{} listening on {} ({} storage, max in flight {})",
+            app.settings.instance_id(),
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            app.db.engine(),
+            app.settings.max_in_flight
+        );
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, _) = match accepted {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            log::warn!("accept failed: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let app = app.clone();
+                    let svc = service_fn(move |req| routes::handle(app.clone(), req));
+                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        app.readiness.shutting_down.store(true, Ordering::Release);
+        drop(listener);
+        log::info!("shutting down: waiting for in-flight requests");
+        if tokio::time::timeout(app.settings.shutdown_grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            log::warn!("grace period over; closing remaining connections");
+        }
+        checker.abort();
+        app.db.close().await;
+    }
+}
+
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM received"),
+        _ = int.recv() => log::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,418 @@
+//! Black-box tests of the backend: the real service on a free port, on SQLite and on a real
+//! PostgreSQL cluster started by the harness.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use sqlx::Connection;
+
+async fn expect_error(resp: reqwest::Response, status: u16, field: Option<&str>) -> Value {
+    assert_eq!(resp.status().as_u16(), status);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert!(resp.headers().contains_key("x-served-by"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], status, "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
+    if let Some(f) = field {
+        assert_eq!(body["field"], f, "{body}");
+    }
+    body
+}
+
+/// Create, paginate, get, delete, and every bad-input case, against one instance.
+async fn exercise_items_api(app: &TestApp) {
+    let c = reqwest::Client::new();
+    let mut created = Vec::new();
+    for i in 0..25 {
+        let r = c
+            .post(app.url("/items"))
+            .json(&json!({"name": format!("item {i}"), "description": "y"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.headers()["x-served-by"], "test-instance");
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        let item: Value = r.json().await.unwrap();
+        assert_eq!(item["name"], format!("item {i}"));
+        assert_eq!(item["description"], "y");
+        assert!(item["created_at"].as_str().unwrap().starts_with("20"));
+        assert_eq!(location, format!("/items/{}", item["id"]));
+        created.push(item);
+    }
+    // A description is optional.
+    let r = c
+        .post(app.url("/items"))
+        .json(&json!({"name": "bare"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let bare: Value = r.json().await.unwrap();
+    assert_eq!(bare["description"], Value::Null);
+    created.push(bare);
+
+    // The cursor walks every item exactly once, in order.
+    let mut seen = Vec::new();
+    let mut next: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let url = match &next {
+            Some(n) => app.url(&format!("/items?limit=10&after={n}")),
+            None => app.url("/items?limit=10"),
+        };
+        let page: Value = c.get(url).send().await.unwrap().json().await.unwrap();
+        pages += 1;
+        seen.extend(page["items"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(n) => next = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, created);
+    let default_page: Value = c
+        .get(app.url("/items"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(default_page["items"].as_array().unwrap().len(), 26);
+    assert_eq!(default_page["next"], Value::Null);
+
+    let id = created[3]["id"].as_i64().unwrap();
+    let got: Value = c
+        .get(app.url(&format!("/items/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got, created[3]);
+    let r = c
+        .delete(app.url(&format!("/items/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    expect_error(
+        c.get(app.url(&format!("/items/{id}")))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        None,
+    )
+    .await;
+    expect_error(
+        c.delete(app.url(&format!("/items/{id}")))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        None,
+    )
+    .await;
+
+    // Bad input: one clear status and one JSON shape each.
+    let post = |body: &'static str, ctype: &'static str| {
+        c.post(app.url("/items"))
+            .header("content-type", ctype)
+            .body(body)
+            .send()
+    };
+    expect_error(
+        post("{\"name\":", "application/json").await.unwrap(),
+        400,
+        None,
+    )
+    .await;
+    expect_error(
+        post("{\"name\":\"x\"}", "text/plain").await.unwrap(),
+        415,
+        None,
+    )
+    .await;
+    expect_error(post("{\"name\":\"x\"}", "").await.unwrap(), 415, None).await;
+    expect_error(
+        post("{\"name\":\"\"}", "application/json").await.unwrap(),
+        422,
+        Some("name"),
+    )
+    .await;
+    expect_error(
+        post("{\"description\":\"d\"}", "application/json")
+            .await
+            .unwrap(),
+        422,
+        Some("name"),
+    )
+    .await;
+    expect_error(
+        post("{\"name\":[1]}", "application/json; charset=utf-8")
+            .await
+            .unwrap(),
+        422,
+        Some("name"),
+    )
+    .await;
+    let long = json!({"name": "x", "description": "d".repeat(2001)});
+    expect_error(
+        c.post(app.url("/items")).json(&long).send().await.unwrap(),
+        422,
+        Some("description"),
+    )
+    .await;
+    let long = json!({"name": "n".repeat(201)});
+    expect_error(
+        c.post(app.url("/items")).json(&long).send().await.unwrap(),
+        422,
+        Some("name"),
+    )
+    .await;
+    expect_error(
+        c.get(app.url("/items?limit=0")).send().await.unwrap(),
+        422,
+        Some("limit"),
+    )
+    .await;
+    expect_error(
+        c.get(app.url("/items?limit=501")).send().await.unwrap(),
+        422,
+        Some("limit"),
+    )
+    .await;
+    expect_error(
+        c.get(app.url("/items?after=x")).send().await.unwrap(),
+        422,
+        Some("after"),
+    )
+    .await;
+    expect_error(
+        c.get(app.url("/nothing-here")).send().await.unwrap(),
+        404,
+        None,
+    )
+    .await;
+    expect_error(
+        c.get(app.url("/items/abc")).send().await.unwrap(),
+        404,
+        None,
+    )
+    .await;
+    expect_error(c.put(app.url("/items")).send().await.unwrap(), 405, None).await;
+    // Over the body cap: declared length, and a chunked body cut at the cap.
+    let big = format!("{{\"name\":\"{}\"}}", "x".repeat(70_000));
+    let r = c
+        .post(app.url("/items"))
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 413, None).await;
+    let stream = futures_stream(big.into_bytes());
+    let r = c
+        .post(app.url("/items"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 413, None).await;
+
+    // None of the rejected writes was stored.
+    let all: Value = c
+        .get(app.url("/items?limit=500"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["items"].as_array().unwrap().len(), 25);
+}
+
+/// A body sent chunked (no Content-Length), in 8 KiB pieces.
+fn futures_stream(
+    data: Vec<u8>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        data.chunks(8192).map(|c| Ok(c.to_vec())).collect();
+    futures_util::stream::iter(chunks)
+}
+
+#[tokio::test]
+async fn items_api_on_sqlite() {
+    let app = spawn_app(test_settings(None)).await;
+    exercise_items_api(&app).await;
+}
+
+#[tokio::test]
+async fn items_api_on_postgres() {
+    let pg = PgServer::start();
+    let app = spawn_app(test_settings(Some(pg.url()))).await;
+    exercise_items_api(&app).await;
+}
+
+/// Hold `LOCK TABLE items` in an open transaction so every query on items waits.
+async fn lock_items(pg: &PgServer) -> sqlx::PgConnection {
+    let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_cap_sheds_exactly_the_extra_request() {
+    let pg = PgServer::start();
+    let mut settings = test_settings(Some(pg.url()));
+    settings.max_in_flight = 3;
+    settings.db_acquire_timeout = Duration::from_secs(30);
+    let app = spawn_app(settings).await;
+    let mut lock = lock_items(&pg).await;
+
+    let c = reqwest::Client::new();
+    let mut requests = Vec::new();
+    for _ in 0..4 {
+        let (c, url) = (c.clone(), app.url("/items"));
+        requests.push(tokio::spawn(
+            async move { c.get(url).send().await.unwrap() },
+        ));
+    }
+    // The shed one answers at once; the other three are held by the lock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let health = c.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "liveness must answer at the cap");
+    let ready = c.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "readiness fails near the cap");
+    let metrics = c
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("backend_shed_total{reason=\"in_flight_cap\"} 1"),
+        "{metrics}"
+    );
+
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    let mut statuses = Vec::new();
+    for r in requests {
+        let r = r.await.unwrap();
+        if r.status() == 503 {
+            assert_eq!(r.headers()["retry-after"], "1");
+        }
+        statuses.push(r.status().as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 200, 503]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_a_postgres_outage_and_no_write_is_lost() {
+    let pg = PgServer::start();
+    let app = spawn_app(test_settings(Some(pg.url()))).await;
+    let c = reqwest::Client::new();
+    let r = c
+        .post(app.url("/items"))
+        .json(&json!({"name": "before"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    pg.stop();
+    wait_for_status(&app.url("/ready"), 503, Duration::from_secs(10)).await;
+    let body: Value = c
+        .get(app.url("/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["reason"], "database unreachable");
+    for _ in 0..5 {
+        let r = c
+            .post(app.url("/items"))
+            .json(&json!({"name": "during"}))
+            .send()
+            .await
+            .unwrap();
+        let body = expect_error(r, 503, None).await;
+        assert!(
+            body["error"].as_str().unwrap().contains("database"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        c.get(app.url("/health")).send().await.unwrap().status(),
+        200
+    );
+
+    pg.start_again();
+    wait_for_status(&app.url("/ready"), 200, Duration::from_secs(15)).await;
+    let r = c
+        .post(app.url("/items"))
+        .json(&json!({"name": "after"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let all: Value = c
+        .get(app.url("/items"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["before", "after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_the_in_flight_request_complete() {
+    let pg = PgServer::start();
+    let mut settings = test_settings(Some(pg.url()));
+    settings.db_acquire_timeout = Duration::from_secs(30);
+    let mut app = spawn_app(settings).await;
+    let mut lock = lock_items(&pg).await;
+    let url = app.url("/items");
+    let inflight = tokio::spawn(async move { reqwest::get(url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    app.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New connections are refused once shutdown began.
+    assert!(reqwest::get(app.url("/health")).await.is_err());
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    let r = inflight.await.unwrap().expect("in-flight request answered");
+    assert_eq!(r.status(), 200);
+    let task = app.task.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("server stopped after draining")
+        .unwrap();
+}

@@ -1,0 +1,53 @@
+//! A trivial upstream for proxy benchmarks (loadtest/): answers every request at once with a
+//! small JSON body, so the proxy in front of it is the bottleneck.
+//! Usage: fast_upstream <port> [threads]
+
+use std::convert::Infallible;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let port: u16 = args.next().and_then(|p| p.parse().ok()).unwrap_or(8101);
+    let threads: usize = args.next().and_then(|t| t.parse().ok()).unwrap_or(1);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(serve(port));
+}
+
+async fn serve(port: u16) {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+    let name = format!("upstream-{port}");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let name = name.clone();
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("Content-Type", "application/json")
+                            .header("X-Served-By", name)
+                            .body(Full::new(Bytes::from_static(b"{\"items\":[],\"next\":null}")))
+                            .expect("valid response"),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -40,7 +40,9 @@ async fn serve(port: u16) {
                         Response::builder()
                             .header("Content-Type", "application/json")
                             .header("X-Served-By", name)
-                            .body(Full::new(Bytes::from_static(b"{\"items\":[],\"next\":null}")))
+                            .body(Full::new(Bytes::from_static(
+                                b"{\"items\":[],\"next\":null}",
+                            )))
                             .expect("valid response"),
                     )
                 }

@@ -198,6 +198,16 @@ pub struct FileConfig {
     pub upstream: FileUpstream,
     /// Timeouts towards upstreams and for idle downstream connections.
     pub timeouts: FileTimeouts,
+    /// Who the client is: trusted proxies and IPv6 keying.
+    pub client: FileClient,
+    /// Request rate limits (per client IP, per path prefix, global).
+    pub limits: FileLimits,
+    /// Open-connection caps.
+    pub connections: FileConnections,
+    /// Request size caps.
+    pub buffers: FileBuffers,
+    /// Slow-client defences.
+    pub slow_clients: FileSlowClients,
 }
 
 impl Default for FileConfig {
@@ -211,6 +221,11 @@ impl Default for FileConfig {
             shutdown_grace: HumanDuration(Duration::from_secs(5)),
             upstream: FileUpstream::default(),
             timeouts: FileTimeouts::default(),
+            client: FileClient::default(),
+            limits: FileLimits::default(),
+            connections: FileConnections::default(),
+            buffers: FileBuffers::default(),
+            slow_clients: FileSlowClients::default(),
         }
     }
 }
@@ -230,6 +245,12 @@ pub struct FileUpstream {
     /// Also retry idempotent requests (GET, HEAD, PUT, DELETE, OPTIONS) that failed after
     /// they were sent (nginx `proxy_next_upstream` for errors after sending).
     pub retry_idempotent: bool,
+    /// Concurrent requests per backend (HAProxy `maxconn`); 0 = unlimited.
+    pub max_concurrent_per_backend: usize,
+    /// Requests that may wait for a backend slot (HAProxy `maxqueue`), per backend.
+    pub max_queue: usize,
+    /// How long a request may wait in that queue (HAProxy `timeout queue`).
+    pub queue_timeout: PositiveDuration,
 }
 
 impl Default for FileUpstream {
@@ -243,6 +264,9 @@ impl Default for FileUpstream {
             health_check: FileHealthCheck::default(),
             connect_retries: 2,
             retry_idempotent: false,
+            max_concurrent_per_backend: 0,
+            max_queue: 100,
+            queue_timeout: PositiveDuration(Duration::from_secs(1)),
         }
     }
 }
@@ -336,6 +360,263 @@ impl Default for FileTimeouts {
     }
 }
 
+/// A rate written like nginx: "10r/s" or "600r/m".
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateValue {
+    /// Requests per second.
+    pub per_second: f64,
+    /// The unit it was written in, in seconds (1, 60, 3600), for the `RateLimit-Policy` header.
+    pub window_secs: u64,
+}
+
+impl<'de> Deserialize<'de> for RateValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim();
+        let (num, per) = t.split_once("r/").ok_or_else(|| {
+            de::Error::custom(format!(
+                "invalid rate {s:?}: write it like \"10r/s\" or \"600r/m\""
+            ))
+        })?;
+        let n: f64 = num
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n: &f64| n.is_finite() && *n > 0.0)
+            .ok_or_else(|| {
+                de::Error::custom(format!(
+                    "invalid rate {s:?}: the count must be a positive number"
+                ))
+            })?;
+        let (per_second, window_secs) = match per.trim() {
+            "s" => (n, 1),
+            "m" => (n / 60.0, 60),
+            "h" => (n / 3600.0, 3600),
+            _ => {
+                return Err(de::Error::custom(format!(
+                    "invalid rate {s:?}: the unit must be r/s, r/m or r/h"
+                )))
+            }
+        };
+        Ok(RateValue {
+            per_second,
+            window_secs,
+        })
+    }
+}
+
+/// One rate limit: GCRA (nginx `limit_req`) with a burst.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    /// The sustained rate.
+    pub rate: RateValue,
+    /// Requests allowed over the rate at once (nginx `burst`). Default: 0.
+    #[serde(default)]
+    pub burst: u32,
+    /// false: burst requests pass at once (nginx `nodelay`); true: they are delayed to the
+    /// rate. Default: false.
+    #[serde(default)]
+    pub delay: bool,
+    /// With `delay`, the longest a request may be held; one that would wait longer is
+    /// rejected at once. Default: 1s.
+    #[serde(default = "default_max_delay")]
+    pub max_delay: HumanDuration,
+}
+
+fn default_max_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+
+/// `client:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileClient {
+    /// Peers whose `X-Forwarded-For` is believed (CIDRs). Default: none.
+    pub trusted_proxies: Vec<Cidr>,
+    /// IPv6 clients are keyed by this prefix length. Default: 64.
+    pub ipv6_prefix: u8,
+}
+
+impl Default for FileClient {
+    fn default() -> Self {
+        FileClient {
+            trusted_proxies: Vec::new(),
+            ipv6_prefix: 64,
+        }
+    }
+}
+
+/// `limits:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileLimits {
+    /// Ceiling for this gateway instance across all clients; over it: 503.
+    pub global: Option<FileRateLimit>,
+    /// Per client IP on paths no route profile matches; over it: 429.
+    pub per_ip: Option<FileRateLimit>,
+    /// Per-IP limits for path prefixes (longest prefix wins), like nginx locations.
+    pub routes: Vec<FileRouteLimit>,
+    /// Clients never rate-limited or capped per IP (CIDRs), like an nginx `geo` allow-list.
+    pub exempt: Vec<Cidr>,
+    /// Slots of each per-IP table (fixed memory: 8 bytes a slot).
+    pub table_slots: usize,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            global: Some(FileRateLimit {
+                rate: RateValue {
+                    per_second: 2000.0,
+                    window_secs: 1,
+                },
+                burst: 1000,
+                delay: false,
+                max_delay: default_max_delay(),
+            }),
+            per_ip: Some(FileRateLimit {
+                rate: RateValue {
+                    per_second: 100.0,
+                    window_secs: 1,
+                },
+                burst: 200,
+                delay: false,
+                max_delay: default_max_delay(),
+            }),
+            routes: Vec::new(),
+            exempt: Vec::new(),
+            table_slots: 1 << 18,
+        }
+    }
+}
+
+/// One entry of `limits.routes`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRouteLimit {
+    pub prefix: String,
+    /// null: no per-IP limit on this prefix.
+    pub per_ip: Option<FileRateLimit>,
+}
+
+/// `connections:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConnections {
+    /// Open connections per client IP (idle keep-alive ones count). 0 = unlimited.
+    pub per_ip: usize,
+    /// Open connections in total. 0 = unlimited.
+    pub total: usize,
+}
+
+impl Default for FileConnections {
+    fn default() -> Self {
+        FileConnections {
+            per_ip: 20,
+            total: 5000,
+        }
+    }
+}
+
+/// `buffers:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileBuffers {
+    /// Largest request body (nginx `client_max_body_size`), bytes. 413 beyond.
+    pub max_body_bytes: usize,
+    /// Largest request head (request line + headers), bytes. 431 beyond.
+    pub max_header_bytes: usize,
+    /// Most request headers. 431 beyond.
+    pub max_headers: usize,
+}
+
+impl Default for FileBuffers {
+    fn default() -> Self {
+        FileBuffers {
+            max_body_bytes: 1 << 20,
+            max_header_bytes: 16 << 10,
+            max_headers: 100,
+        }
+    }
+}
+
+/// `slow_clients:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileSlowClients {
+    /// The whole request head must arrive within this (nginx `client_header_timeout`).
+    pub header_timeout: PositiveDuration,
+    /// Longest pause between two reads of a request body (nginx `client_body_timeout`).
+    pub body_idle_timeout: PositiveDuration,
+    /// Idle keep-alive connections are closed after this (nginx `keepalive_timeout`).
+    pub keepalive_timeout: PositiveDuration,
+    /// Requests served on one connection before it is closed (nginx `keepalive_requests`).
+    pub max_requests_per_connection: AtLeastOne,
+}
+
+impl Default for FileSlowClients {
+    fn default() -> Self {
+        FileSlowClients {
+            header_timeout: PositiveDuration(Duration::from_secs(10)),
+            body_idle_timeout: PositiveDuration(Duration::from_secs(10)),
+            keepalive_timeout: PositiveDuration(Duration::from_secs(60)),
+            max_requests_per_connection: AtLeastOne(1000),
+        }
+    }
+}
+
+/// An IP network "10.0.0.0/8", "::1/128", or a bare address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::*;
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            (V6(_), V4(ip)) => self.contains(std::net::IpAddr::V6(ip.to_ipv6_mapped())),
+            (V4(_), V6(ip)) => ip.to_ipv4_mapped().is_some_and(|v4| self.contains(V4(v4))),
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.trim().split_once('/').unwrap_or((s.trim(), ""));
+        let addr: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| format!("invalid network {s:?}: expected an address like 10.0.0.0/8"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("invalid network {s:?}: prefix must be 0-{max}"))?
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The validated internal config.
 // ---------------------------------------------------------------------------------------------
@@ -355,6 +636,57 @@ pub struct GatewayConfig {
     pub connect_retries: usize,
     pub retry_idempotent: bool,
     pub timeouts: Timeouts,
+    /// Per-backend concurrency cap (0 = none), its queue length and queue timeout.
+    pub backend_queue: BackendQueue,
+    pub trusted_proxies: Vec<Cidr>,
+    pub ipv6_prefix: u8,
+    pub global_limit: Option<RateSpec>,
+    pub per_ip_limit: Option<RateSpec>,
+    /// Sorted longest prefix first.
+    pub route_limits: Vec<(String, Option<RateSpec>)>,
+    pub exempt: Vec<Cidr>,
+    pub table_slots: usize,
+    pub conn_per_ip: usize,
+    pub conn_total: usize,
+    pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_requests_per_connection: usize,
+}
+
+/// A validated rate limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateSpec {
+    /// Requests per second.
+    pub per_second: f64,
+    /// The window the rate was written for (1, 60, 3600 s).
+    pub window_secs: u64,
+    pub burst: u32,
+    pub delay: bool,
+    pub max_delay: Duration,
+}
+
+impl From<&FileRateLimit> for RateSpec {
+    fn from(f: &FileRateLimit) -> Self {
+        RateSpec {
+            per_second: f.rate.per_second,
+            window_secs: f.rate.window_secs,
+            burst: f.burst,
+            delay: f.delay,
+            max_delay: f.max_delay.0,
+        }
+    }
+}
+
+/// HAProxy-style per-backend concurrency cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendQueue {
+    pub max_concurrent: usize,
+    pub max_queue: usize,
+    pub timeout: Duration,
 }
 
 /// One configured backend.
@@ -431,7 +763,46 @@ impl GatewayConfig {
             return Err("upstream.backends: the same address is listed twice".into());
         }
         let t = f.timeouts;
+        if f.client.ipv6_prefix == 0 || f.client.ipv6_prefix > 128 {
+            return Err("client.ipv6_prefix: must be 1-128".into());
+        }
+        let mut route_limits = Vec::new();
+        for (i, r) in f.limits.routes.iter().enumerate() {
+            if !r.prefix.starts_with('/') {
+                return Err(format!(
+                    "limits.routes[{i}].prefix: {:?} must start with '/'",
+                    r.prefix
+                ));
+            }
+            route_limits.push((r.prefix.clone(), r.per_ip.as_ref().map(RateSpec::from)));
+        }
+        route_limits.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        if f.limits.table_slots < 64 {
+            return Err("limits.table_slots: must be at least 64".into());
+        }
+        let (b, sc) = (f.buffers, f.slow_clients);
         Ok(GatewayConfig {
+            backend_queue: BackendQueue {
+                max_concurrent: f.upstream.max_concurrent_per_backend,
+                max_queue: f.upstream.max_queue,
+                timeout: f.upstream.queue_timeout.0,
+            },
+            trusted_proxies: f.client.trusted_proxies,
+            ipv6_prefix: f.client.ipv6_prefix,
+            global_limit: f.limits.global.as_ref().map(RateSpec::from),
+            per_ip_limit: f.limits.per_ip.as_ref().map(RateSpec::from),
+            route_limits,
+            exempt: f.limits.exempt,
+            table_slots: f.limits.table_slots.next_power_of_two(),
+            conn_per_ip: f.connections.per_ip,
+            conn_total: f.connections.total,
+            max_body_bytes: b.max_body_bytes,
+            max_header_bytes: b.max_header_bytes,
+            max_headers: b.max_headers,
+            header_timeout: sc.header_timeout.0,
+            body_idle_timeout: sc.body_idle_timeout.0,
+            keepalive_timeout: sc.keepalive_timeout.0,
+            max_requests_per_connection: sc.max_requests_per_connection.0,
             listen: f.listen.0,
             workers: f.workers.0,
             metrics_listen: f.metrics_listen,

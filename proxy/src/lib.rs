@@ -3,8 +3,10 @@
 //!
 //! The request path, phase by phase (see [`proxy`] for the `ProxyHttp` implementation):
 //!
-//! 1. [`connections`]: every accepted connection is counted while it is open.
-//! 2. [`proxy::Gateway::request_filter`]: client identity and request id.
+//! 1. [`limits::connections`]: every accepted connection is counted while it is open and
+//!    refused over the per-IP or total cap; its request heads have a deadline.
+//! 2. [`proxy::Gateway::request_filter`]: client identity, request id, size caps, rate
+//!    limits ([`limits`]).
 //! 3. [`upstreams`]: weighted round robin over backends that passed their health checks;
 //!    a failed connect is retried on another backend.
 //! 4. [`responses`]: every error the gateway answers itself is a short JSON body.
@@ -13,7 +15,7 @@
 //! [`config`] holds the YAML schema and its validation, shared by `gateway -t` and start-up.
 
 pub mod config;
-pub mod connections;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod responses;
@@ -30,7 +32,8 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::config::GatewayConfig;
-use crate::connections::ConnectionTracked;
+use crate::limits::connections::{ConnectionCounter, ConnectionTracked};
+use crate::limits::Snapshot;
 use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::proxy::Gateway;
 use crate::upstreams::{HealthService, Upstreams};
@@ -52,7 +55,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(upstreams.set_backends(&config.backends))
+        .block_on(upstreams.set_backends(&config.backends, &config.backend_queue))
         .map_err(|e| format!("upstream.backends: cannot resolve: {e}"))?;
 
     let mut conf = ServerConf {
@@ -74,12 +77,17 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let shared = Arc::new(ArcSwap::from_pointee(config.clone()));
-    let gateway = Gateway::new(shared, upstreams.clone(), metrics.clone());
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(config.clone(), None)));
+    let gateway = Gateway::new(snapshot.clone(), upstreams.clone(), metrics.clone());
     let mut http = pingora::proxy::HttpProxy::new(gateway, server.configuration.clone());
     http.handle_init_modules();
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.keepalive_request_limit = Some(config.max_requests_per_connection as u32);
+    http.server_options = Some(options);
     let app = ConnectionTracked {
         inner: Arc::new(http),
+        snapshot: snapshot.clone(),
+        counter: ConnectionCounter::new(metrics.clone()),
         metrics: metrics.clone(),
     };
     let mut proxy_service = Service::new("floodgate proxy".to_string(), app);

@@ -15,19 +15,93 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// Why the gateway answered a request itself instead of proxying it.
+/// Why the gateway answered a request (or a connection) itself instead of proxying it.
+/// The label is the `reason` of `gateway_rejections_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
-    /// No backend was healthy (or all were tried).
+    /// No backend was healthy (or all were tried): 503.
     NoHealthyBackend,
+    /// Per-IP request rate: 429.
+    RateLimitIp,
+    /// Global request rate of this instance: 503.
+    RateLimitGlobal,
+    /// Per-IP open-connection cap: connection answered 503 and closed.
+    ConnectionsPerIp,
+    /// Total open-connection cap: connection answered 503 and closed.
+    ConnectionsTotal,
+    /// Body over `buffers.max_body_bytes`: 413.
+    BodyTooLarge,
+    /// Request head over `buffers.max_header_bytes` or `max_headers`: 431.
+    HeaderTooLarge,
+    /// Backend concurrency cap reached and its queue full: 503.
+    BackendQueueFull,
+    /// Waited `upstream.queue_timeout` for a backend slot: 503.
+    BackendQueueTimeout,
+    /// Both Content-Length and Transfer-Encoding (a request-smuggling shape): 400.
+    AmbiguousFraming,
+    /// A Transfer-Encoding other than chunked: 501.
+    UnsupportedTransferEncoding,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 1] = [Rejection::NoHealthyBackend];
+    pub const ALL: [Rejection; 11] = [
+        Rejection::NoHealthyBackend,
+        Rejection::RateLimitIp,
+        Rejection::RateLimitGlobal,
+        Rejection::ConnectionsPerIp,
+        Rejection::ConnectionsTotal,
+        Rejection::BodyTooLarge,
+        Rejection::HeaderTooLarge,
+        Rejection::BackendQueueFull,
+        Rejection::BackendQueueTimeout,
+        Rejection::AmbiguousFraming,
+        Rejection::UnsupportedTransferEncoding,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Rejection::NoHealthyBackend => "no_healthy_backend",
+            Rejection::RateLimitIp => "rate_limit_ip",
+            Rejection::RateLimitGlobal => "rate_limit_global",
+            Rejection::ConnectionsPerIp => "connections_per_ip",
+            Rejection::ConnectionsTotal => "connections_total",
+            Rejection::BodyTooLarge => "body_too_large",
+            Rejection::HeaderTooLarge => "header_too_large",
+            Rejection::BackendQueueFull => "backend_queue_full",
+            Rejection::BackendQueueTimeout => "backend_queue_timeout",
+            Rejection::AmbiguousFraming => "ambiguous_framing",
+            Rejection::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+        }
+    }
+
+    /// The status the client gets.
+    pub fn status(self) -> u16 {
+        match self {
+            Rejection::RateLimitIp => 429,
+            Rejection::BodyTooLarge => 413,
+            Rejection::HeaderTooLarge => 431,
+            Rejection::AmbiguousFraming => 400,
+            Rejection::UnsupportedTransferEncoding => 501,
+            _ => 503,
+        }
+    }
+
+    /// What the client is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            Rejection::NoHealthyBackend => "no healthy backend is available; retry later",
+            Rejection::RateLimitIp => "too many requests from your address; slow down",
+            Rejection::RateLimitGlobal => "the service is saturated; retry later",
+            Rejection::ConnectionsPerIp => "too many open connections from your address",
+            Rejection::ConnectionsTotal => "the gateway is at its connection limit",
+            Rejection::BodyTooLarge => "request body is too large",
+            Rejection::HeaderTooLarge => "request headers are too large",
+            Rejection::BackendQueueFull => "the backend is at capacity and its queue is full",
+            Rejection::BackendQueueTimeout => "timed out waiting for a backend slot",
+            Rejection::AmbiguousFraming => "request has both Content-Length and Transfer-Encoding",
+            Rejection::UnsupportedTransferEncoding => {
+                "only Transfer-Encoding: chunked is supported"
+            }
         }
     }
 }
@@ -41,6 +115,8 @@ pub struct Metrics {
     pub request_duration: Histogram,
     backend_up: IntGaugeVec,
     pub downstream_connections: IntGauge,
+    /// Distinct client IPs holding open connections.
+    pub downstream_client_ips: IntGauge,
     pub inflight_requests: IntGauge,
     connect_failures: IntCounterVec,
     pub retries_connect: IntCounter,
@@ -97,6 +173,11 @@ impl Metrics {
             "Open client connections (idle keep-alive ones included).",
         )
         .expect("valid metric");
+        let downstream_client_ips = IntGauge::new(
+            "gateway_downstream_client_ips",
+            "Distinct client IPs holding open connections (entries of the per-IP cap table).",
+        )
+        .expect("valid metric");
         let inflight_requests = IntGauge::new(
             "gateway_inflight_requests",
             "Requests being processed right now.",
@@ -131,6 +212,7 @@ impl Metrics {
             Box::new(request_duration.clone()),
             Box::new(backend_up.clone()),
             Box::new(downstream_connections.clone()),
+            Box::new(downstream_client_ips.clone()),
             Box::new(inflight_requests.clone()),
             Box::new(connect_failures.clone()),
             Box::new(retries.clone()),
@@ -150,6 +232,7 @@ impl Metrics {
             request_duration,
             backend_up,
             downstream_connections,
+            downstream_client_ips,
             inflight_requests,
             connect_failures,
             retries_connect: retries.with_label_values(&["connect_failure"]),

@@ -2,8 +2,9 @@
 //!
 //! | phase                      | what happens here                                        |
 //! |----------------------------|----------------------------------------------------------|
-//! | `request_filter`           | client identity, request id                              |
-//! | `upstream_peer`            | pick a healthy backend not tried yet ([`Upstreams`])     |
+//! | `request_filter`           | client identity, request id, size caps, rate limits      |
+//! | `request_body_filter`      | body cap for bodies without Content-Length              |
+//! | `upstream_peer`            | pick a healthy backend not tried yet, take its slot      |
 //! | `upstream_request_filter`  | forwarding headers (`X-Forwarded-*`, `X-Request-Id`)     |
 //! | `fail_to_connect`          | passive failure: count it, retry on another backend      |
 //! | `error_while_proxy`        | after sending: retry only idempotent, only if configured |
@@ -14,7 +15,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -24,15 +25,21 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::config::GatewayConfig;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::limits::client::{client_ip, limit_key};
+use crate::limits::rate::{Decision, Gcra};
+use crate::limits::Snapshot;
 use crate::metrics::{class_index, Metrics, Rejection};
 use crate::responses;
 use crate::upstreams::{state_of, Upstreams};
 
 /// Shared by every request: the config snapshot, the pool, the metrics.
 pub struct Gateway {
-    /// The config in force; replaced as a whole by reload, read without locks.
-    pub config: Arc<ArcSwap<GatewayConfig>>,
+    /// The config in force and its limiter state; replaced as a whole by reload, read
+    /// without locks.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
     /// Process-unique prefix of generated request ids.
@@ -42,7 +49,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(
-        config: Arc<ArcSwap<GatewayConfig>>,
+        snapshot: Arc<ArcSwap<Snapshot>>,
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -52,7 +59,7 @@ impl Gateway {
             .unwrap_or(0)
             ^ std::process::id().rotate_left(16);
         Gateway {
-            config,
+            snapshot,
             upstreams,
             metrics,
             request_id_prefix: seed,
@@ -64,6 +71,85 @@ impl Gateway {
         let n = self.request_seq.fetch_add(1, Ordering::Relaxed);
         format!("{:08x}{:012x}", self.request_id_prefix, n)
     }
+
+    /// Answer the request with the rejection's status and JSON body, count it, and end it.
+    async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        reason: Rejection,
+        retry_after: Option<u64>,
+        extra: &[(&'static str, String)],
+    ) -> Result<bool> {
+        ctx.rejection = Some(reason);
+        self.metrics.reject(reason);
+        let _ = responses::send_json_error(
+            session,
+            reason.status(),
+            reason.message(),
+            retry_after,
+            Some(&ctx.request_id),
+            extra,
+        )
+        .await;
+        Ok(true)
+    }
+}
+
+/// Request-head size: the request line plus every header line.
+fn head_bytes(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// Framing nginx refuses: Transfer-Encoding other than chunked (501), or together with a
+/// Content-Length (400; pingora drops the Content-Length per RFC 9112, so look at the raw
+/// head). Only called when Transfer-Encoding is present.
+fn framing_problem(session: &Session) -> Option<Rejection> {
+    let te = session
+        .req_header()
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING);
+    let chunked_only = te.iter().all(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"))
+    });
+    if !chunked_only || te.iter().count() != 1 {
+        return Some(Rejection::UnsupportedTransferEncoding);
+    }
+    if let pingora::protocols::http::ServerSession::H1(h1) = session.as_ref() {
+        let raw = h1.get_headers_raw_bytes();
+        let has_cl = raw
+            .split(|b| *b == b'\n')
+            .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"));
+        if has_cl {
+            return Some(Rejection::AmbiguousFraming);
+        }
+    }
+    None
+}
+
+/// `RateLimit-Policy` and `RateLimit` (IETF draft) for a rejection.
+fn rate_headers(gcra: &Gcra, retry_after: u64) -> [(&'static str, String); 2] {
+    [
+        ("RateLimit-Policy", gcra.policy_header()),
+        (
+            "RateLimit",
+            format!(
+                "limit={}, remaining=0, reset={retry_after}",
+                gcra.capacity()
+            ),
+        ),
+    ]
+}
+
+/// Whole seconds, rounded up, at least 1 (the `Retry-After` of a rejection).
+fn ceil_secs(d: Duration) -> u64 {
+    (d.as_micros().div_ceil(1_000_000) as u64).max(1)
 }
 
 /// Counts a request as in flight for exactly as long as its context lives.
@@ -95,6 +181,13 @@ pub struct RequestCtx {
     tried: Vec<SocketAddr>,
     /// Why the gateway answered itself, when it did.
     rejection: Option<Rejection>,
+    /// Body bytes seen so far, against `buffers.max_body_bytes`.
+    body_bytes: usize,
+    /// A body without Content-Length is held here until complete (bounded by the cap), so
+    /// an over-cap body never reaches a backend (nginx buffers request bodies the same way).
+    held_body: Option<BytesMut>,
+    /// The backend slot this request holds (per-backend concurrency cap).
+    backend_slot: Option<OwnedSemaphorePermit>,
     _inflight: InflightGuard,
 }
 
@@ -110,22 +203,134 @@ impl ProxyHttp for Gateway {
             backend: None,
             tried: Vec::new(),
             rejection: None,
+            body_bytes: 0,
+            held_body: None,
+            backend_slot: None,
             _inflight: InflightGuard::new(&self.metrics.inflight_requests),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        ctx.request_id = match session.req_header().headers.get("x-request-id") {
+        let snap = self.snapshot.load();
+        let cfg = &snap.config;
+        let req = session.req_header();
+        ctx.request_id = match req.headers.get("x-request-id") {
             Some(v) if !v.is_empty() && v.len() <= 200 => {
                 String::from_utf8_lossy(v.as_bytes()).into_owned()
             }
             _ => self.new_request_id(),
         };
+        // Who is asking: the socket peer, or X-Forwarded-For when the peer is trusted.
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.client_ip = peer.map(|p| {
+            let xff = req.headers.get("x-forwarded-for").map(|v| v.as_bytes());
+            client_ip(p, xff, &cfg.trusted_proxies)
+        });
+
+        // Size caps, before anything is read or forwarded.
+        if req.headers.len() > cfg.max_headers || head_bytes(req) > cfg.max_header_bytes {
+            return self
+                .reject(session, ctx, Rejection::HeaderTooLarge, None, &[])
+                .await;
+        }
+        let declared = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        match declared {
+            Some(n) if n > cfg.max_body_bytes as u64 => {
+                return self
+                    .reject(session, ctx, Rejection::BodyTooLarge, None, &[])
+                    .await;
+            }
+            Some(_) => {}
+            None if req.headers.contains_key(http::header::TRANSFER_ENCODING) => {
+                if let Some(reason) = framing_problem(session) {
+                    return self.reject(session, ctx, reason, None, &[]).await;
+                }
+                ctx.held_body = Some(BytesMut::new());
+            }
+            None => {}
+        }
+
+        // Rate limits: the client's own first (an abuser is refused without using the
+        // shared budget), then this instance's ceiling.
+        let mut wait = Duration::ZERO;
+        let exempt = ctx
+            .client_ip
+            .is_some_and(|ip| cfg.exempt.iter().any(|n| n.contains(ip)));
+        if let (Some(ip), false) = (ctx.client_ip, exempt) {
+            if let Some(limiter) = snap.limits.per_ip_for(req.uri.path()) {
+                match limiter.check(limit_key(ip, cfg.ipv6_prefix)) {
+                    Decision::Allow { wait: w, .. } => wait = wait.max(w),
+                    Decision::Reject { retry_after } => {
+                        let secs = ceil_secs(retry_after);
+                        let headers = rate_headers(&limiter.gcra, secs);
+                        return self
+                            .reject(session, ctx, Rejection::RateLimitIp, Some(secs), &headers)
+                            .await;
+                    }
+                }
+            }
+        }
+        if let Some(global) = &snap.limits.global {
+            match global.check() {
+                Decision::Allow { wait: w, .. } => wait = wait.max(w),
+                Decision::Reject { retry_after } => {
+                    let secs = ceil_secs(retry_after);
+                    let headers = rate_headers(&global.gcra, secs);
+                    return self
+                        .reject(
+                            session,
+                            ctx,
+                            Rejection::RateLimitGlobal,
+                            Some(secs),
+                            &headers,
+                        )
+                        .await;
+                }
+            }
+        }
+
+        // Slow clients: bound the pause between body reads and the keep-alive idle time.
+        session.set_read_timeout(Some(cfg.body_idle_timeout));
+        session.set_keepalive(Some(cfg.keepalive_timeout.as_secs().max(1)));
+        drop(snap);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(chunk) = body.as_ref() {
+            ctx.body_bytes += chunk.len();
+            if ctx.body_bytes > self.snapshot.load().config.max_body_bytes {
+                ctx.rejection = Some(Rejection::BodyTooLarge);
+                return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the cap");
+            }
+        }
+        if let Some(held) = ctx.held_body.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                held.extend_from_slice(chunk);
+            }
+            // An empty chunk sends nothing (None would end the upstream body).
+            *body = Some(Bytes::new());
+            if end_of_stream {
+                *body = ctx.held_body.take().map(BytesMut::freeze);
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -138,7 +343,17 @@ impl ProxyHttp for Gateway {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
         };
         let addr = *backend.as_inet().expect("backends are inet addresses");
-        let cfg = self.config.load();
+        let queue = self.snapshot.load().config.backend_queue;
+        ctx.backend_slot = None;
+        match state_of(&backend).gate.enter(&queue).await {
+            Ok(slot) => ctx.backend_slot = slot,
+            Err(reason) => {
+                ctx.rejection = Some(reason);
+                return Error::e_explain(ErrorType::HTTPStatus(503), reason.message());
+            }
+        }
+        let snap = self.snapshot.load();
+        let cfg = &snap.config;
         let mut peer = HttpPeer::new(addr, false, String::new());
         let t = cfg.timeouts;
         peer.options.connection_timeout = Some(t.connect);
@@ -196,7 +411,7 @@ impl ProxyHttp for Gateway {
             ctx.tried.push(*addr);
         }
         // Nothing was sent, so trying another backend is safe for every method.
-        let retry = ctx.tried.len() <= self.config.load().connect_retries;
+        let retry = ctx.tried.len() <= self.snapshot.load().config.connect_retries;
         if retry {
             self.metrics.retries_connect.inc();
         }
@@ -217,7 +432,7 @@ impl ProxyHttp for Gateway {
             && !session.as_ref().retry_buffer_truncated();
         if !idempotent {
             e.set_retry(false);
-        } else if self.config.load().retry_idempotent {
+        } else if self.snapshot.load().config.retry_idempotent {
             if let Some(addr) = peer.address().as_inet() {
                 ctx.tried.push(*addr);
             }
@@ -238,26 +453,26 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let (code, message): (u16, &str) = match e.etype() {
-            ErrorType::HTTPStatus(503) if ctx.rejection == Some(Rejection::NoHealthyBackend) => {
-                (503, "no healthy backend is available; retry later")
-            }
-            ErrorType::HTTPStatus(code) => (*code, "request refused"),
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                match e.esource() {
-                    ErrorSource::Downstream => (408, "client timed out"),
-                    _ => (504, "the backend did not answer in time"),
-                }
-            }
-            _ => match e.esource() {
-                ErrorSource::Upstream => (502, "the backend failed to answer"),
-                ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
-                        (0, "")
+        let (code, message): (u16, &str) = match (e.etype(), ctx.rejection) {
+            (ErrorType::HTTPStatus(_), Some(r)) => (r.status(), r.message()),
+            (etype, _) => match etype {
+                ErrorType::HTTPStatus(code) => (*code, "request refused"),
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    match e.esource() {
+                        ErrorSource::Downstream => (408, "client timed out"),
+                        _ => (504, "the backend did not answer in time"),
                     }
-                    _ => (400, "malformed request"),
+                }
+                _ => match e.esource() {
+                    ErrorSource::Upstream => (502, "the backend failed to answer"),
+                    ErrorSource::Downstream => match e.etype() {
+                        ErrorType::WriteError
+                        | ErrorType::ReadError
+                        | ErrorType::ConnectionClosed => (0, ""),
+                        _ => (400, "malformed request"),
+                    },
+                    _ => (500, "internal gateway error"),
                 },
-                _ => (500, "internal gateway error"),
             },
         };
         if let Some(r) = ctx.rejection {
@@ -271,6 +486,7 @@ impl ProxyHttp for Gateway {
                 message,
                 retry_after,
                 Some(&ctx.request_id),
+                &[],
             )
             .await;
         }
@@ -301,7 +517,7 @@ impl ProxyHttp for Gateway {
                 "-"
             }
         };
-        if self.config.load().access_log {
+        if self.snapshot.load().config.access_log {
             let req = session.req_header();
             log::info!(
                 target: "access",

@@ -10,13 +10,32 @@ pub fn error_body(status: u16, message: &str) -> Bytes {
     Bytes::from(serde_json::json!({ "error": message, "status": status }).to_string())
 }
 
-/// Write a complete JSON error response. 429 and 503 should carry `retry_after` (seconds).
+/// A complete HTTP/1.1 error response as bytes, for a connection refused before any request
+/// was read; it closes the connection.
+pub fn raw_error(status: u16, message: &str, retry_after: u64) -> Vec<u8> {
+    let body = error_body(status, message);
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: {retry_after}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Write a complete JSON error response. 429 and 503 should carry `retry_after` (seconds);
+/// `extra` adds headers such as `RateLimit`.
 pub async fn send_json_error(
     session: &mut Session,
     status: u16,
     message: &str,
     retry_after: Option<u64>,
     request_id: Option<&str>,
+    extra: &[(&'static str, String)],
 ) -> Result<()> {
     let body = error_body(status, message);
     let mut resp = ResponseHeader::build(status, Some(6))?;
@@ -28,6 +47,9 @@ pub async fn send_json_error(
     }
     if let Some(id) = request_id {
         resp.insert_header("X-Request-Id", id)?;
+    }
+    for (name, value) in extra {
+        resp.insert_header(*name, value.as_str())?;
     }
     session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;

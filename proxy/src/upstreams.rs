@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -22,8 +22,10 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::Result;
 
-use crate::config::{BackendSpec, HealthSettings};
-use crate::metrics::{BackendMetrics, Metrics};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{BackendQueue, BackendSpec, HealthSettings};
+use crate::metrics::{BackendMetrics, Metrics, Rejection};
 
 /// What the gateway keeps about one backend address, carried in [`Backend::ext`] so the
 /// request path reaches it without a lookup.
@@ -34,6 +36,56 @@ pub struct BackendState {
     passed_first_check: AtomicBool,
     /// Its pre-resolved metric series.
     pub metrics: BackendMetrics,
+    /// Its concurrency cap and wait queue (HAProxy `maxconn` / `maxqueue`).
+    pub gate: BackendGate,
+}
+
+/// A per-backend cap on concurrent requests with a bounded, timed wait queue.
+pub struct BackendGate {
+    slots: Arc<Semaphore>,
+    /// Current number of slots (0: unlimited, the semaphore is unused).
+    capacity: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+impl BackendGate {
+    fn new(capacity: usize) -> Self {
+        BackendGate {
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity: AtomicUsize::new(capacity),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Follow a changed cap (reload). Lowering it takes effect as slots are returned.
+    fn resize(&self, capacity: usize) {
+        let old = self.capacity.swap(capacity, Ordering::AcqRel);
+        if capacity > old {
+            self.slots.add_permits(capacity - old);
+        } else if capacity < old {
+            self.slots.forget_permits(old - capacity);
+        }
+    }
+
+    /// A slot for one request: at once, or after waiting in the queue; None when unlimited.
+    pub async fn enter(&self, q: &BackendQueue) -> Result<Option<OwnedSemaphorePermit>, Rejection> {
+        if q.max_concurrent == 0 {
+            return Ok(None);
+        }
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(Some(p));
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= q.max_queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(Rejection::BackendQueueFull);
+        }
+        let r = tokio::time::timeout(q.timeout, self.slots.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        match r {
+            Ok(Ok(p)) => Ok(Some(p)),
+            _ => Err(Rejection::BackendQueueTimeout),
+        }
+    }
 }
 
 impl BackendState {
@@ -181,7 +233,11 @@ impl Upstreams {
     /// Resolve `specs` and make them the pool. Addresses already in the pool keep their state
     /// (first-check flag, metric series); removed ones get no new requests, and requests in
     /// flight to them finish on the connection they have.
-    pub async fn set_backends(&self, specs: &[BackendSpec]) -> std::io::Result<()> {
+    pub async fn set_backends(
+        &self,
+        specs: &[BackendSpec],
+        queue: &BackendQueue,
+    ) -> std::io::Result<()> {
         let mut resolved: Vec<(SocketAddr, usize)> = Vec::new();
         for spec in specs {
             match spec.address.socket_addr() {
@@ -192,11 +248,11 @@ impl Upstreams {
                 }
             }
         }
-        self.set_resolved(&resolved).await;
+        self.set_resolved(&resolved, queue.max_concurrent).await;
         Ok(())
     }
 
-    async fn set_resolved(&self, resolved: &[(SocketAddr, usize)]) {
+    async fn set_resolved(&self, resolved: &[(SocketAddr, usize)], max_concurrent: usize) {
         let old = self.discovery.current.load_full();
         let existing: HashMap<SocketAddr, Arc<BackendState>> = old
             .iter()
@@ -211,8 +267,10 @@ impl Upstreams {
                     label,
                     passed_first_check: AtomicBool::new(false),
                     metrics,
+                    gate: BackendGate::new(max_concurrent),
                 })
             });
+            state.gate.resize(max_concurrent);
             let mut ext = Extensions::new();
             ext.insert(state);
             next.insert(Backend {

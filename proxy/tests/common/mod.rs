@@ -42,6 +42,9 @@ pub struct UpstreamState {
     pub max_inflight: AtomicUsize,
     /// The last request's headers, as `name: value` lines.
     pub last_headers: std::sync::Mutex<Vec<(String, String)>>,
+    /// Request bodies received completely, and the largest one.
+    pub bodies: AtomicU64,
+    pub max_body: AtomicUsize,
 }
 
 /// A real HTTP upstream that says who it is. `/slow?ms=N` waits N ms before answering.
@@ -154,10 +157,18 @@ async fn handle(
         .collect();
     let now = state.inflight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_inflight.fetch_max(now, Ordering::SeqCst);
-    if req.uri().path() == "/slow" {
-        let ms: u64 = req
-            .uri()
-            .query()
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    if let Ok(body) = http_body_util::BodyExt::collect(req.into_body()).await {
+        let len = body.to_bytes().len();
+        if len > 0 {
+            state.bodies.fetch_add(1, Ordering::SeqCst);
+            state.max_body.fetch_max(len, Ordering::SeqCst);
+        }
+    }
+    if path == "/slow" {
+        let ms: u64 = query
+            .as_deref()
             .and_then(|q| q.strip_prefix("ms="))
             .and_then(|v| v.parse().ok())
             .unwrap_or(1000);
@@ -195,8 +206,16 @@ impl GatewayProc {
         let metrics_port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gateway.yaml");
+        // Tests of the core run without protections unless they configure them.
+        let mut defaults = String::new();
+        if !body.contains("limits:") {
+            defaults.push_str("limits: {per_ip: null, global: null}\n");
+        }
+        if !body.contains("connections:") {
+            defaults.push_str("connections: {per_ip: 0, total: 0}\n");
+        }
         let yaml = format!(
-            "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\nlog_level: warn\n{body}"
+            "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\nlog_level: warn\n{defaults}{body}"
         );
         std::fs::File::create(&config_path)
             .unwrap()
@@ -316,10 +335,25 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
 
 /// A client that opens a fresh connection for every request (no pooling surprises).
 pub fn client() -> reqwest::Client {
+    client_from("127.0.0.1")
+}
+
+/// Such a client whose connections come from a given loopback address (per-IP tests).
+pub fn client_from(ip: &str) -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(0)
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
         .timeout(Duration::from_secs(10))
         .build()
+        .unwrap()
+}
+
+/// A raw TCP connection to `port` from loopback address `from`.
+pub async fn tcp_from(from: &str, port: u16) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    sock.connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
         .unwrap()
 }
 

@@ -1,0 +1,410 @@
+//! Downstream connections: exact open-connection caps (per client IP and in total) and the
+//! deadline for a whole request head.
+//!
+//! pingora has no connection-close hook, so the proxy app is wrapped ([`ConnectionTracked`]):
+//! the wrapper owns the keep-alive loop of a connection and holds a [`ConnectionGuard`] for
+//! exactly as long as the connection is open, idle keep-alive time and slow header bytes
+//! included (nginx's `limit_conn` counts only connections with a request in flight).
+//!
+//! The head deadline wraps the connection's byte stream ([`HeadDeadline`]): pingora's own
+//! header timeout restarts on every read, so a client sending one byte a second would
+//! never hit it; ours runs from the first byte of a request head (from accept for the first
+//! request) to the blank line that ends it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType,
+};
+use pingora::protocols::{SocketDigest, TimingDigest};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::Snapshot;
+use crate::metrics::{Metrics, Rejection};
+use crate::responses;
+
+const SHARDS: usize = 16;
+
+/// Open connections, in total and per client IP. Entries exist only while an IP holds a
+/// connection, so memory is bounded by the total cap.
+pub struct ConnectionCounter {
+    total: AtomicUsize,
+    per_ip: [Mutex<HashMap<IpAddr, u32>>; SHARDS],
+    metrics: Arc<Metrics>,
+}
+
+/// Releases one connection's counts when dropped, however the connection ends.
+pub struct ConnectionGuard {
+    counter: Arc<ConnectionCounter>,
+    /// The IP whose per-IP count this connection holds (None when not counted per IP).
+    ip: Option<IpAddr>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            self.counter.release_ip(ip);
+        }
+        self.counter.total.fetch_sub(1, Ordering::AcqRel);
+        self.counter.metrics.downstream_connections.dec();
+    }
+}
+
+impl ConnectionCounter {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(ConnectionCounter {
+            total: AtomicUsize::new(0),
+            per_ip: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            metrics,
+        })
+    }
+
+    fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
+        let h = match ip {
+            IpAddr::V4(v4) => u32::from(*v4) as usize,
+            IpAddr::V6(v6) => (u128::from(*v6) as usize) ^ ((u128::from(*v6) >> 64) as usize),
+        };
+        &self.per_ip[h.wrapping_mul(0x9E37_79B9) % SHARDS]
+    }
+
+    /// Count a new connection, or refuse it. `per_ip_cap` None: not counted per IP (exempt
+    /// clients, trusted proxies); 0 caps mean unlimited.
+    pub fn try_open(
+        self: &Arc<Self>,
+        ip: Option<IpAddr>,
+        per_ip_cap: Option<usize>,
+        total_cap: usize,
+    ) -> Result<ConnectionGuard, Rejection> {
+        let before = self.total.fetch_add(1, Ordering::AcqRel);
+        if total_cap > 0 && before >= total_cap {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Rejection::ConnectionsTotal);
+        }
+        let counted_ip = match (ip, per_ip_cap) {
+            (Some(ip), Some(cap)) => {
+                let mut map = self.shard(&ip).lock().unwrap_or_else(|p| p.into_inner());
+                let n = map.entry(ip).or_insert(0);
+                if cap > 0 && *n as usize >= cap {
+                    if *n == 0 {
+                        map.remove(&ip);
+                    }
+                    drop(map);
+                    self.total.fetch_sub(1, Ordering::AcqRel);
+                    return Err(Rejection::ConnectionsPerIp);
+                }
+                *n += 1;
+                if *n == 1 {
+                    self.metrics.downstream_client_ips.inc();
+                }
+                Some(ip)
+            }
+            _ => None,
+        };
+        self.metrics.downstream_connections.inc();
+        Ok(ConnectionGuard {
+            counter: self.clone(),
+            ip: counted_ip,
+        })
+    }
+
+    fn release_ip(&self, ip: IpAddr) {
+        let mut map = self.shard(&ip).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&ip);
+                self.metrics.downstream_client_ips.dec();
+            }
+        }
+    }
+}
+
+/// Wraps the proxy app: caps connections, applies the head deadline, counts open ones.
+pub struct ConnectionTracked<A> {
+    pub inner: Arc<A>,
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub counter: Arc<ConnectionCounter>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let (per_ip_cap, total_cap, head_timeout) = {
+            let snap = self.snapshot.load();
+            let c = &snap.config;
+            let exempt = peer.is_some_and(|ip| {
+                c.exempt.iter().any(|n| n.contains(ip))
+                    || c.trusted_proxies.iter().any(|n| n.contains(ip))
+            });
+            (
+                (!exempt).then_some(c.conn_per_ip),
+                c.conn_total,
+                c.header_timeout,
+            )
+        };
+        let _guard = match self.counter.try_open(peer, per_ip_cap, total_cap) {
+            Ok(g) => g,
+            Err(reason) => {
+                self.metrics.reject(reason);
+                // A minimal answer, then close: the client learns why instead of a reset.
+                let _ = stream
+                    .write_all(&responses::raw_error(503, reason.message(), 1))
+                    .await;
+                let _ = stream.flush().await;
+                return None;
+            }
+        };
+        let mut next: Option<Stream> = Some(Box::new(HeadDeadline::new(stream, head_timeout)));
+        while let Some(stream) = next {
+            next = self.inner.process_new(stream, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+/// A stream that fails reads once a request head has taken longer than its deadline.
+pub struct HeadDeadline {
+    inner: Stream,
+    timeout: Duration,
+    /// Armed while a request head is being received.
+    deadline: Pin<Box<Sleep>>,
+    in_head: bool,
+    /// A response was written since the last head ended: the next bytes start a new head.
+    responded: bool,
+    /// The last bytes of the head so far, to find "\r\n\r\n" across reads.
+    tail: [u8; 3],
+    tail_len: usize,
+}
+
+impl fmt::Debug for HeadDeadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeadDeadline")
+            .field("inner", &self.inner)
+            .field("in_head", &self.in_head)
+            .finish()
+    }
+}
+
+impl HeadDeadline {
+    pub fn new(inner: Stream, timeout: Duration) -> Self {
+        HeadDeadline {
+            inner,
+            timeout,
+            // The first head is timed from accept, like nginx's client_header_timeout.
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            in_head: true,
+            responded: false,
+            tail: [0; 3],
+            tail_len: 0,
+        }
+    }
+
+    /// Track head boundaries in newly read bytes.
+    fn observe(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if !self.in_head && self.responded {
+            self.in_head = true;
+            self.responded = false;
+            self.tail_len = 0;
+            self.deadline.as_mut().reset(Instant::now() + self.timeout);
+        }
+        if !self.in_head {
+            return;
+        }
+        // The blank line may straddle two reads: check the seam, then the new bytes.
+        let mut seam = [0u8; 6];
+        let n = self.tail_len;
+        let m = data.len().min(3);
+        seam[..n].copy_from_slice(&self.tail[..n]);
+        seam[n..n + m].copy_from_slice(&data[..m]);
+        let end = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n");
+        if end(&seam[..n + m]) || end(data) {
+            self.in_head = false;
+            self.tail_len = 0;
+            return;
+        }
+        let joined = &seam[..n + m];
+        let last = if data.len() >= 3 {
+            &data[data.len() - 3..]
+        } else {
+            &joined[joined.len().saturating_sub(3)..]
+        };
+        self.tail[..last.len()].copy_from_slice(last);
+        self.tail_len = last.len();
+    }
+}
+
+impl AsyncRead for HeadDeadline {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.in_head && this.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not received within slow_clients.header_timeout",
+            )));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            this.observe(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for HeadDeadline {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.responded = true;
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.responded = true;
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeadDeadline {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for HeadDeadline {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeadDeadline {}
+
+impl GetTimingDigest for HeadDeadline {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeadDeadline {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for HeadDeadline {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, d: SocketDigest) {
+        self.inner.set_socket_digest(d)
+    }
+}
+
+#[async_trait]
+impl Peek for HeadDeadline {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_are_exact_and_released() {
+        let counter = ConnectionCounter::new(Metrics::new());
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let held: Vec<_> = (0..3)
+            .map(|_| counter.try_open(Some(a), Some(3), 5).unwrap())
+            .collect();
+        assert_eq!(
+            counter.try_open(Some(a), Some(3), 5).err(),
+            Some(Rejection::ConnectionsPerIp)
+        );
+        let other: Vec<_> = (0..2)
+            .map(|_| counter.try_open(Some(b), Some(3), 5).unwrap())
+            .collect();
+        assert_eq!(
+            counter.try_open(Some(b), Some(3), 5).err(),
+            Some(Rejection::ConnectionsTotal)
+        );
+        drop(held);
+        drop(other);
+        assert_eq!(counter.metrics.downstream_connections.get(), 0);
+        assert_eq!(counter.metrics.downstream_client_ips.get(), 0);
+        assert!(counter.per_ip.iter().all(|s| s.lock().unwrap().is_empty()));
+    }
+}

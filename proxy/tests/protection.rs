@@ -1,0 +1,493 @@
+//! Black-box tests of the gateway's protections: the real binary, real upstreams, clients on
+//! different loopback addresses.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const HEALTH: &str =
+    "  health_check: {interval: 200ms, timeout: 200ms, failures: 2, successes: 1}\n";
+
+async fn gateway_with(up: &Upstream, extra: &str) -> GatewayProc {
+    let gw = GatewayProc::start(&format!(
+        "{extra}upstream:\n  backends:\n    - \"{}\"\n{HEALTH}",
+        up.addr
+    ))
+    .await;
+    gw.wait_backends_up(1).await;
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_limit_refuses_after_the_burst_and_spares_other_ips() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(
+        &up,
+        "limits:\n  global: null\n  per_ip: {rate: 1r/m, burst: 5}\n",
+    )
+    .await;
+    let (a, b) = (client_from("127.0.0.2"), client_from("127.0.0.3"));
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(a.get(gw.url("/items")).send().await.unwrap());
+    }
+    let ok = statuses.iter().filter(|r| r.status() == 200).count();
+    assert_eq!(ok, 6, "burst 5 lets 1 + 5 through");
+    assert!(statuses[6..].iter().all(|r| r.status() == 429));
+    let r = &statuses[9];
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(r.headers()["ratelimit-policy"], "1;w=60;burst=5");
+    let rl = r.headers()["ratelimit"].to_str().unwrap();
+    assert!(rl.starts_with("limit=6, remaining=0, reset="), "{rl}");
+    // Another client at the same moment is unaffected.
+    assert_eq!(b.get(gw.url("/items")).send().await.unwrap().status(), 200);
+    let body: serde_json::Value = a
+        .get(gw.url("/items"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["status"], 429);
+    assert!(
+        gw.metric("gateway_rejections_total{reason=\"rate_limit_ip\"}")
+            .await
+            >= 4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_profiles_apply_by_longest_prefix() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(
+        &up,
+        "limits:\n  global: null\n  per_ip: null\n  routes:\n    - {prefix: /llm, per_ip: {rate: 1r/m, burst: 1}}\n    - {prefix: /llm/free, per_ip: null}\n",
+    )
+    .await;
+    let c = client_from("127.0.0.4");
+    let mut llm = Vec::new();
+    for _ in 0..4 {
+        llm.push(
+            c.get(gw.url("/llm"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(llm, vec![200, 200, 429, 429]);
+    for _ in 0..5 {
+        assert_eq!(c.get(gw.url("/items")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            c.get(gw.url("/llm/free/x")).send().await.unwrap().status(),
+            200
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_mode_spaces_requests_and_rejects_at_once_past_max_delay() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(
+        &up,
+        "limits:\n  global: null\n  per_ip: {rate: 10r/s, burst: 10, delay: true, max_delay: 300ms}\n",
+    )
+    .await;
+    let c = client_from("127.0.0.5");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, url) = (c.clone(), gw.url("/items"));
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = c.get(url).send().await.unwrap();
+            (r.status().as_u16(), t.elapsed())
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let ok: Vec<_> = results.iter().filter(|(s, _)| *s == 200).collect();
+    let refused: Vec<_> = results.iter().filter(|(s, _)| *s == 429).collect();
+    // Waits of 0, 100, 200, 300 ms pass; the rest would wait longer and are refused.
+    assert_eq!(ok.len(), 4, "{results:?}");
+    assert_eq!(refused.len(), 4, "{results:?}");
+    let slowest = ok.iter().map(|(_, d)| *d).max().unwrap();
+    assert!(slowest >= Duration::from_millis(250), "{results:?}");
+    for (_, d) in refused {
+        assert!(
+            *d < Duration::from_millis(150),
+            "refused after {d:?}, not at once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_ceiling_holds_under_a_flood_from_four_ips() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(
+        &up,
+        "limits:\n  per_ip: null\n  global: {rate: 50r/s, burst: 0}\n",
+    )
+    .await;
+    let started = Instant::now();
+    let run_for = Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        for _ in 0..4 {
+            let (c, url) = (client_from(ip), gw.url("/items"));
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut refused) = (0u64, 0u64);
+                while started.elapsed() < run_for {
+                    match c.get(&url).send().await.map(|r| r.status().as_u16()) {
+                        Ok(200) => ok += 1,
+                        Ok(503) => refused += 1,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                (ok, refused)
+            }));
+        }
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (o, r) = t.await.unwrap();
+        ok += o;
+        refused += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = 50.0 * elapsed + 1.0;
+    let error = (ok as f64 - expected).abs() / expected;
+    assert!(
+        refused > ok,
+        "the flood must exceed the ceiling: {ok} ok, {refused} refused"
+    );
+    assert!(
+        error <= 0.05,
+        "admitted {ok}, expected {expected:.0} ({:.1}% off)",
+        error * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_counts_only_from_trusted_proxies() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(
+        &up,
+        "client:\n  trusted_proxies: [\"127.0.0.3/32\"]\nlimits:\n  global: null\n  per_ip: {rate: 1r/m, burst: 0}\n",
+    )
+    .await;
+    let get = |c: &reqwest::Client, xff: &str| {
+        c.get(gw.url("/items"))
+            .header("X-Forwarded-For", xff)
+            .send()
+    };
+    // An untrusted peer cannot dodge its limit by inventing addresses.
+    let direct = client_from("127.0.0.2");
+    assert_eq!(get(&direct, "9.9.9.1").await.unwrap().status(), 200);
+    assert_eq!(get(&direct, "9.9.9.2").await.unwrap().status(), 429);
+    // Behind a trusted proxy, each forwarded client has its own limit.
+    let proxy = client_from("127.0.0.3");
+    assert_eq!(get(&proxy, "9.9.9.3").await.unwrap().status(), 200);
+    assert_eq!(get(&proxy, "9.9.9.4").await.unwrap().status(), 200);
+    assert_eq!(get(&proxy, "6.6.6.6, 9.9.9.3").await.unwrap().status(), 429);
+}
+
+async fn raw_get(stream: &mut tokio::net::TcpStream) -> String {
+    stream
+        .write_all(b"GET /items HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_count_idle_connections_and_release_them() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(&up, "connections: {per_ip: 20, total: 100}\n").await;
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let mut s = tcp_from("127.0.0.2", gw.port).await;
+        if i % 2 == 0 {
+            // Half of them served one request and now sit idle in keep-alive.
+            assert!(raw_get(&mut s).await.starts_with("HTTP/1.1 200"));
+        }
+        held.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.metric("gateway_downstream_connections").await != 20.0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The 21st from the same IP is answered 503 and closed.
+    let mut extra = tcp_from("127.0.0.2", gw.port).await;
+    let mut answer = String::new();
+    extra.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("Retry-After: 1"));
+    assert!(answer.contains("too many open connections"));
+    // Another IP still gets in.
+    let mut other = tcp_from("127.0.0.3", gw.port).await;
+    assert!(raw_get(&mut other).await.starts_with("HTTP/1.1 200"));
+    drop(other);
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = gw.metrics().await;
+        if metric_value(&m, "gateway_downstream_connections") == 0.0
+            && metric_value(&m, "gateway_downstream_client_ips") == 0.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gauges did not return to 0:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut again = tcp_from("127.0.0.2", gw.port).await;
+    assert!(raw_get(&mut again).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        gw.metric("gateway_rejections_total{reason=\"connections_per_ip\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_connect_close_cycles_leave_the_gauges_at_zero() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(&up, "connections: {per_ip: 20, total: 5000}\n").await;
+    let mut tasks = Vec::new();
+    for w in 0..8u32 {
+        let port = gw.port;
+        tasks.push(tokio::spawn(async move {
+            let from = format!("127.0.1.{}", w + 1);
+            for i in 0..1250u32 {
+                let mut s = tcp_from(&from, port).await;
+                if i % 2 == 0 {
+                    let answer = raw_get(&mut s).await;
+                    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+                }
+                drop(s);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = gw.metrics().await;
+        let (c, ips) = (
+            metric_value(&m, "gateway_downstream_connections"),
+            metric_value(&m, "gateway_downstream_client_ips"),
+        );
+        if c == 0.0 && ips == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "connections {c}, ips {ips}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_cap_bodies_and_heads_are_refused_before_the_backend() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(
+        &up,
+        "buffers: {max_body_bytes: 1000, max_header_bytes: 4096, max_headers: 20}\n",
+    )
+    .await;
+    let c = client();
+    let r = c
+        .post(gw.url("/items"))
+        .body(vec![b'x'; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(up.requests(), 0, "the backend saw the over-cap request");
+    // Chunked: cut at the cap; the backend never receives the body.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..4).map(|_| Ok(vec![b'y'; 500])).collect();
+    let r = c
+        .post(gw.url("/items"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(up.state.bodies.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Under the cap, both ways, the body arrives whole.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..2).map(|_| Ok(vec![b'z'; 400])).collect();
+    let r = c
+        .post(gw.url("/items"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        up.state.max_body.load(std::sync::atomic::Ordering::SeqCst),
+        800
+    );
+
+    let r = c
+        .get(gw.url("/items"))
+        .header("X-Big", "v".repeat(5000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let mut req = c.get(gw.url("/items"));
+    for i in 0..25 {
+        req = req.header(format!("X-H{i}"), "1");
+    }
+    assert_eq!(req.send().await.unwrap().status(), 431);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, "gateway_rejections_total{reason=\"body_too_large\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&m, "gateway_rejections_total{reason=\"header_too_large\"}"),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_closed_at_the_head_deadline() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(&up, "slow_clients: {header_timeout: 1s}\n").await;
+    let mut s = tcp_from("127.0.0.6", gw.port).await;
+    let started = Instant::now();
+    let head = b"GET /items HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut closed_at = None;
+    for byte in head.iter() {
+        if s.write_all(&[*byte]).await.is_err() {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+        // One byte every 200 ms: every single read is quick, the head never completes.
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed_at = Some(started.elapsed());
+                break;
+            }
+            Ok(Ok(_)) => {} // an error response before the close
+            Err(_) => {}
+        }
+    }
+    let closed_at = closed_at.expect("the slow connection was never closed");
+    assert!(
+        closed_at >= Duration::from_millis(900) && closed_at < Duration::from_millis(2000),
+        "closed after {closed_at:?}"
+    );
+    assert_eq!(up.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_queue_full_or_timed_out_is_503_within_the_timeout() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProc::start(&format!(
+        "upstream:\n  max_concurrent_per_backend: 1\n  max_queue: 1\n  queue_timeout: 300ms\n  backends:\n    - \"{}\"\n{HEALTH}",
+        up.addr
+    ))
+    .await;
+    gw.wait_backends_up(1).await;
+    let mut tasks = Vec::new();
+    for i in 0..3u64 {
+        let url = gw.url("/slow?ms=1000");
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100 * i)).await;
+            let t = Instant::now();
+            let r = client().get(url).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.headers().get("retry-after").is_some(),
+                t.elapsed(),
+            )
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert_eq!(results[0].0, 200, "{results:?}");
+    // The second waited in the queue and gave up at the timeout; the third found it full.
+    assert_eq!((results[1].0, results[1].1), (503, true), "{results:?}");
+    assert!(
+        results[1].2 >= Duration::from_millis(280) && results[1].2 < Duration::from_millis(600),
+        "{results:?}"
+    );
+    assert_eq!((results[2].0, results[2].1), (503, true), "{results:?}");
+    assert!(results[2].2 < Duration::from_millis(150), "{results:?}");
+    assert_eq!(
+        up.state
+            .max_inflight
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "gateway_rejections_total{reason=\"backend_queue_timeout\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "gateway_rejections_total{reason=\"backend_queue_full\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_is_refused_and_hop_by_hop_cannot_strip_our_headers() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(&up, "").await;
+    let mut s = tcp_from("127.0.0.7", gw.port).await;
+    s.write_all(
+        b"POST /items HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(up.requests(), 0);
+
+    let r = client()
+        .get(gw.url("/items"))
+        .header("Connection", "X-Forwarded-For")
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 200 {
+        assert_eq!(up.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    } else {
+        assert_eq!(r.status(), 400);
+    }
+}

@@ -194,6 +194,9 @@ pub struct FileConfig {
     pub access_log: bool,
     /// How long SIGTERM/SIGINT waits for in-flight requests before exiting.
     pub shutdown_grace: HumanDuration,
+    /// Also reload when the config file changes (its directory is watched, so a Kubernetes
+    /// ConfigMap's symlink swap is seen). SIGHUP always reloads.
+    pub watch: bool,
     /// The upstream pool.
     pub upstream: FileUpstream,
     /// Timeouts towards upstreams and for idle downstream connections.
@@ -219,6 +222,7 @@ impl Default for FileConfig {
             log_level: LogLevel::Info,
             access_log: true,
             shutdown_grace: HumanDuration(Duration::from_secs(5)),
+            watch: false,
             upstream: FileUpstream::default(),
             timeouts: FileTimeouts::default(),
             client: FileClient::default(),
@@ -251,6 +255,8 @@ pub struct FileUpstream {
     pub max_queue: usize,
     /// How long a request may wait in that queue (HAProxy `timeout queue`).
     pub queue_timeout: PositiveDuration,
+    /// A hosts-format file consulted before DNS when resolving backend names.
+    pub hosts_file: Option<std::path::PathBuf>,
 }
 
 impl Default for FileUpstream {
@@ -259,6 +265,7 @@ impl Default for FileUpstream {
             backends: NonEmpty(vec![FileBackend {
                 address: "127.0.0.1:8001".parse().expect("valid default"),
                 weight: AtLeastOne(1),
+                resolve: None,
             }]),
             keepalive_pool: 128,
             health_check: FileHealthCheck::default(),
@@ -267,15 +274,18 @@ impl Default for FileUpstream {
             max_concurrent_per_backend: 0,
             max_queue: 100,
             queue_timeout: PositiveDuration(Duration::from_secs(1)),
+            hosts_file: None,
         }
     }
 }
 
-/// One backend: `{address: "host:port", weight: 1}` or just `"host:port"`.
+/// One backend: `{address: "host:port", weight: 1, resolve: 5s}` or just `"host:port"`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileBackend {
     pub address: HostPort,
     pub weight: AtLeastOne,
+    /// Re-resolve the name on this interval (every address it resolves to is a backend).
+    pub resolve: Option<PositiveDuration>,
 }
 
 impl<'de> Deserialize<'de> for FileBackend {
@@ -286,6 +296,8 @@ impl<'de> Deserialize<'de> for FileBackend {
             address: HostPort,
             #[serde(default = "one")]
             weight: AtLeastOne,
+            #[serde(default)]
+            resolve: Option<PositiveDuration>,
         }
         fn one() -> AtLeastOne {
             AtLeastOne(1)
@@ -297,12 +309,14 @@ impl<'de> Deserialize<'de> for FileBackend {
             return Ok(FileBackend {
                 address,
                 weight: one(),
+                resolve: None,
             });
         }
         let long: Long = serde_yaml::from_value(v).map_err(de::Error::custom)?;
         Ok(FileBackend {
             address: long.address,
             weight: long.weight,
+            resolve: long.resolve,
         })
     }
 }
@@ -630,7 +644,9 @@ pub struct GatewayConfig {
     pub log_level: LogLevel,
     pub access_log: bool,
     pub shutdown_grace: Duration,
+    pub watch: bool,
     pub backends: Vec<BackendSpec>,
+    pub hosts_file: Option<std::path::PathBuf>,
     pub keepalive_pool: usize,
     pub health: HealthSettings,
     pub connect_retries: usize,
@@ -694,6 +710,8 @@ pub struct BackendQueue {
 pub struct BackendSpec {
     pub address: HostPort,
     pub weight: usize,
+    /// Re-resolution interval for a DNS name.
+    pub resolve: Option<Duration>,
 }
 
 /// Health-check settings.
@@ -716,6 +734,37 @@ pub struct Timeouts {
 }
 
 impl GatewayConfig {
+    /// Settings that only a restart (or the `--upgrade` hand-over) can change, by key, when
+    /// they differ between `self` and `next`.
+    pub fn restart_only_changes(&self, next: &GatewayConfig) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.listen != next.listen {
+            keys.push("listen");
+        }
+        if self.workers != next.workers {
+            keys.push("workers");
+        }
+        if self.metrics_listen != next.metrics_listen {
+            keys.push("metrics_listen");
+        }
+        if self.keepalive_pool != next.keepalive_pool {
+            keys.push("upstream.keepalive_pool");
+        }
+        if self.max_requests_per_connection != next.max_requests_per_connection {
+            keys.push("slow_clients.max_requests_per_connection");
+        }
+        if self.shutdown_grace != next.shutdown_grace {
+            keys.push("shutdown_grace");
+        }
+        keys
+    }
+
+    /// The shortest `resolve` interval among the backends, if any backend is a DNS name to
+    /// follow.
+    pub fn resolve_interval(&self) -> Option<Duration> {
+        self.backends.iter().filter_map(|b| b.resolve).min()
+    }
+
     /// Read and validate a config file (what `gateway -t` and every reload run).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -754,6 +803,7 @@ impl GatewayConfig {
             .map(|b| BackendSpec {
                 address: b.address,
                 weight: b.weight.0,
+                resolve: b.resolve.map(|r| r.0),
             })
             .collect();
         let count = backends.len();
@@ -809,7 +859,9 @@ impl GatewayConfig {
             log_level: f.log_level,
             access_log: f.access_log,
             shutdown_grace: f.shutdown_grace.0,
+            watch: f.watch,
             backends,
+            hosts_file: f.upstream.hosts_file,
             keepalive_pool: f.upstream.keepalive_pool,
             health: HealthSettings {
                 path: hc.path,

@@ -12,12 +12,14 @@
 //! 4. [`responses`]: every error the gateway answers itself is a short JSON body.
 //! 5. [`metrics`]: Prometheus counters and the access log, on completion.
 //!
-//! [`config`] holds the YAML schema and its validation, shared by `gateway -t` and start-up.
+//! [`config`] holds the YAML schema and its validation, shared by `gateway -t`, start-up and
+//! [`reload`] (SIGHUP, file watching, DNS re-resolution).
 
 pub mod config;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod responses;
 pub mod upstreams;
 
@@ -41,6 +43,10 @@ use crate::upstreams::{HealthService, Upstreams};
 /// Options that come from the command line rather than the file.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
+    /// The config file, reloaded on SIGHUP (and on change with `watch: true`).
+    pub config_path: std::path::PathBuf,
+    /// Hash of the file the config was loaded from.
+    pub config_hash: u64,
     /// Take over the listening sockets of a running gateway (pingora's `--upgrade`).
     pub upgrade: bool,
     /// Path of the socket used for the `--upgrade` hand-over.
@@ -55,8 +61,11 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(upstreams.set_backends(&config.backends, &config.backend_queue))
-        .map_err(|e| format!("upstream.backends: cannot resolve: {e}"))?;
+        .block_on(upstreams.set_backends(
+            &config.backends,
+            &config.backend_queue,
+            config.hosts_file.as_deref(),
+        ))?;
 
     let mut conf = ServerConf {
         threads: config.workers,
@@ -108,6 +117,21 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
         server.add_service(metrics_service);
     }
 
+    let reloader = reload::Reloader::new(
+        opts.config_path.clone(),
+        config.clone(),
+        opts.config_hash,
+        snapshot,
+        upstreams.clone(),
+        metrics.clone(),
+    );
+    server.add_service(background_service(
+        "reload",
+        reload::ReloadService {
+            reloader,
+            watch: config.watch,
+        },
+    ));
     server.add_service(background_service(
         "health checks",
         HealthService(upstreams),

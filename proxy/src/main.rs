@@ -33,10 +33,20 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match GatewayConfig::load(&cli.config) {
+    let text = match std::fs::read_to_string(&cli.config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gateway: cannot read {}: {e}", cli.config.display());
+            return ExitCode::from(1);
+        }
+    };
+    let config = match GatewayConfig::parse(&text) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("gateway: configuration invalid: {e}");
+            eprintln!(
+                "gateway: configuration invalid: {}: {e}",
+                cli.config.display()
+            );
             return ExitCode::from(1);
         }
     };
@@ -49,6 +59,8 @@ fn main() -> ExitCode {
         .parse_env("RUST_LOG")
         .init();
     let opts = RunOptions {
+        config_path: cli.config.clone(),
+        config_hash: floodgate_proxy::reload::config_hash(&text),
         upgrade: cli.upgrade,
         upgrade_sock: Some(cli.upgrade_sock),
     };

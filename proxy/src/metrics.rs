@@ -122,6 +122,14 @@ pub struct Metrics {
     pub retries_connect: IntCounter,
     pub retries_after_send: IntCounter,
     rejections: Vec<IntCounter>,
+    pub reloads_ok: IntCounter,
+    pub reloads_error: IntCounter,
+    /// Unix time of the last config load that took effect.
+    pub config_loaded_at: prometheus::Gauge,
+    /// `gateway_config_info{hash}`: 1 for the config in force.
+    config_info: IntGaugeVec,
+    pub dns_ok: IntCounter,
+    pub dns_errors: IntCounter,
 }
 
 /// Handles for one backend's series, resolved when it joins the pool.
@@ -207,8 +215,41 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "gateway_config_reloads_total",
+                "Config reloads (SIGHUP or file change), by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let config_loaded_at = prometheus::Gauge::new(
+            "gateway_config_last_reload_success_timestamp_seconds",
+            "Unix time when the config in force was loaded.",
+        )
+        .expect("valid metric");
+        let config_info = IntGaugeVec::new(
+            Opts::new(
+                "gateway_config_info",
+                "1 for the config in force, labelled with a hash of its file.",
+            ),
+            &["hash"],
+        )
+        .expect("valid metric");
+        let dns = IntCounterVec::new(
+            Opts::new(
+                "gateway_dns_resolutions_total",
+                "Backend name resolutions, by result (errors keep the last known addresses).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_loaded_at.clone()),
+            Box::new(config_info.clone()),
+            Box::new(dns.clone()),
+            Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(backend_up.clone()),
             Box::new(downstream_connections.clone()),
@@ -238,6 +279,12 @@ impl Metrics {
             retries_connect: retries.with_label_values(&["connect_failure"]),
             retries_after_send: retries.with_label_values(&["error_after_send"]),
             rejections,
+            reloads_ok: reloads.with_label_values(&["success"]),
+            reloads_error: reloads.with_label_values(&["error"]),
+            config_loaded_at,
+            config_info,
+            dns_ok: dns.with_label_values(&["success"]),
+            dns_errors: dns.with_label_values(&["error"]),
         })
     }
 
@@ -253,6 +300,17 @@ impl Metrics {
     /// Drop the series of a backend that left the pool.
     pub fn forget_backend(&self, label: &str) {
         let _ = self.backend_up.remove_label_values(&[label]);
+    }
+
+    /// Record the config now in force.
+    pub fn config_applied(&self, hash: &str) {
+        self.config_info.reset();
+        self.config_info.with_label_values(&[hash]).set(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.config_loaded_at.set(now);
     }
 
     /// Count a response that no backend served.

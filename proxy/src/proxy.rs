@@ -170,6 +170,9 @@ impl Drop for InflightGuard {
 
 /// Per-request state shared across the phases.
 pub struct RequestCtx {
+    /// The config this request runs under, from its start to its end, even if a reload
+    /// swaps in another meanwhile.
+    snap: Arc<Snapshot>,
     started: Instant,
     /// The client as the gateway believes it (the socket peer).
     client_ip: Option<IpAddr>,
@@ -197,6 +200,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            snap: self.snapshot.load_full(),
             started: Instant::now(),
             client_ip: None,
             request_id: String::new(),
@@ -211,7 +215,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let snap = self.snapshot.load();
+        let snap = ctx.snap.clone();
         let cfg = &snap.config;
         let req = session.req_header();
         ctx.request_id = match req.headers.get("x-request-id") {
@@ -315,7 +319,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if let Some(chunk) = body.as_ref() {
             ctx.body_bytes += chunk.len();
-            if ctx.body_bytes > self.snapshot.load().config.max_body_bytes {
+            if ctx.body_bytes > ctx.snap.config.max_body_bytes {
                 ctx.rejection = Some(Rejection::BodyTooLarge);
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the cap");
             }
@@ -343,7 +347,7 @@ impl ProxyHttp for Gateway {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
         };
         let addr = *backend.as_inet().expect("backends are inet addresses");
-        let queue = self.snapshot.load().config.backend_queue;
+        let queue = ctx.snap.config.backend_queue;
         ctx.backend_slot = None;
         match state_of(&backend).gate.enter(&queue).await {
             Ok(slot) => ctx.backend_slot = slot,
@@ -352,8 +356,7 @@ impl ProxyHttp for Gateway {
                 return Error::e_explain(ErrorType::HTTPStatus(503), reason.message());
             }
         }
-        let snap = self.snapshot.load();
-        let cfg = &snap.config;
+        let cfg = &ctx.snap.config;
         let mut peer = HttpPeer::new(addr, false, String::new());
         let t = cfg.timeouts;
         peer.options.connection_timeout = Some(t.connect);
@@ -411,7 +414,7 @@ impl ProxyHttp for Gateway {
             ctx.tried.push(*addr);
         }
         // Nothing was sent, so trying another backend is safe for every method.
-        let retry = ctx.tried.len() <= self.snapshot.load().config.connect_retries;
+        let retry = ctx.tried.len() <= ctx.snap.config.connect_retries;
         if retry {
             self.metrics.retries_connect.inc();
         }
@@ -432,7 +435,7 @@ impl ProxyHttp for Gateway {
             && !session.as_ref().retry_buffer_truncated();
         if !idempotent {
             e.set_retry(false);
-        } else if self.snapshot.load().config.retry_idempotent {
+        } else if ctx.snap.config.retry_idempotent {
             if let Some(addr) = peer.address().as_inet() {
                 ctx.tried.push(*addr);
             }
@@ -517,7 +520,7 @@ impl ProxyHttp for Gateway {
                 "-"
             }
         };
-        if self.snapshot.load().config.access_log {
+        if ctx.snap.config.access_log {
             let req = session.req_header();
             log::info!(
                 target: "access",

@@ -7,8 +7,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -195,6 +196,22 @@ pub struct Upstreams {
     discovery: Arc<PoolDiscovery>,
     check: Arc<ReadinessCheck>,
     metrics: Arc<Metrics>,
+    /// Last addresses each backend name resolved to, kept when a later lookup fails.
+    resolved: Mutex<HashMap<crate::config::HostPort, Vec<SocketAddr>>>,
+}
+
+/// The addresses a hosts-format file gives `name` (first match wins, like /etc/hosts).
+fn hosts_lookup(hosts: &str, name: &str) -> Option<Vec<std::net::IpAddr>> {
+    let ips: Vec<std::net::IpAddr> = hosts
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let ip = parts.next()?.parse().ok()?;
+            parts.any(|n| n.eq_ignore_ascii_case(name)).then_some(ip)
+        })
+        .collect();
+    (!ips.is_empty()).then_some(ips)
 }
 
 /// The health check registered with pingora delegates to our shared [`ReadinessCheck`].
@@ -227,29 +244,99 @@ impl Upstreams {
             discovery,
             check,
             metrics,
+            resolved: Mutex::new(HashMap::new()),
         })
     }
 
     /// Resolve `specs` and make them the pool. Addresses already in the pool keep their state
-    /// (first-check flag, metric series); removed ones get no new requests, and requests in
-    /// flight to them finish on the connection they have.
+    /// (first-check flag, metric series, queue); removed ones get no new requests, and
+    /// requests in flight to them finish on the connection they have.
+    ///
+    /// A name is looked up in `hosts_file` first, then DNS. When a name that has a `resolve`
+    /// interval fails to resolve, its last known addresses are kept; a name without one must
+    /// resolve (like nginx at start), or the whole change is refused.
     pub async fn set_backends(
         &self,
         specs: &[BackendSpec],
         queue: &BackendQueue,
-    ) -> std::io::Result<()> {
+        hosts_file: Option<&Path>,
+    ) -> Result<(), String> {
+        let hosts = match hosts_file {
+            Some(p) => tokio::fs::read_to_string(p).await.unwrap_or_else(|e| {
+                log::warn!("upstream.hosts_file {}: {e}; using DNS only", p.display());
+                String::new()
+            }),
+            None => String::new(),
+        };
         let mut resolved: Vec<(SocketAddr, usize)> = Vec::new();
         for spec in specs {
-            match spec.address.socket_addr() {
-                Some(sa) => resolved.push((sa, spec.weight)),
-                None => {
-                    let addrs = tokio::net::lookup_host(spec.address.to_string()).await?;
-                    resolved.extend(addrs.map(|sa| (sa, spec.weight)));
-                }
+            if let Some(sa) = spec.address.socket_addr() {
+                resolved.push((sa, spec.weight));
+                continue;
             }
+            let looked_up = match hosts_lookup(&hosts, &spec.address.host) {
+                Some(ips) => Ok(ips
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, spec.address.port))
+                    .collect::<Vec<_>>()),
+                None => tokio::net::lookup_host(spec.address.to_string())
+                    .await
+                    .map(|a| a.collect()),
+            };
+            let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+            let addrs = match looked_up {
+                Ok(addrs) if !addrs.is_empty() => {
+                    self.metrics.dns_ok.inc();
+                    cache.insert(spec.address.clone(), addrs.clone());
+                    addrs
+                }
+                failed => {
+                    self.metrics.dns_errors.inc();
+                    let why = match failed {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "no addresses".into(),
+                    };
+                    match (cache.get(&spec.address), spec.resolve) {
+                        (Some(last), Some(_)) => {
+                            log::warn!(
+                                "cannot resolve backend {}: {why}; keeping {} last known address(es)",
+                                spec.address,
+                                last.len()
+                            );
+                            last.clone()
+                        }
+                        (None, Some(_)) => {
+                            log::warn!(
+                                "cannot resolve backend {}: {why}; none known yet",
+                                spec.address
+                            );
+                            Vec::new()
+                        }
+                        (_, None) => {
+                            return Err(format!(
+                                "upstream.backends: cannot resolve {}: {why}",
+                                spec.address
+                            ))
+                        }
+                    }
+                }
+            };
+            resolved.extend(addrs.into_iter().map(|sa| (sa, spec.weight)));
         }
+        resolved.sort();
+        resolved.dedup_by_key(|(sa, _)| *sa);
         self.set_resolved(&resolved, queue.max_concurrent).await;
         Ok(())
+    }
+
+    /// The backend addresses in the pool now.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.discovery
+            .current
+            .load()
+            .iter()
+            .filter_map(|b| b.as_inet().copied())
+            .collect()
     }
 
     async fn set_resolved(&self, resolved: &[(SocketAddr, usize)], max_concurrent: usize) {

@@ -3,9 +3,8 @@
 #![allow(dead_code)]
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,13 +18,27 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free port on 127.0.0.1, never the same twice in this process, and below the kernel's
+/// ephemeral range (32768+): once released it is not taken as the local port of one of the
+/// many client connections the tests make, nor handed to another test by `bind(0)`.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = (RandomState::new().hash_one(std::process::id()) % 20_000) as u32;
+    let _ = NEXT.compare_exchange(0, base + 1, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 10_000 + (n % 22_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A free address for an upstream (see [`free_port`]).
+pub fn stable_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// What an upstream observed.
@@ -57,12 +70,17 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(name: &str) -> Upstream {
-        Self::start_on(name, "127.0.0.1:0".parse().unwrap(), Arc::default(), true).await
+        Self::start_on(name, stable_addr(), Arc::default(), true).await
+    }
+
+    /// An upstream on a given address.
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Upstream {
+        Self::start_on(name, addr, Arc::default(), true).await
     }
 
     /// An upstream whose readiness probe always fails.
     pub async fn start_never_ready(name: &str) -> Upstream {
-        Self::start_on(name, "127.0.0.1:0".parse().unwrap(), Arc::default(), false).await
+        Self::start_on(name, stable_addr(), Arc::default(), false).await
     }
 
     async fn start_on(
@@ -72,7 +90,18 @@ impl Upstream {
         ready: bool,
     ) -> Upstream {
         state.ready.store(ready, Ordering::SeqCst);
-        let listener = TcpListener::bind(addr).await.unwrap();
+        // An aborted predecessor on this address may not have released it yet.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot bind {addr}: {e}"),
+            }
+        };
         let addr = listener.local_addr().unwrap();
         let mut tasks = JoinSet::new();
         let (n, s) = (name.to_string(), state.clone());
@@ -202,25 +231,21 @@ impl GatewayProc {
     /// Start a gateway whose config is `body` (YAML without `listen`/`metrics_listen`, which
     /// the harness adds on free ports). Waits until it accepts connections.
     pub async fn start(body: &str) -> GatewayProc {
+        Self::start_with(body, |dir, yaml| {
+            let path = dir.join("gateway.yaml");
+            std::fs::write(&path, yaml).unwrap();
+            path
+        })
+        .await
+    }
+
+    /// Start with the config laid out by `write(dir, yaml)`, which returns the path to pass
+    /// with `-c` (a ConfigMap-style symlink layout, say).
+    pub async fn start_with(body: &str, write: impl FnOnce(&Path, &str) -> PathBuf) -> GatewayProc {
+        let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let metrics_port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("gateway.yaml");
-        // Tests of the core run without protections unless they configure them.
-        let mut defaults = String::new();
-        if !body.contains("limits:") {
-            defaults.push_str("limits: {per_ip: null, global: null}\n");
-        }
-        if !body.contains("connections:") {
-            defaults.push_str("connections: {per_ip: 0, total: 0}\n");
-        }
-        let yaml = format!(
-            "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\nlog_level: warn\n{defaults}{body}"
-        );
-        std::fs::File::create(&config_path)
-            .unwrap()
-            .write_all(yaml.as_bytes())
-            .unwrap();
+        let config_path = write(dir.path(), &render(port, metrics_port, body));
         let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
         let child = Command::new(gateway_bin())
             .arg("-c")
@@ -260,6 +285,45 @@ impl GatewayProc {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The config text this gateway would get for `body` (same ports).
+    pub fn render(&self, body: &str) -> String {
+        render(self.port, self.metrics_port, body)
+    }
+
+    /// Replace the config file atomically (write + rename) with `body`.
+    pub fn rewrite(&self, body: &str) {
+        let tmp = self.dir.path().join(".gateway.yaml.tmp");
+        std::fs::write(&tmp, self.render(body)).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    /// Send SIGHUP and wait until the reload counters moved; returns (successes, errors).
+    pub async fn reload(&self) -> (f64, f64) {
+        let before = self.reload_counts().await;
+        self.signal(1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.reload_counts().await;
+            if now != before {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reload happened: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn reload_counts(&self) -> (f64, f64) {
+        let m = self.metrics().await;
+        (
+            metric_value(&m, "gateway_config_reloads_total{result=\"success\"}"),
+            metric_value(&m, "gateway_config_reloads_total{result=\"error\"}"),
+        )
     }
 
     pub fn log(&self) -> String {
@@ -319,6 +383,20 @@ impl Drop for GatewayProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A full config: the harness's listeners, no protections unless `body` configures them.
+pub fn render(port: u16, metrics_port: u16, body: &str) -> String {
+    let mut defaults = String::new();
+    if !body.contains("limits:") {
+        defaults.push_str("limits: {per_ip: null, global: null}\n");
+    }
+    if !body.contains("connections:") {
+        defaults.push_str("connections: {per_ip: 0, total: 0}\n");
+    }
+    format!(
+        "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\nlog_level: warn\n{defaults}{body}"
+    )
 }
 
 pub fn metric_value(text: &str, series: &str) -> f64 {

@@ -1,0 +1,221 @@
+//! Reloading the config in place: SIGHUP, or a change of the file when `watch: true` (the
+//! directory is watched, so a Kubernetes ConfigMap's `..data` symlink swap is seen), and DNS
+//! re-resolution of backends, all through one path:
+//!
+//! read -> parse and validate (the code of `gateway -t`) -> resolve backends -> apply.
+//!
+//! A bad file changes nothing: the error is logged with its key and line and counted, and
+//! the gateway keeps serving on the config in force. Applying swaps the backend set and the
+//! config snapshot atomically each; requests read them without locks.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::sync::{mpsc, Mutex};
+
+use crate::config::GatewayConfig;
+use crate::limits::Snapshot;
+use crate::metrics::Metrics;
+use crate::upstreams::Upstreams;
+
+/// Applies config changes, one at a time.
+pub struct Reloader {
+    path: PathBuf,
+    /// The config the process started with: settings only a restart can change are compared
+    /// against it.
+    started: GatewayConfig,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    upstreams: Arc<Upstreams>,
+    metrics: Arc<Metrics>,
+    /// Serializes reloads and DNS refreshes; holds the hash of the file in force.
+    in_force: Mutex<u64>,
+}
+
+/// FNV-1a of the file, shown in `gateway_config_info{hash}`.
+pub fn config_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+impl Reloader {
+    pub fn new(
+        path: PathBuf,
+        started: GatewayConfig,
+        started_hash: u64,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        upstreams: Arc<Upstreams>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        metrics.config_applied(&format!("{started_hash:016x}"));
+        Arc::new(Reloader {
+            path,
+            started,
+            snapshot,
+            upstreams,
+            metrics,
+            in_force: Mutex::new(started_hash),
+        })
+    }
+
+    /// Reload the file. `only_if_changed`: skip when its content is the one in force (file
+    /// watching sees several events per change). Returns whether a new config was applied.
+    pub async fn reload(&self, trigger: &str, only_if_changed: bool) -> Result<bool, String> {
+        let mut in_force = self.in_force.lock().await;
+        let result = self.try_reload(&mut in_force, only_if_changed).await;
+        match &result {
+            Ok(true) => {
+                self.metrics.reloads_ok.inc();
+                log::info!(
+                    "config reloaded ({trigger}): {} hash {:016x}",
+                    self.path.display(),
+                    *in_force
+                );
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.metrics.reloads_error.inc();
+                log::error!("config reload ({trigger}) failed, keeping the config in force: {e}");
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self, in_force: &mut u64, only_if_changed: bool) -> Result<bool, String> {
+        let text = tokio::fs::read_to_string(&self.path)
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+        let hash = config_hash(&text);
+        if only_if_changed && hash == *in_force {
+            return Ok(false);
+        }
+        let next =
+            GatewayConfig::parse(&text).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let restart_only = self.started.restart_only_changes(&next);
+        if !restart_only.is_empty() {
+            log::warn!(
+                "config reload: {} changed but cannot change in place; they keep their values \
+                 until a restart or the --upgrade hand-over (see README)",
+                restart_only.join(", ")
+            );
+        }
+        // Backends first: a name that cannot be resolved refuses the whole reload.
+        self.upstreams
+            .set_backends(
+                &next.backends,
+                &next.backend_queue,
+                next.hosts_file.as_deref(),
+            )
+            .await?;
+        self.upstreams.set_health(&next.health);
+        log::set_max_level(next.log_level.filter());
+        let previous = self.snapshot.load_full();
+        self.snapshot
+            .store(Arc::new(Snapshot::new(next, Some(&previous))));
+        *in_force = hash;
+        self.metrics.config_applied(&format!("{hash:016x}"));
+        Ok(true)
+    }
+
+    /// Re-resolve backend names with the config in force (the `resolve` intervals).
+    pub async fn refresh_dns(&self) {
+        let _in_force = self.in_force.lock().await;
+        let snap = self.snapshot.load_full();
+        let c = &snap.config;
+        if let Err(e) = self
+            .upstreams
+            .set_backends(&c.backends, &c.backend_queue, c.hosts_file.as_deref())
+            .await
+        {
+            log::warn!("backend re-resolution failed, keeping the pool: {e}");
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Runs reload triggers: SIGHUP, file watching, DNS intervals.
+pub struct ReloadService {
+    pub reloader: Arc<Reloader>,
+    pub watch: bool,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP: {e}");
+                return;
+            }
+        };
+        let (tx, mut changes) = mpsc::channel::<()>(16);
+        let _watcher = if self.watch {
+            watch_directory(self.reloader.path(), tx)
+        } else {
+            None
+        };
+        let dns = self.reloader.clone();
+        let dns_task = tokio::spawn(async move {
+            loop {
+                let every = dns.snapshot.load().config.resolve_interval();
+                tokio::time::sleep(every.unwrap_or(Duration::from_secs(5))).await;
+                if every.is_some() {
+                    dns.refresh_dns().await;
+                }
+            }
+        });
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let _ = self.reloader.reload("SIGHUP", false).await;
+                }
+                Some(()) = changes.recv() => {
+                    // Debounce: an editor or a ConfigMap update is a burst of events.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    while changes.try_recv().is_ok() {}
+                    let _ = self.reloader.reload("file change", true).await;
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        dns_task.abort();
+    }
+}
+
+/// Watch the config file's directory; every event in it is a hint to check the file.
+fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut watcher =
+        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.try_send(());
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                log::error!("cannot watch {}: {e}; SIGHUP still reloads", dir.display());
+                return None;
+            }
+        };
+    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        log::error!("cannot watch {}: {e}; SIGHUP still reloads", dir.display());
+        return None;
+    }
+    log::info!("watching {} for config changes", dir.display());
+    Some(watcher)
+}

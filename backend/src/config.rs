@@ -70,6 +70,30 @@ pub struct Settings {
     /// How often dependencies (database) are checked in the background.
     #[arg(long, env = "DEPENDENCY_CHECK_INTERVAL", default_value = "1s", value_parser = duration)]
     pub dependency_check_interval: Duration,
+    /// Requests per user by tier: `tier=N/window,...` (window: s, min, h, or like 10s).
+    #[arg(
+        long,
+        env = "TIER_LIMITS",
+        default_value = "free=10/min,pro=100/min,enterprise=1000/min"
+    )]
+    pub tier_limits: String,
+    /// Requests per user per endpoint, on top of the tier: `route=N/window,...`; routes are
+    /// list_items, create_item, get_item, delete_item, llm.
+    #[arg(
+        long,
+        env = "ENDPOINT_LIMITS",
+        default_value = "llm=20/min,create_item=60/min"
+    )]
+    pub endpoint_limits: String,
+    /// Limit for callers without a key, per instance (e.g. `100/s`); unset: none.
+    #[arg(long, env = "ANON_LIMIT")]
+    pub anon_limit: Option<String>,
+    /// Longest a Redis rate-limit call may take before this instance's own limits answer.
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "100ms", value_parser = duration)]
+    pub redis_timeout: Duration,
+    /// How long an API-key lookup is cached (a revoked key works at most this long).
+    #[arg(long, env = "API_KEY_CACHE_TTL", default_value = "30s", value_parser = duration)]
+    pub api_key_cache_ttl: Duration,
     /// Log level (RUST_LOG overrides).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,

@@ -34,7 +34,14 @@ pub enum ApiError {
     #[error("internal error")]
     Internal,
     #[error("{message}")]
-    TooManyRequests { message: String, retry_after: u64 },
+    TooManyRequests {
+        message: String,
+        retry_after: u64,
+        /// `RateLimit-Policy`, `RateLimit`, `X-RateLimit-*`.
+        headers: Vec<(&'static str, String)>,
+        /// Which limit refused: `tier:free`, `endpoint:llm`.
+        limit: String,
+    },
     #[error("{0}")]
     Unauthorized(String),
 }
@@ -80,7 +87,17 @@ impl ApiError {
         if let ApiError::Invalid { field, .. } = &self {
             body["field"] = serde_json::Value::from(*field);
         }
+        if let ApiError::TooManyRequests { limit, .. } = &self {
+            body["limit"] = serde_json::Value::from(limit.as_str());
+        }
         let mut resp = json_response(status, &body);
+        if let ApiError::TooManyRequests { headers, .. } = &self {
+            for (name, value) in headers {
+                if let Ok(v) = value.parse() {
+                    resp.headers_mut().insert(*name, v);
+                }
+            }
+        }
         if let Some(secs) = self.retry_after() {
             resp.headers_mut().insert(
                 header::RETRY_AFTER,

@@ -5,16 +5,21 @@
 //! - [`routes`]: the router; [`routes::items`] the items API, [`routes::probes`] health,
 //!   readiness and metrics.
 //! - [`admission`]: the per-instance in-flight cap (load shedding, no queueing).
+//! - [`callers`]: API key -> user and tier, cached.
+//! - [`ratelimit`]: per-user and per-endpoint limits, shared through Redis (one atomic Lua
+//!   script) with an in-process fallback.
 //! - [`readiness`]: what `/ready` reports, with dependencies checked in the background.
 //! - [`db`]: PostgreSQL or embedded SQLite through sqlx, with migrations.
 //! - [`error`]: the API's errors and their one JSON shape.
 //! - [`metrics`]: every Prometheus metric.
 
 pub mod admission;
+pub mod callers;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod metrics;
+pub mod ratelimit;
 pub mod readiness;
 pub mod routes;
 pub mod startup;

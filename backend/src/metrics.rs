@@ -15,6 +15,12 @@ pub struct Metrics {
     pub shed: IntCounterVec,
     /// Database pool connections by state (used, idle).
     pub db_pool: IntGaugeVec,
+    /// Rate-limit decisions by the limit that decided (tier:free, endpoint:llm, anonymous)
+    /// and result (allowed, limited).
+    pub ratelimit: IntCounterVec,
+    /// 1 while Redis is unreachable and limits fall back to this instance.
+    pub ratelimit_degraded: IntGauge,
+    pub ratelimit_redis_errors: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -57,8 +63,29 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
+        let ratelimit = IntCounterVec::new(
+            Opts::new(
+                "backend_ratelimit_decisions_total",
+                "Per-user rate-limit decisions, by limit and result.",
+            ),
+            &["limit", "result"],
+        )
+        .expect("valid metric");
+        let ratelimit_degraded = IntGauge::new(
+            "backend_ratelimit_degraded",
+            "1 while Redis is unreachable and limits are kept per instance.",
+        )
+        .expect("valid metric");
+        let ratelimit_redis_errors = prometheus::IntCounter::new(
+            "backend_ratelimit_redis_errors_total",
+            "Redis rate-limit calls that failed or timed out.",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ratelimit.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ratelimit_degraded.clone()),
+            Box::new(ratelimit_redis_errors.clone()),
+            Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(inflight.clone()),
             Box::new(shed.clone()),
@@ -73,6 +100,9 @@ impl Metrics {
             inflight,
             shed,
             db_pool,
+            ratelimit,
+            ratelimit_degraded,
+            ratelimit_redis_errors,
         }
     }
 

@@ -12,9 +12,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::admission::Admission;
+use crate::callers::Callers;
 use crate::config::Settings;
 use crate::db::Db;
 use crate::metrics::Metrics;
+use crate::ratelimit::{self, Limiter, Policy};
 use crate::readiness::Readiness;
 use crate::routes;
 
@@ -27,7 +29,13 @@ pub struct App {
     /// The in-flight cap.
     pub admission: Arc<Admission>,
     pub readiness: Arc<Readiness>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
+    /// API key -> user and tier, cached.
+    pub callers: Callers,
+    /// Which limits apply to whom.
+    pub policy: Policy,
+    /// Where the per-user counters live (Redis, or this process).
+    pub limiter: Limiter,
 }
 
 /// A bound, not yet serving, instance.
@@ -48,6 +56,8 @@ pub enum StartError {
     Database(#[from] sqlx::Error),
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Config(String),
 }
 
 impl Server {
@@ -71,13 +81,38 @@ impl Server {
             settings.ready_max_error_rate,
             settings.ready_error_min_requests,
         ));
+        let policy = Policy::parse(
+            &settings.tier_limits,
+            &settings.endpoint_limits,
+            settings.anon_limit.as_deref(),
+        )
+        .map_err(StartError::Config)?;
+        let metrics = Arc::new(Metrics::new());
+        let shared = match settings.redis_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => Some(
+                ratelimit::redis::RedisStore::new(
+                    url,
+                    &settings.instance_id(),
+                    settings.redis_timeout,
+                )
+                .map_err(|e| StartError::Config(format!("REDIS_URL: {e}")))?,
+            ),
+            None => {
+                log::info!("REDIS_URL unset: per-user limits are kept per instance");
+                None
+            }
+        };
+        let limiter = Limiter::new(shared, settings.redis_timeout, metrics.clone());
         let app = Arc::new(App {
             served_by: routes::served_by(&settings.instance_id()),
+            callers: Callers::new(settings.api_key_cache_ttl),
+            policy,
+            limiter,
             settings,
             db,
             admission,
             readiness,
-            metrics: Metrics::new(),
+            metrics,
         });
         Ok(Server { listener, app })
     }

@@ -12,7 +12,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
 
+use crate::callers::Caller;
 use crate::error::ApiError;
+use crate::ratelimit::{self, Check};
 use crate::startup::App;
 
 /// Every route, named by what it is for; the name is the metrics label.
@@ -25,6 +27,8 @@ pub enum Route {
     CreateItem,
     GetItem(i64),
     DeleteItem(i64),
+    /// `POST /llm`: the guarded vendor call.
+    Llm,
     /// A known path with a method it does not take.
     WrongMethod(&'static str),
     NotFound,
@@ -40,6 +44,12 @@ impl Route {
             "/health" | "/healthz" => return probe(method, Route::Health, "health"),
             "/ready" | "/readyz" => return probe(method, Route::Ready, "ready"),
             "/metrics" => return probe(method, Route::Metrics, "metrics"),
+            "/llm" => {
+                return match *method {
+                    Method::POST => Route::Llm,
+                    _ => Route::WrongMethod("llm"),
+                }
+            }
             "/items" => {
                 return match *method {
                     Method::GET | Method::HEAD => Route::ListItems,
@@ -71,6 +81,7 @@ impl Route {
             Route::CreateItem => "create_item",
             Route::GetItem(_) => "get_item",
             Route::DeleteItem(_) => "delete_item",
+            Route::Llm => "llm",
             Route::WrongMethod(l) => l,
             Route::NotFound => "not_found",
         }
@@ -79,6 +90,23 @@ impl Route {
     /// Probes answer even when the instance is at its in-flight cap.
     fn is_probe(&self) -> bool {
         matches!(self, Route::Health | Route::Ready | Route::Metrics)
+    }
+
+    /// Routes of the API, subject to identification and per-user limits.
+    fn is_api(&self) -> bool {
+        matches!(
+            self,
+            Route::ListItems
+                | Route::CreateItem
+                | Route::GetItem(_)
+                | Route::DeleteItem(_)
+                | Route::Llm
+        )
+    }
+
+    /// Routes that refuse anonymous callers.
+    fn requires_user(&self) -> bool {
+        matches!(self, Route::Llm)
     }
 }
 
@@ -113,7 +141,7 @@ pub async fn handle(
         match app.admission.try_enter() {
             Some(_permit) => {
                 app.metrics.inflight.inc();
-                let r = dispatch(&app, route, req).await;
+                let r = guarded(&app, route, req).await;
                 app.metrics.inflight.dec();
                 r
             }
@@ -144,6 +172,75 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// Identify the caller and apply its limits ("reject before any expensive work"), then
+/// dispatch; limited responses carry the rate-limit headers.
+async fn guarded(app: &App, route: Route, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    if !route.is_api() {
+        return dispatch(app, route, req).await;
+    }
+    let caller = app.callers.identify(&app.db, req.headers()).await?;
+    let (checks, shared) = match &caller {
+        Caller::User(u) => (
+            app.policy
+                .checks_for_user(u.user_id, &u.tier, route.label()),
+            true,
+        ),
+        Caller::Anonymous if route.requires_user() => {
+            return Err(ApiError::Unauthorized(format!(
+                "an API key is required for {} (X-API-Key or Authorization: Bearer)",
+                req.uri().path()
+            )));
+        }
+        Caller::Anonymous => match app.policy.anonymous {
+            Some(quota) => (
+                vec![Check {
+                    key: "rl:anonymous".into(),
+                    quota,
+                    name: "anonymous".into(),
+                }],
+                false,
+            ),
+            None => (Vec::new(), false),
+        },
+    };
+    if checks.is_empty() {
+        return dispatch(app, route, req).await;
+    }
+    let outcome = if shared {
+        app.limiter.check(&checks).await
+    } else {
+        app.limiter.check_local(&checks)
+    };
+    let headers = ratelimit::headers(&outcome);
+    if !outcome.admitted {
+        let (i, usage) = outcome.reported().expect("a refusal names its limit");
+        let name = checks[i].name.clone();
+        app.metrics
+            .ratelimit
+            .with_label_values(&[&name, "limited"])
+            .inc();
+        return Err(ApiError::TooManyRequests {
+            message: format!("rate limit exceeded: {name} allows {}", usage.quota),
+            retry_after: (usage.reset.as_millis().div_ceil(1000) as u64).max(1),
+            headers,
+            limit: name,
+        });
+    }
+    for c in &checks {
+        app.metrics
+            .ratelimit
+            .with_label_values(&[&c.name, "allowed"])
+            .inc();
+    }
+    let mut resp = dispatch(app, route, req).await?;
+    for (name, value) in headers {
+        if let Ok(v) = value.parse() {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    Ok(resp)
+}
+
 async fn dispatch(app: &App, route: Route, req: Request<Incoming>) -> Result<Resp, ApiError> {
     match route {
         Route::Health => Ok(probes::health()),
@@ -156,6 +253,9 @@ async fn dispatch(app: &App, route: Route, req: Request<Incoming>) -> Result<Res
         }
         Route::GetItem(id) => items::get(app, id).await,
         Route::DeleteItem(id) => items::delete(app, id).await,
+        Route::Llm => Err(ApiError::NotFound(
+            "the vendor pipeline is not configured".into(),
+        )),
         Route::WrongMethod(_) => Err(ApiError::MethodNotAllowed),
         Route::NotFound => Err(ApiError::NotFound(format!(
             "no route for {} {}",

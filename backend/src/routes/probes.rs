@@ -17,8 +17,17 @@ pub fn health() -> Resp {
 
 /// 200 when this instance should get traffic, else 503 with the reason.
 pub fn ready(app: &App) -> Resp {
+    // Redis being down does not fail readiness: limits fall back to this instance.
+    let rate_limits = match (app.limiter.is_shared(), app.limiter.is_degraded()) {
+        (true, false) => "shared (redis)",
+        (true, true) => "per instance (redis unreachable)",
+        (false, _) => "per instance",
+    };
     match app.readiness.check() {
-        Ok(()) => json_response(StatusCode::OK, &json!({ "status": "ready" })),
+        Ok(()) => json_response(
+            StatusCode::OK,
+            &json!({ "status": "ready", "rate_limits": rate_limits }),
+        ),
         Err(reason) => {
             let mut r = json_response(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -1,150 +1,16 @@
-//! Test harness: throwaway PostgreSQL clusters (and Redis servers) on free ports in temp
-//! directories, and the backend started in-process on port 0 (`spawn_app`).
+//! Test harness: the backend started in-process on port 0 (`spawn_app`), with throwaway
+//! PostgreSQL and Redis servers from `testkit`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use floodgate_backend::config::Settings;
 use floodgate_backend::startup::Server;
 use tokio::sync::oneshot;
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-/// Run a PostgreSQL tool; as root, as the `postgres` user (initdb refuses root).
-fn pg_command(bin: &Path, tool: &str) -> Command {
-    let exe = bin.join(tool);
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.arg("-u").arg("postgres").arg("--").arg(exe);
-        c
-    } else {
-        Command::new(exe)
-    }
-}
-
-fn pg_bindir() -> PathBuf {
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if p.join("initdb").exists() {
-            return p;
-        }
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort();
-    found
-        .pop()
-        .filter(|p| p.join("initdb").exists())
-        .expect("PostgreSQL server binaries not found: run `make deps` (apt package postgresql)")
-}
-
-/// A private PostgreSQL cluster; stopped and deleted on drop.
-pub struct PgServer {
-    pub port: u16,
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-}
-
-impl PgServer {
-    pub fn start() -> PgServer {
-        let bin = pg_bindir();
-        let dir = tempfile::Builder::new().prefix("fg-pg-").tempdir().unwrap();
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "chown of the PostgreSQL temp dir failed");
-        }
-        let out = pg_command(&bin, "initdb")
-            .arg("-D")
-            .arg(dir.path().join("data"))
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pg = PgServer {
-            port: free_port(),
-            dir,
-            bin,
-        };
-        pg.start_again();
-        pg
-    }
-
-    /// (Re)start the cluster on its port.
-    pub fn start_again(&self) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-            self.port,
-            self.dir.path().display()
-        );
-        let out = pg_command(&self.bin, "pg_ctl")
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .arg("-o")
-            .arg(opts)
-            .arg("-l")
-            .arg(self.dir.path().join("log"))
-            .args(["-w", "-t", "30", "start"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "PostgreSQL did not start: {} {}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-        );
-    }
-
-    pub fn stop(&self) {
-        let _ = pg_command(&self.bin, "pg_ctl")
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+#[allow(unused_imports)]
+pub use testkit::{free_port, PgServer, RedisServer};
 
 /// A running backend instance in this process.
 pub struct TestApp {

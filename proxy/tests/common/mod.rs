@@ -18,28 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-/// A free port on 127.0.0.1, never the same twice in this process, and below the kernel's
-/// ephemeral range (32768+): once released it is not taken as the local port of one of the
-/// many client connections the tests make, nor handed to another test by `bind(0)`.
-pub fn free_port() -> u16 {
-    use std::hash::{BuildHasher, RandomState};
-    use std::sync::atomic::AtomicU32;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let base = (RandomState::new().hash_one(std::process::id()) % 20_000) as u32;
-    let _ = NEXT.compare_exchange(0, base + 1, Ordering::SeqCst, Ordering::SeqCst);
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let port = 10_000 + (n % 22_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// A free address for an upstream (see [`free_port`]).
-pub fn stable_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
+pub use testkit::{free_port, stable_addr};
 
 /// What an upstream observed.
 #[derive(Default)]

@@ -94,6 +94,54 @@ pub struct Settings {
     /// How long an API-key lookup is cached (a revoked key works at most this long).
     #[arg(long, env = "API_KEY_CACHE_TTL", default_value = "30s", value_parser = duration)]
     pub api_key_cache_ttl: Duration,
+    /// The vendor endpoint `POST /llm` calls.
+    #[arg(
+        long,
+        env = "VENDOR_URL",
+        default_value = "http://127.0.0.1:9000/v1/complete"
+    )]
+    pub vendor_url: String,
+    /// Longest a call may wait for admission (local limiter, global limiter, semaphore).
+    #[arg(long, env = "VENDOR_QUEUE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub vendor_queue_timeout: Duration,
+    /// Per-instance smoothing of vendor calls (N/window).
+    #[arg(long, env = "VENDOR_LOCAL_RATE", default_value = "80/min")]
+    pub vendor_local_rate: String,
+    /// The vendor contract for the whole account, enforced across instances in Redis.
+    #[arg(long, env = "VENDOR_CONTRACT", default_value = "500/min")]
+    pub vendor_contract: String,
+    /// Longest a call waits for a token of the contract before 429.
+    #[arg(long, env = "VENDOR_LIMITER_WAIT", default_value = "3s", value_parser = duration)]
+    pub vendor_limiter_wait: Duration,
+    /// Concurrent vendor calls per instance.
+    #[arg(long, env = "VENDOR_CONCURRENCY", default_value_t = 50)]
+    pub vendor_concurrency: usize,
+    /// Timeout of one vendor call attempt.
+    #[arg(long, env = "VENDOR_CALL_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub vendor_call_timeout: Duration,
+    /// TCP connect timeout to the vendor.
+    #[arg(long, env = "VENDOR_CONNECT_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub vendor_connect_timeout: Duration,
+    /// Attempts per call, the first included.
+    #[arg(long, env = "VENDOR_MAX_ATTEMPTS", default_value_t = 3)]
+    pub vendor_max_attempts: u32,
+    /// Backoff before retry n: uniform in [0, min(max, base * 2^(n-1))].
+    #[arg(long, env = "VENDOR_BACKOFF_BASE", default_value = "100ms", value_parser = duration)]
+    pub vendor_backoff_base: Duration,
+    #[arg(long, env = "VENDOR_BACKOFF_MAX", default_value = "2s", value_parser = duration)]
+    pub vendor_backoff_max: Duration,
+    /// Retries allowed as a share of calls (over 10 s).
+    #[arg(long, env = "VENDOR_RETRY_BUDGET", default_value_t = 0.2)]
+    pub vendor_retry_budget: f32,
+    /// Consecutive failed calls that open the circuit.
+    #[arg(long, env = "VENDOR_BREAKER_FAILURES", default_value_t = 5)]
+    pub vendor_breaker_failures: u32,
+    /// How long the circuit stays open before one probe call.
+    #[arg(long, env = "VENDOR_BREAKER_COOLDOWN", default_value = "10s", value_parser = duration)]
+    pub vendor_breaker_cooldown: Duration,
+    /// Instances sharing the contract: while Redis is unreachable each takes contract/this.
+    #[arg(long, env = "VENDOR_EXPECTED_INSTANCES", default_value_t = 3)]
+    pub vendor_expected_instances: u32,
     /// Log level (RUST_LOG overrides).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -125,6 +173,34 @@ impl Settings {
             pool_size: self.db_pool_size,
             acquire_timeout: self.db_acquire_timeout,
         }
+    }
+
+    /// The vendor pipeline's settings, parsed.
+    pub fn vendor(&self) -> Result<crate::vendor::VendorSettings, String> {
+        let quota = |name: &str, v: &str| {
+            v.parse::<crate::ratelimit::Quota>()
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        if !(0.0..=1.0).contains(&self.vendor_retry_budget) {
+            return Err("VENDOR_RETRY_BUDGET: must be between 0 and 1".into());
+        }
+        Ok(crate::vendor::VendorSettings {
+            url: self.vendor_url.clone(),
+            queue_timeout: self.vendor_queue_timeout,
+            local_rate: quota("VENDOR_LOCAL_RATE", &self.vendor_local_rate)?,
+            contract: quota("VENDOR_CONTRACT", &self.vendor_contract)?,
+            limiter_wait: self.vendor_limiter_wait,
+            concurrency: self.vendor_concurrency.max(1),
+            call_timeout: self.vendor_call_timeout,
+            connect_timeout: self.vendor_connect_timeout,
+            max_attempts: self.vendor_max_attempts.max(1),
+            backoff_base: self.vendor_backoff_base,
+            backoff_max: self.vendor_backoff_max,
+            retry_budget: self.vendor_retry_budget,
+            breaker_failures: self.vendor_breaker_failures,
+            breaker_cooldown: self.vendor_breaker_cooldown,
+            expected_instances: self.vendor_expected_instances.max(1),
+        })
     }
 
     /// Settings with every default, for tests.

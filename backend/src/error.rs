@@ -44,6 +44,25 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unauthorized(String),
+    #[error("{}", vendor_message(.0))]
+    Vendor(crate::vendor::VendorError),
+}
+
+fn vendor_message(e: &crate::vendor::VendorError) -> String {
+    use crate::vendor::VendorError::*;
+    match e {
+        CircuitOpen { .. } => "the vendor is failing; calls are paused (circuit open)".into(),
+        QueueTimeout { stage } => format!("timed out waiting for a vendor slot ({stage})"),
+        Quota { .. } => "the vendor quota is used up; retry later".into(),
+        Timeout => "the vendor did not answer in time".into(),
+        Upstream { detail } => format!("vendor error: {detail}"),
+    }
+}
+
+impl From<crate::vendor::VendorError> for ApiError {
+    fn from(e: crate::vendor::VendorError) -> Self {
+        ApiError::Vendor(e)
+    }
 }
 
 impl ApiError {
@@ -61,6 +80,15 @@ impl ApiError {
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Vendor(v) => {
+                use crate::vendor::VendorError::*;
+                match v {
+                    CircuitOpen { .. } | QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                    Quota { .. } => StatusCode::TOO_MANY_REQUESTS,
+                    Timeout => StatusCode::GATEWAY_TIMEOUT,
+                    Upstream { .. } => StatusCode::BAD_GATEWAY,
+                }
+            }
         }
     }
 
@@ -70,6 +98,16 @@ impl ApiError {
                 Some(1)
             }
             ApiError::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            ApiError::Vendor(v) => {
+                use crate::vendor::VendorError::*;
+                match v {
+                    CircuitOpen { retry_after } | Quota { retry_after } => {
+                        Some((retry_after.as_millis().div_ceil(1000) as u64).max(1))
+                    }
+                    QueueTimeout { .. } => Some(1),
+                    _ => None,
+                }
+            }
             _ => None,
         }
     }
@@ -89,6 +127,9 @@ impl ApiError {
         }
         if let ApiError::TooManyRequests { limit, .. } = &self {
             body["limit"] = serde_json::Value::from(limit.as_str());
+        }
+        if let ApiError::Vendor(v) = &self {
+            body["stage"] = serde_json::Value::from(v.stage());
         }
         let mut resp = json_response(status, &body);
         if let ApiError::TooManyRequests { headers, .. } = &self {

@@ -9,6 +9,7 @@
 //! - [`ratelimit`]: per-user and per-endpoint limits, shared through Redis (one atomic Lua
 //!   script) with an in-process fallback.
 //! - [`readiness`]: what `/ready` reports, with dependencies checked in the background.
+//! - [`vendor`]: the guarded vendor call behind `POST /llm`.
 //! - [`db`]: PostgreSQL or embedded SQLite through sqlx, with migrations.
 //! - [`error`]: the API's errors and their one JSON shape.
 //! - [`metrics`]: every Prometheus metric.
@@ -23,3 +24,4 @@ pub mod ratelimit;
 pub mod readiness;
 pub mod routes;
 pub mod startup;
+pub mod vendor;

@@ -21,6 +21,18 @@ pub struct Metrics {
     /// 1 while Redis is unreachable and limits fall back to this instance.
     pub ratelimit_degraded: IntGauge,
     pub ratelimit_redis_errors: prometheus::IntCounter,
+    /// Vendor pipeline: calls per stage and result (admitted, rejected, ok).
+    pub vendor_stage: IntCounterVec,
+    /// Calls waiting for admission (stages 1-4), and calls in flight to the vendor.
+    pub vendor_waiting: IntGauge,
+    pub vendor_inflight: IntGauge,
+    pub vendor_retries: prometheus::IntCounter,
+    pub vendor_budget_exhausted: prometheus::IntCounter,
+    /// 0 closed, 1 open, 2 half-open.
+    pub vendor_circuit: IntGauge,
+    /// 1 while the vendor limiter uses this instance's share because Redis is unreachable.
+    pub vendor_limiter_degraded: IntGauge,
+    pub vendor_latency: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -81,8 +93,59 @@ impl Metrics {
             "Redis rate-limit calls that failed or timed out.",
         )
         .expect("valid metric");
+        let vendor_stage = IntCounterVec::new(
+            Opts::new(
+                "backend_vendor_stage_total",
+                "Vendor calls by pipeline stage (circuit, local_limiter, global_limiter, semaphore, call) and result.",
+            ),
+            &["stage", "result"],
+        )
+        .expect("valid metric");
+        let vendor_waiting = IntGauge::new(
+            "backend_vendor_waiting",
+            "Vendor calls waiting for admission.",
+        )
+        .expect("valid metric");
+        let vendor_inflight = IntGauge::new("backend_vendor_inflight", "Vendor calls in flight.")
+            .expect("valid metric");
+        let vendor_retries =
+            prometheus::IntCounter::new("backend_vendor_retries_total", "Vendor call retries.")
+                .expect("valid metric");
+        let vendor_budget_exhausted = prometheus::IntCounter::new(
+            "backend_vendor_retry_budget_exhausted_total",
+            "Retries refused because the retry budget was used up.",
+        )
+        .expect("valid metric");
+        let vendor_circuit = IntGauge::new(
+            "backend_vendor_circuit_state",
+            "Vendor circuit breaker: 0 closed, 1 open, 2 half-open.",
+        )
+        .expect("valid metric");
+        let vendor_limiter_degraded = IntGauge::new(
+            "backend_vendor_limiter_degraded",
+            "1 while the vendor limiter uses this instance's share (Redis unreachable).",
+        )
+        .expect("valid metric");
+        let vendor_latency = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "backend_vendor_latency_seconds",
+                "Vendor call latency per attempt.",
+            )
+            .buckets(vec![
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(ratelimit.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(vendor_stage.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(vendor_waiting.clone()),
+            Box::new(vendor_inflight.clone()),
+            Box::new(vendor_retries.clone()),
+            Box::new(vendor_budget_exhausted.clone()),
+            Box::new(vendor_circuit.clone()),
+            Box::new(vendor_limiter_degraded.clone()),
+            Box::new(vendor_latency.clone()),
+            Box::new(ratelimit.clone()),
             Box::new(ratelimit_degraded.clone()),
             Box::new(ratelimit_redis_errors.clone()),
             Box::new(requests.clone()),
@@ -103,6 +166,14 @@ impl Metrics {
             ratelimit,
             ratelimit_degraded,
             ratelimit_redis_errors,
+            vendor_stage,
+            vendor_waiting,
+            vendor_inflight,
+            vendor_retries,
+            vendor_budget_exhausted,
+            vendor_circuit,
+            vendor_limiter_degraded,
+            vendor_latency,
         }
     }
 

@@ -36,6 +36,8 @@ pub struct App {
     pub policy: Policy,
     /// Where the per-user counters live (Redis, or this process).
     pub limiter: Limiter,
+    /// The guarded vendor call.
+    pub vendor: crate::vendor::Vendor,
 }
 
 /// A bound, not yet serving, instance.
@@ -88,26 +90,35 @@ impl Server {
         )
         .map_err(StartError::Config)?;
         let metrics = Arc::new(Metrics::new());
-        let shared = match settings.redis_url.as_deref().filter(|u| !u.is_empty()) {
-            Some(url) => Some(
-                ratelimit::redis::RedisStore::new(
+        let redis_store = || -> Result<Option<ratelimit::redis::RedisStore>, StartError> {
+            match settings.redis_url.as_deref().filter(|u| !u.is_empty()) {
+                Some(url) => ratelimit::redis::RedisStore::new(
                     url,
                     &settings.instance_id(),
                     settings.redis_timeout,
                 )
-                .map_err(|e| StartError::Config(format!("REDIS_URL: {e}")))?,
-            ),
-            None => {
-                log::info!("REDIS_URL unset: per-user limits are kept per instance");
-                None
+                .map(Some)
+                .map_err(|e| StartError::Config(format!("REDIS_URL: {e}"))),
+                None => Ok(None),
             }
         };
-        let limiter = Limiter::new(shared, settings.redis_timeout, metrics.clone());
+        if settings.redis_url.as_deref().is_none_or(str::is_empty) {
+            log::info!("REDIS_URL unset: per-user and vendor limits are kept per instance");
+        }
+        let limiter = Limiter::new(redis_store()?, settings.redis_timeout, metrics.clone());
+        let vendor = crate::vendor::Vendor::new(
+            settings.vendor().map_err(StartError::Config)?,
+            Limiter::new(redis_store()?, settings.redis_timeout, metrics.clone()),
+            metrics.clone(),
+            &settings.instance_id(),
+        )
+        .map_err(StartError::Config)?;
         let app = Arc::new(App {
             served_by: routes::served_by(&settings.instance_id()),
             callers: Callers::new(settings.api_key_cache_ttl),
             policy,
             limiter,
+            vendor,
             settings,
             db,
             admission,

@@ -9,6 +9,12 @@ use super::{Check, Outcome, Usage};
 
 const SHARDS: usize = 16;
 
+fn shard_of(key: &str) -> usize {
+    key.bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+        % SHARDS
+}
+
 /// Admission times per key.
 pub struct LocalStore {
     shards: [Mutex<HashMap<String, VecDeque<Instant>>>; SHARDS],
@@ -23,13 +29,24 @@ impl Default for LocalStore {
 }
 
 impl LocalStore {
+    /// Note admissions decided elsewhere (by Redis), pruning what left the window.
+    pub fn record(&self, checks: &[Check], now: Instant) {
+        for c in checks {
+            let shard = shard_of(&c.key);
+            let mut map = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
+            let log = map.entry(c.key.clone()).or_default();
+            while log
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= c.quota.window)
+            {
+                log.pop_front();
+            }
+            log.push_back(now);
+        }
+    }
+
     /// All checks under one lock order (by shard index), so a multi-limit decision is atomic.
     pub fn check(&self, checks: &[Check], now: Instant) -> Outcome {
-        let shard_of = |key: &str| {
-            key.bytes()
-                .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
-                % SHARDS
-        };
         let mut order: Vec<usize> = checks.iter().map(|c| shard_of(&c.key)).collect();
         order.sort_unstable();
         order.dedup();

@@ -247,6 +247,14 @@ impl Limiter {
 
     /// Check `checks` and count the request against all of them if it passes all of them.
     pub async fn check(&self, checks: &[Check]) -> Outcome {
+        self.check_or(checks, checks).await
+    }
+
+    /// Like [`Self::check`], with `fallback` used instead while Redis is unreachable (a
+    /// tighter per-instance share of a global contract). Admissions made through Redis are
+    /// mirrored in the local log under the fallback keys, so a fallback starting mid-window
+    /// knows what this instance already used.
+    pub async fn check_or(&self, checks: &[Check], fallback: &[Check]) -> Outcome {
         if checks.is_empty() {
             return Outcome {
                 admitted: true,
@@ -261,6 +269,9 @@ impl Limiter {
                         if self.degraded.swap(false, Ordering::AcqRel) {
                             log::info!("Redis reachable again: rate limits are shared again");
                             self.metrics.ratelimit_degraded.set(0);
+                        }
+                        if outcome.admitted {
+                            self.local.record(fallback, Instant::now());
                         }
                         return outcome;
                     }
@@ -284,7 +295,7 @@ impl Limiter {
                 }
             }
         }
-        self.local.check(checks, Instant::now())
+        self.local.check(fallback, Instant::now())
     }
 
     /// Check limits that are per instance by design (anonymous callers).

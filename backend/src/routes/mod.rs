@@ -2,6 +2,7 @@
 //! (admission control, `X-Served-By`, metrics, the error-rate window).
 
 pub mod items;
+pub mod llm;
 pub mod probes;
 
 use std::sync::Arc;
@@ -253,9 +254,10 @@ async fn dispatch(app: &App, route: Route, req: Request<Incoming>) -> Result<Res
         }
         Route::GetItem(id) => items::get(app, id).await,
         Route::DeleteItem(id) => items::delete(app, id).await,
-        Route::Llm => Err(ApiError::NotFound(
-            "the vendor pipeline is not configured".into(),
-        )),
+        Route::Llm => {
+            let body = json_body(app, req).await?;
+            llm::complete(app, body).await
+        }
         Route::WrongMethod(_) => Err(ApiError::MethodNotAllowed),
         Route::NotFound => Err(ApiError::NotFound(format!(
             "no route for {} {}",

@@ -93,3 +93,63 @@ pub async fn wait_for_status(url: &str, status: u16, within: Duration) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The `mock-vendor` binary on a free port, with the given flags; killed on drop.
+pub struct MockVendor {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl MockVendor {
+    pub async fn start(flags: &[&str]) -> MockVendor {
+        let port = free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mock-vendor"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(flags)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mock-vendor runs");
+        let v = MockVendor { port, child };
+        wait_for_status(
+            &format!("http://127.0.0.1:{port}/health"),
+            200,
+            Duration::from_secs(10),
+        )
+        .await;
+        v
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/complete", self.port)
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        reqwest::get(format!("http://127.0.0.1:{}/stats", self.port))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for MockVendor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Prometheus sample from `/metrics` text, 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}

@@ -1,7 +1,7 @@
 //! A circuit breaker: after `failures` consecutive failed calls it opens for `cooldown` and
 //! calls fail fast; then one probe call is let through, and its result closes or re-opens it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 const CLOSED: u8 = 0;
@@ -15,6 +15,8 @@ pub struct Breaker {
     consecutive_failures: AtomicU32,
     /// When it opened, in ms since `epoch`.
     opened_at_ms: AtomicU64,
+    /// An abandoned probe hands its turn to the next caller, cool-down or not.
+    probe_due: AtomicBool,
     epoch: Instant,
 }
 
@@ -33,6 +35,7 @@ impl Breaker {
             state: AtomicU8::new(CLOSED),
             consecutive_failures: AtomicU32::new(0),
             opened_at_ms: AtomicU64::new(0),
+            probe_due: AtomicBool::new(false),
             epoch: Instant::now(),
         }
     }
@@ -51,12 +54,14 @@ impl Breaker {
                     .now_ms()
                     .saturating_sub(self.opened_at_ms.load(Ordering::Acquire));
                 let cooldown = self.cooldown.as_millis() as u64;
-                if since >= cooldown
+                let due = since >= cooldown || self.probe_due.load(Ordering::Acquire);
+                if due
                     && self
                         .state
                         .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
                 {
+                    self.probe_due.store(false, Ordering::Release);
                     log::info!("vendor circuit half-open: probing");
                     return Ok(true);
                 }

@@ -87,10 +87,7 @@ impl Breaker {
 
     /// A probe ended without a verdict: open again, with the next probe allowed at once.
     pub fn abandon_probe(&self) {
-        let back_dated = self
-            .now_ms()
-            .saturating_sub(self.cooldown.as_millis() as u64);
-        self.opened_at_ms.store(back_dated, Ordering::Release);
+        self.probe_due.store(true, Ordering::Release);
         let _ = self
             .state
             .compare_exchange(HALF_OPEN, OPEN, Ordering::AcqRel, Ordering::Acquire);

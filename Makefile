@@ -4,27 +4,39 @@
 CARGO ?= cargo
 CONFIG ?= config/gateway.yaml
 
-.PHONY: deps deps-bench build release test run demo fmt lint ci loadtest clean
+.PHONY: deps deps-bench build test unit-test demo-check check-deploy run demo migrate fmt lint ci loadtest loadtest-smoke clean
 
 deps:
 	@scripts/deps.sh
 
-deps-bench:
+deps-bench: deps
 	@scripts/deps.sh bench
 
 build: deps
 	$(CARGO) build --release --bins
 
-release: build
+# Every test: unit and black-box tests (real PostgreSQL, Redis, upstreams, signals), a scripted
+# run of the demo, the deployment checks, and a smoke run of the load tests.
+test: unit-test demo-check check-deploy loadtest-smoke
 
-test: deps
+unit-test: deps
 	$(CARGO) test --workspace --all-targets
 
-run: build
-	scripts/demo.sh
+demo-check: deps
+	$(CARGO) build --bins
+	BIN=target/debug scripts/demo-check.sh
+
+check-deploy: deps
+	$(CARGO) build --bins
+	BIN=target/debug scripts/check-deploy.sh
+
+run: demo
 
 demo: build
 	scripts/demo.sh
+
+migrate: deps
+	$(CARGO) run --release --bin backend -- migrate
 
 fmt:
 	$(CARGO) fmt --all
@@ -35,6 +47,16 @@ lint: deps
 
 ci:
 	.ci/run
+
+# The full comparison with nginx and HAProxy (minutes); writes loadtest/results/<date>/.
+loadtest: deps-bench
+	$(CARGO) build --release --bins --examples
+	loadtest/run.sh
+
+# A few seconds a scenario, debug binaries: keeps the runner and the report from rotting.
+loadtest-smoke: deps-bench
+	$(CARGO) build --bins --examples
+	SMOKE=1 BIN=target/debug loadtest/run.sh
 
 clean:
 	$(CARGO) clean

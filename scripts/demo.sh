@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# `make demo`: three backend instances (8001-8003) and the gateway on :8000, in the
-# foreground. Ctrl-C stops every process this script started.
+# `make demo`: three backend instances (8001-8003), the mock vendor (9000) and the gateway on
+# :8000, in the foreground. Ctrl-C stops every process this script started.
 #   DATABASE_URL  use PostgreSQL instead of the embedded SQLite file under data/
-#   REDIS_URL     share per-user limits through Redis (see README)
+#   REDIS_URL     share per-user and vendor limits through this Redis; when unset and
+#                 redis-server is installed, a private one is started on :6390
 #   DEMO_SECONDS  stop by itself after this many seconds (scripted runs)
+#   BIN           where the binaries are (default target/release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
+CONFIG=${CONFIG:-config/gateway.yaml}
 mkdir -p data/logs
 pids=()
 cleanup() {
@@ -14,39 +17,79 @@ cleanup() {
   echo; echo "stopping ${#pids[@]} processes..."
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -f data/gateway.pid
   echo "stopped."
 }
 trap cleanup INT TERM EXIT
 
-if [ -n "${DATABASE_URL:-}" ]; then echo "storage: PostgreSQL ($DATABASE_URL)"; else echo "storage: embedded SQLite (data/floodgate.db)"; fi
+wait_http() { # url
+  for _ in $(seq 1 150); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "not answering: $1 (see data/logs/)" >&2; return 1
+}
+
+if [ -n "${DATABASE_URL:-}" ]; then storage="PostgreSQL ($DATABASE_URL)"; else storage="embedded SQLite (data/floodgate.db)"; fi
+if [ -z "${REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1; then
+  mkdir -p data/redis
+  redis-server --port 6390 --bind 127.0.0.1 --save "" --appendonly no --dir data/redis \
+    > data/logs/redis.log 2>&1 &
+  pids+=($!)
+  export REDIS_URL=redis://127.0.0.1:6390/
+  limits="shared through a private Redis ($REDIS_URL)"
+elif [ -n "${REDIS_URL:-}" ]; then
+  limits="shared through Redis ($REDIS_URL)"
+else
+  limits="per instance (no Redis: install redis-server or set REDIS_URL to share them)"
+fi
+echo "storage: $storage"
+echo "per-user limits: $limits"
+
+"$BIN/mock-vendor" --listen 127.0.0.1:9000 --limit 500 --window 60s --latency 200ms \
+  > data/logs/mock-vendor.log 2>&1 &
+pids+=($!)
 "$BIN/backend" seed > data/logs/seed.txt
 for i in 1 2 3; do
-  PORT=800$i INSTANCE_ID=backend-$i "$BIN/backend" > "data/logs/backend-$i.log" 2>&1 &
+  PORT=800$i INSTANCE_ID=backend-$i VENDOR_URL=http://127.0.0.1:9000/v1/complete \
+    "$BIN/backend" > "data/logs/backend-$i.log" 2>&1 &
   pids+=($!)
 done
-"$BIN/gateway" -c "${CONFIG:-config/gateway.yaml}" > data/logs/gateway.log 2>&1 &
-pids+=($!)
+"$BIN/gateway" -c "$CONFIG" --upgrade-sock "$PWD/data/gateway-upgrade.sock" > data/logs/gateway.log 2>&1 &
+gateway_pid=$!
+pids+=($gateway_pid)
+echo "$gateway_pid" > data/gateway.pid
 
-for _ in $(seq 1 100); do
-  curl -fsS -o /dev/null http://127.0.0.1:8000/items 2>/dev/null && break
-  sleep 0.1
-done
+wait_http http://127.0.0.1:9000/health
+for i in 1 2 3; do wait_http "http://127.0.0.1:800$i/ready"; done
+wait_http http://127.0.0.1:8000/items
 
 cat <<MSG
 
 Floodgate is running.
-  gateway        http://localhost:8000        (config: ${CONFIG:-config/gateway.yaml})
+  gateway        http://localhost:8000        (config: $CONFIG)
   gateway stats  http://localhost:9100/metrics
   backends       http://localhost:8001 .. 8003 (each has /health, /ready, /metrics)
+  mock vendor    http://localhost:9000/stats  (contract 500 calls/min)
   logs           data/logs/
 
 Demo API keys:
 $(sed 's/^/  /' data/logs/seed.txt)
 
 Try:
+  # round robin, visible in X-Served-By
   for i in 1 2 3 4 5 6; do curl -s -D- -o /dev/null localhost:8000/items | grep -i x-served-by; done
+  # the seed's payload
   curl -s -XPOST -H 'Content-Type: application/json' -d '{"name":"x","description":"y"}' localhost:8000/items
-  curl -s localhost:9100/metrics | grep gateway_requests_total
+  # a per-IP 429 from the gateway (/llm allows 20/min, burst 5, per client IP; 127.0.0.1 is exempt)
+  for i in \$(seq 1 8); do curl -s -o /dev/null -w '%{http_code} ' --interface 127.0.0.2 -XPOST localhost:8000/llm; done; echo
+  # a per-user 429 from the backends (free tier: 10/min)
+  for i in \$(seq 1 12); do curl -s -o /dev/null -w '%{http_code} ' -H 'X-API-Key: fg_demo_free_key' localhost:8000/items; done; echo
+  # a vendor call through the guarded pipeline
+  curl -s -XPOST -H 'X-API-Key: fg_demo_pro_key' -H 'Content-Type: application/json' -d '{"prompt":"hello"}' localhost:8000/llm
+  # metrics
+  curl -s localhost:9100/metrics | grep -E 'gateway_(requests|rejections)_total'
+  curl -s localhost:8001/metrics | grep backend_vendor_stage_total
+  # reload the gateway config in place (edit $CONFIG first)
+  kill -HUP \$(cat data/gateway.pid)
+  # the seed's load tests
   wrk -t10 -c100 -d10s http://localhost:8000/items
   hey -n 1000 -c 100 -m POST -H "Content-Type: application/json" -d '{"name":"x","description":"y"}' http://localhost:8000/items
 
@@ -54,7 +97,10 @@ Ctrl-C stops everything.
 MSG
 
 if [ -n "${DEMO_SECONDS:-}" ]; then
-  sleep "$DEMO_SECONDS"
+  # In the background so a signal to this script runs the cleanup at once.
+  sleep "$DEMO_SECONDS" &
+  pids+=($!)
+  wait "$!" || true
 else
   wait -n "${pids[@]}" || true
   echo "a process exited; see data/logs/"

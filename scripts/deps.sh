@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages Floodgate needs, when they are missing.
-#   scripts/deps.sh          build + test needs: cmake (pingora), redis-server, postgresql
-#   scripts/deps.sh bench    plus the load-test tools: nginx, wrk, hey
+#   scripts/deps.sh          build + test needs: cmake (pingora), redis-server, postgresql,
+#                            wrk + hey + curl (the scripted demo), docker-compose (compose check)
+#   scripts/deps.sh bench    plus what the load tests compare against: nginx, haproxy
 set -euo pipefail
 
 need=()
@@ -9,12 +10,19 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have cmake || need+=(cmake)
 have redis-server || need+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+have wrk || need+=(wrk)
+have hey || need+=(hey)
+have curl || need+=(curl)
+have docker-compose || need+=(docker-compose)
 if [ "${1:-}" = bench ]; then
   have nginx || [ -x /usr/sbin/nginx ] || need+=(nginx)
-  have wrk || need+=(wrk)
-  have hey || need+=(hey)
+  have haproxy || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+  python3 -c "import matplotlib" 2>/dev/null || pip_need=1
 fi
 
+if [ "${pip_need:-0}" = 1 ]; then
+  python3 -m pip install -q matplotlib || echo "matplotlib unavailable: the report will have no charts" >&2
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -29,6 +37,6 @@ apt-get install -y --no-install-recommends "${need[@]}" >/dev/null 2>&1 || {
   apt-get install -y --no-install-recommends "${need[@]}"
 }
 # Debian starts the packaged services; our tests and demo start their own on free ports.
-for svc in redis-server postgresql nginx; do
+for svc in redis-server postgresql nginx haproxy; do
   if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
 done

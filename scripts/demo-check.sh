@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# A scripted, bounded run of the demo, as a new user would try it: starts `scripts/demo.sh`,
+# checks each feature it advertises, runs a scaled-down wrk and hey, then sends Ctrl-C
+# (SIGINT) and verifies that nothing it started is left running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export BIN=${BIN:-target/debug}
+rm -rf data
+fail() { echo "demo-check FAILED: $*" >&2; tail -n 20 data/logs/*.log >&2 || true; exit 1; }
+
+# Job control on: a background job started without it ignores SIGINT (so Ctrl-C could not
+# be tested); with it, the demo runs in its own process group, like in a terminal.
+set -m
+DEMO_SECONDS=600 scripts/demo.sh > /tmp/floodgate-demo.out 2>&1 &
+demo=$!
+set +m
+for _ in $(seq 1 300); do grep -q "Ctrl-C stops everything" /tmp/floodgate-demo.out && break; sleep 0.2; done
+grep -q "Ctrl-C stops everything" /tmp/floodgate-demo.out || { cat /tmp/floodgate-demo.out; fail "demo did not start"; }
+
+code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+[ "$(code localhost:8000/items)" = 200 ] || fail "GET /items"
+[ "$(code -XPOST -H 'Content-Type: application/json' -d '{"name":"x","description":"y"}' localhost:8000/items)" = 201 ] || fail "POST /items"
+served=$(for i in $(seq 1 9); do curl -s -D- -o /dev/null localhost:8000/items | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}'; done | sort -u | wc -l)
+[ "$served" = 3 ] || fail "round robin over 3 backends, saw $served"
+llm=$(curl -s -XPOST -H 'X-API-Key: fg_demo_pro_key' -H 'Content-Type: application/json' -d '{"prompt":"hello"}' localhost:8000/llm)
+echo "$llm" | grep -q completion || fail "/llm: $llm"
+per_ip=$(for i in $(seq 1 8); do code --interface 127.0.0.2 -XPOST localhost:8000/llm; echo; done | grep -c 429 || true)
+[ "$per_ip" -ge 1 ] || fail "no per-IP 429"
+per_user=$(for i in $(seq 1 12); do code -H 'X-API-Key: fg_demo_free_key' localhost:8000/items; echo; done | grep -c 429 || true)
+[ "$per_user" -ge 1 ] || fail "no per-user 429"
+curl -s localhost:9100/metrics | grep -q 'gateway_rejections_total{reason="rate_limit_ip"}' || fail "gateway metrics"
+curl -s localhost:8001/metrics | grep -q backend_requests_total || fail "backend metrics"
+kill -HUP "$(cat data/gateway.pid)"; sleep 0.5
+curl -s localhost:9100/metrics | grep -q 'gateway_config_reloads_total{result="success"} 1' || fail "reload"
+
+wrk_out=$(wrk -t2 -c20 -d2s http://localhost:8000/items)
+echo "$wrk_out" | grep -q "Socket errors" && fail "wrk socket errors: $wrk_out"
+echo "$wrk_out" | grep -q "Non-2xx" && fail "wrk non-2xx: $wrk_out"
+hey_out=$(hey -n 200 -c 20 -m POST -H "Content-Type: application/json" -d '{"name":"x","description":"y"}' http://localhost:8000/items)
+echo "$hey_out" | grep -q "\[201\].*200 responses" || fail "hey: $hey_out"
+
+kill -INT "$demo"
+wait "$demo" || true
+sleep 0.5
+left=$(pgrep -f "$BIN/(backend|gateway|mock-vendor)|redis-server --port 6390" || true)
+[ -z "$left" ] || fail "processes left behind: $left"
+echo "demo-check: OK (round robin over 3, /llm, per-IP and per-user 429, metrics, reload, wrk and hey clean, nothing left running)"

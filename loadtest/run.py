@@ -1,0 +1,510 @@
+#!/usr/bin/env python3
+"""Floodgate's load tests, side by side with nginx and HAProxy (`make loadtest`).
+
+Starts everything natively on loopback (a trivial upstream, a private PostgreSQL, three
+backends, and each proxy with equivalent configs from loadtest/nginx and loadtest/haproxy),
+runs the scenarios in interleaved rounds (Floodgate, nginx, HAProxy, Floodgate, ...), and
+writes loadtest/results/<date>/report.md with PNG charts: medians, ratios against nginx and
+HAProxy measured in the same run, CPU seconds per 10,000 requests and peak memory.
+
+Environment: ROUNDS (3), DURATION (10s), WORKERS (1, the same for every proxy), CONNS (50),
+SCENARIOS (overhead,fixed_rate,items_get,items_post,flood), BIN (target/release),
+SMOKE=1 (one short round of each, for CI: keeps the runner from rotting; no goals judged).
+Scenarios 5 (slowloris + normal traffic) and 6 (a backend killed mid-run) are not written yet.
+"""
+
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.environ.get("SMOKE") == "1"
+BIN = os.path.join(ROOT, os.environ.get("BIN", "target/release"))
+ROUNDS = 1 if SMOKE else int(os.environ.get("ROUNDS", "3"))
+DURATION = "1s" if SMOKE else os.environ.get("DURATION", "10s")
+WORKERS = int(os.environ.get("WORKERS", "1"))
+CONNS = int(os.environ.get("CONNS", "50"))
+SCENARIOS = os.environ.get("SCENARIOS", "overhead,fixed_rate,items_get,items_post,flood").split(",")
+PROXIES = ["floodgate", "nginx", "haproxy"]
+TMP = tempfile.mkdtemp(prefix="floodgate-loadtest-")
+RESULTS = os.path.join(ROOT, "loadtest", "results",
+                       ("smoke-" if SMOKE else "") + datetime.date.today().isoformat())
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROCS = []
+
+# Ports (loopback only).
+UP, GW, NG, HA, PG = 18101, 18000, 18080, 18090, 18432
+BACKENDS = [18401, 18402, 18403]
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def start(name, argv, env=None, cwd=None):
+    out = open(os.path.join(TMP, f"{name}.log"), "w")
+    p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                         cwd=cwd or TMP, start_new_session=True)
+    PROCS.append(p)
+    return p
+
+
+def stop_all():
+    for p in PROCS:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in PROCS:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+    PROCS.clear()
+
+
+def wait_http(url, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit(f"not answering: {url} (logs in {TMP})")
+
+
+def tree(pid):
+    """pid and its descendants (nginx workers are children of its master)."""
+    pids, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError):
+                    continue
+                if ppid == parent and int(d) not in pids:
+                    pids.add(int(d))
+                    frontier.append(int(d))
+    return pids
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+def peak_rss_mb(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                m = re.search(r"VmHWM:\s+(\d+)", f.read())
+            total += int(m.group(1)) if m else 0
+        except OSError:
+            pass
+    return total / 1024
+
+
+def ms(v):
+    if v.endswith("us"):
+        return float(v[:-2]) / 1000
+    if v.endswith("ms"):
+        return float(v[:-2])
+    if v.endswith("s"):
+        return float(v[:-1]) * 1000
+    return float(v)
+
+
+def wrk(url, conns=CONNS, duration=DURATION, script=None):
+    argv = ["wrk", "--latency", "-t2", f"-c{conns}", f"-d{duration}", url]
+    if script:
+        argv[1:1] = ["-s", script]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    r = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+         "requests": int(re.search(r"(\d+) requests in", out).group(1))}
+    for p in ("50", "90", "99"):
+        r[f"p{p}"] = ms(re.search(rf"^\s+{p}%\s+(\S+)", out, re.M).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    r["non2xx"] = int(bad.group(1)) if bad else 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    r["errors"] = sum(int(x) for x in sock.groups()) if sock else 0
+    return r
+
+
+def hey_post(url, n):
+    out = subprocess.run(["hey", "-n", str(n), "-c", str(CONNS), "-m", "POST", "-H", "Content-Type: application/json",
+                          "-d", '{"name":"x","description":"y"}', url], capture_output=True, text=True, check=True).stdout
+    r = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "requests": n}
+    for p in ("50", "90", "99"):
+        m = re.search(rf"{p}%+ in ([\d.]+) secs", out)
+        r[f"p{p}"] = float(m.group(1)) * 1000 if m else 0.0
+    ok = re.search(r"\[201\]\s+(\d+) responses", out)
+    r["non2xx"] = n - (int(ok.group(1)) if ok else 0)
+    r["errors"] = 0
+    return r
+
+
+def loadgen(url, source, conns, seconds, rate=0):
+    out = subprocess.run([os.path.join(BIN, "examples", "loadgen"), url, source, str(conns), str(seconds), str(rate)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+# --- the systems under test ---------------------------------------------------------------
+
+PROTECT = dict(per_ip_rate=1_000_000, per_ip_burst=100_000, global_rate=10_000_000, global_burst=1_000_000,
+               per_ip_conn=60_000)
+
+
+def floodgate_conf(upstreams, limits):
+    backends = "".join(f'    - "{u}"\n' for u in upstreams)
+    return f"""listen: ["127.0.0.1:{GW}"]
+metrics_listen: "127.0.0.1:{GW + 1}"
+workers: {WORKERS}
+log_level: warn
+access_log: false
+upstream:
+  backends:
+{backends}  health_check: {{interval: 1s, timeout: 1s, failures: 2, successes: 1}}
+limits:
+  global: {{rate: {limits['global_rate']}r/s, burst: {limits['global_burst']}}}
+  per_ip: {{rate: {limits['per_ip_rate']}r/s, burst: {limits['per_ip_burst']}}}
+connections: {{per_ip: {limits['per_ip_conn']}, total: 100000}}
+buffers: {{max_body_bytes: 1048576}}
+slow_clients: {{header_timeout: 10s, keepalive_timeout: 60s}}
+"""
+
+
+def fill(template, values):
+    with open(os.path.join(ROOT, "loadtest", template)) as f:
+        text = f.read()
+    for k, v in values.items():
+        text = text.replace(f"__{k}__", str(v))
+    return text
+
+
+def start_proxy(name, upstreams, limits=PROTECT):
+    """Start one proxy in front of `upstreams`; returns (port, pid)."""
+    if name == "floodgate":
+        path = os.path.join(TMP, "gateway.yaml")
+        with open(path, "w") as f:
+            f.write(floodgate_conf(upstreams, limits))
+        p = start("floodgate", [os.path.join(BIN, "gateway"), "-c", path, "--upgrade-sock", os.path.join(TMP, "up.sock")])
+        port = GW
+    elif name == "nginx":
+        os.makedirs(os.path.join(TMP, "body"), exist_ok=True)
+        os.makedirs(os.path.join(TMP, "proxy"), exist_ok=True)
+        path = os.path.join(TMP, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(fill("nginx/overhead.conf.tmpl", dict(
+                WORKERS=WORKERS, TMP=TMP, PORT=NG, UPSTREAMS=" ".join(f"server {u};" for u in upstreams),
+                PER_IP_RATE=limits["per_ip_rate"], PER_IP_BURST=limits["per_ip_burst"],
+                GLOBAL_RATE=limits["global_rate"], GLOBAL_BURST=limits["global_burst"],
+                PER_IP_CONN=limits["per_ip_conn"])))
+        p = start("nginx", ["nginx", "-c", path, "-p", TMP, "-g", "daemon off;"])
+        port = NG
+    else:
+        path = os.path.join(TMP, "haproxy.cfg")
+        servers = "\n".join(f"    server s{i} {u} check inter 1s" for i, u in enumerate(upstreams))
+        with open(path, "w") as f:
+            f.write(fill("haproxy/haproxy.cfg.tmpl", dict(
+                WORKERS=WORKERS, TMP=TMP, PORT=HA, SERVERS=servers,
+                PER_IP_RATE=limits["per_ip_rate"], PER_IP_CONN=limits["per_ip_conn"])))
+        p = start("haproxy", ["haproxy", "-f", path, "-db"])
+        port = HA
+    time.sleep(1.5 if name == "floodgate" else 0.3)
+    wait_http(f"http://127.0.0.1:{port}/items")
+    return port, p.pid
+
+
+def stop_proxy(pid):
+    for p in list(PROCS):
+        if p.pid == pid:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=15)
+            PROCS.remove(p)
+
+
+def start_postgres():
+    bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+    if not os.path.exists(os.path.join(bindir, "initdb")):
+        bindir = sorted(d for d in (f"/usr/lib/postgresql/{v}/bin" for v in os.listdir("/usr/lib/postgresql")))[-1]
+    data = os.path.join(TMP, "pg")
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if os.geteuid() == 0:
+        shutil.chown(TMP, "postgres")
+        os.chmod(TMP, 0o755)
+    subprocess.run(as_pg + [f"{bindir}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run(as_pg + [f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(TMP, "pg.log"), "-w", "-o",
+                            f"-p {PG} -k {TMP} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
+                   check=True, capture_output=True)
+    return lambda: subprocess.run(as_pg + [f"{bindir}/pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
+
+
+def start_backends():
+    db = f"postgres://postgres@127.0.0.1:{PG}/postgres"
+    subprocess.run([os.path.join(BIN, "backend"), "migrate"], env={**os.environ, "DATABASE_URL": db},
+                   check=True, capture_output=True)
+    for port in BACKENDS:
+        start(f"backend-{port}", [os.path.join(BIN, "backend")],
+              env={"PORT": str(port), "DATABASE_URL": db, "MAX_IN_FLIGHT": "500", "DB_POOL_SIZE": "20",
+                   "LOG_LEVEL": "warn", "DATA_DIR": TMP})
+    for port in BACKENDS:
+        wait_http(f"http://127.0.0.1:{port}/ready")
+    for i in range(50):
+        req = urllib.request.Request(f"http://127.0.0.1:{BACKENDS[0]}/items", method="POST",
+                                     data=json.dumps({"name": f"item {i}", "description": "seed"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req).read()
+
+
+# --- scenarios ------------------------------------------------------------------------------
+
+def interleaved(targets, measure, label):
+    """targets: name -> (url, pid or None). Runs ROUNDS interleaved rounds; medians."""
+    samples = {t: [] for t in targets}
+    for r in range(ROUNDS):
+        for t, (url, pid) in targets.items():
+            cpu0 = cpu_seconds(pid) if pid else 0
+            m = measure(url)
+            m["cpu_per_10k"] = (cpu_seconds(pid) - cpu0) / max(m["requests"], 1) * 10_000 if pid else 0
+            samples[t].append(m)
+            log(f"  {label} round {r + 1} {t}: {m['rps']:.0f} req/s p50 {m['p50']:.2f} ms p99 {m['p99']:.2f} ms"
+                f" non-2xx {m['non2xx']} errors {m['errors']}")
+    out = {}
+    for t, ss in samples.items():
+        out[t] = {k: statistics.median(s[k] for s in ss) for k in ("rps", "p50", "p90", "p99", "cpu_per_10k")}
+        out[t]["non2xx"] = sum(s["non2xx"] for s in ss)
+        out[t]["errors"] = sum(s["errors"] for s in ss)
+        pid = targets[t][1]
+        out[t]["peak_mb"] = peak_rss_mb(pid) if pid else 0
+    return out
+
+
+def with_all_proxies(upstreams, measure, label, direct=None, limits=PROTECT):
+    """Start the three proxies side by side and measure them interleaved."""
+    targets = {}
+    if direct:
+        targets["direct"] = (direct, None)
+    for name in PROXIES:
+        port, pid = start_proxy(name, upstreams, limits)
+        targets[name] = (f"http://127.0.0.1:{port}/items", pid)
+    result = interleaved(targets, measure, label)
+    for name in PROXIES:
+        stop_proxy(targets[name][1])
+    return result
+
+
+def scenario_flood(upstreams):
+    """One client IP floods at 10x+ its limit; three others send normal traffic."""
+    limits = dict(PROTECT, per_ip_rate=100, per_ip_burst=50, per_ip_conn=1000)
+    secs = 2 if SMOKE else 10
+    out = {}
+    for name in PROXIES:
+        port, pid = start_proxy(name, upstreams, limits)
+        url = f"http://127.0.0.1:{port}/items"
+        runs = {}
+        for flood in (False, True):
+            flooder = None
+            if flood:
+                flooder = subprocess.Popen([os.path.join(BIN, "examples", "loadgen"), url, "127.0.0.2", "50",
+                                            str(secs + 1), "0"], stdout=subprocess.PIPE, text=True)
+                time.sleep(0.5)
+            normal = [subprocess.Popen([os.path.join(BIN, "examples", "loadgen"), url, ip, "5", str(secs), "60"],
+                                       stdout=subprocess.PIPE, text=True) for ip in ("127.0.0.3", "127.0.0.4", "127.0.0.5")]
+            results = [json.loads(p.communicate()[0]) for p in normal]
+            sent = sum(r["sent"] for r in results)
+            ok = sum(r["statuses"].get("200", 0) for r in results)
+            runs["flood" if flood else "calm"] = {"success": ok / max(sent, 1),
+                                                  "p99": max(r["p99_ms"] for r in results), "sent": sent}
+            if flooder:
+                f = json.loads(flooder.communicate()[0])
+                runs["flood"]["flood_sent"] = f["sent"]
+                runs["flood"]["flood_refused"] = sum(v for k, v in f["statuses"].items() if k != "200")
+        stop_proxy(pid)
+        out[name] = runs
+        log(f"  flood {name}: {json.dumps(runs)}")
+    return out
+
+
+def main():
+    for tool in ("wrk", "hey", "nginx", "haproxy"):
+        if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
+            raise SystemExit(f"{tool} is missing: run `make deps-bench`")
+    os.makedirs(RESULTS, exist_ok=True)
+    report = {"machine": {
+        "cores": os.cpu_count(), "kernel": platform.release(),
+        "wrk": subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()[0][:40],
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+        "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
+        "rustc": subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip(),
+    }, "settings": {"rounds": ROUNDS, "duration": DURATION, "workers": WORKERS, "conns": CONNS, "smoke": SMOKE}}
+    try:
+        start("fast_upstream", [os.path.join(BIN, "examples", "fast_upstream"), str(UP), "1"])
+        wait_http(f"http://127.0.0.1:{UP}/")
+        trivial = [f"127.0.0.1:{UP}"]
+        if "overhead" in SCENARIOS:
+            log("scenario 1: proxy overhead (trivial upstream)")
+            report["overhead"] = with_all_proxies(trivial, lambda u: wrk(u), "overhead",
+                                                  direct=f"http://127.0.0.1:{UP}/items")
+        if "fixed_rate" in SCENARIOS:
+            log("CPU at a fixed rate (5,000 req/s)")
+            secs = 2 if SMOKE else 10
+
+            def fixed(url):
+                r = loadgen(url, "127.0.0.1", 50, secs, 5000)
+                return {"rps": r["sent"] / secs, "requests": r["sent"], "p50": r["p50_ms"], "p90": r["p90_ms"],
+                        "p99": r["p99_ms"], "non2xx": r["sent"] - r["statuses"].get("200", 0), "errors": r["errors"]}
+            report["fixed_rate"] = with_all_proxies(trivial, fixed, "fixed_rate")
+        if {"items_get", "items_post"} & set(SCENARIOS):
+            stop_pg = start_postgres()
+            try:
+                start_backends()
+                backends = [f"127.0.0.1:{p}" for p in BACKENDS]
+                if "items_get" in SCENARIOS:
+                    log("scenario 2: GET /items on PostgreSQL")
+                    report["items_get"] = with_all_proxies(backends, lambda u: wrk(u), "items_get",
+                                                           direct=f"http://127.0.0.1:{BACKENDS[0]}/items")
+                if "items_post" in SCENARIOS:
+                    log("scenario 3: POST /items on PostgreSQL")
+                    n = 200 if SMOKE else 5000
+                    report["items_post"] = with_all_proxies(backends, lambda u: hey_post(u, n), "items_post",
+                                                            direct=f"http://127.0.0.1:{BACKENDS[0]}/items")
+            finally:
+                stop_all()
+                stop_pg()
+                start("fast_upstream", [os.path.join(BIN, "examples", "fast_upstream"), str(UP), "1"])
+                wait_http(f"http://127.0.0.1:{UP}/")
+        if "flood" in SCENARIOS:
+            log("scenario 4: flood from one IP, normal traffic from three others")
+            report["flood"] = scenario_flood(trivial)
+    finally:
+        stop_all()
+    write_report(report)
+    shutil.rmtree(TMP, ignore_errors=True)
+
+
+def ratio(a, b):
+    return a / b if b else float("nan")
+
+
+def write_report(r):
+    lines = [f"# Floodgate load test, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", ""]
+    m = r["machine"]
+    lines += [f"- machine: {m['cores']} cores, kernel {m['kernel']}; {m['nginx']}; {m['haproxy']}; {m['wrk']}; {m['rustc']}",
+              f"- {r['settings']['rounds']} interleaved rounds of {r['settings']['duration']}, "
+              f"{r['settings']['workers']} worker(s) per proxy, {r['settings']['conns']} connections; medians"
+              + (" (SMOKE run: not a measurement)" if SMOKE else ""), ""]
+    goals = []
+    for key, title in (("overhead", "1. Proxy overhead (trivial upstream)"), ("fixed_rate", "CPU at a fixed 5,000 req/s"),
+                       ("items_get", "2. GET /items on PostgreSQL"), ("items_post", "3. POST /items on PostgreSQL")):
+        if key not in r:
+            continue
+        res = r[key]
+        lines += [f"## {title}", "", "| target | req/s | p50 ms | p90 ms | p99 ms | CPU s / 10k req | peak MB | non-2xx | errors |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for t, v in res.items():
+            lines.append(f"| {t} | {v['rps']:.0f} | {v['p50']:.2f} | {v['p90']:.2f} | {v['p99']:.2f} | "
+                         f"{v['cpu_per_10k']:.3f} | {v['peak_mb']:.0f} | {v['non2xx']} | {v['errors']} |")
+        fg = res["floodgate"]
+        lines += ["", f"Floodgate / nginx: req/s {ratio(fg['rps'], res['nginx']['rps']):.2f}, "
+                      f"p50 {ratio(fg['p50'], res['nginx']['p50']):.2f}, p99 {ratio(fg['p99'], res['nginx']['p99']):.2f}, "
+                      f"CPU {ratio(fg['cpu_per_10k'], res['nginx']['cpu_per_10k']):.2f}. "
+                      f"Floodgate / HAProxy: req/s {ratio(fg['rps'], res['haproxy']['rps']):.2f}, "
+                      f"p50 {ratio(fg['p50'], res['haproxy']['p50']):.2f}, p99 {ratio(fg['p99'], res['haproxy']['p99']):.2f}, "
+                      f"CPU {ratio(fg['cpu_per_10k'], res['haproxy']['cpu_per_10k']):.2f}.", ""]
+        if key == "overhead":
+            best = max(res["nginx"]["rps"], res["haproxy"]["rps"])
+            p99 = min(res["nginx"]["p99"], res["haproxy"]["p99"])
+            goals.append(("Scenario 1: Floodgate >= 1.0 x the faster of nginx and HAProxy in req/s, p99 <= theirs",
+                          fg["rps"] >= best and fg["p99"] <= p99, f"{ratio(fg['rps'], best):.2f} x, p99 {fg['p99']:.2f} vs {p99:.2f} ms"))
+        if key == "fixed_rate":
+            lowest = min(res["nginx"]["cpu_per_10k"], res["haproxy"]["cpu_per_10k"])
+            goals.append(("CPU per request at a fixed rate: Floodgate lowest", fg["cpu_per_10k"] <= lowest,
+                          f"{fg['cpu_per_10k'] * 10:.3f} vs {lowest * 10:.3f} CPU s / 100k"))
+    if "flood" in r:
+        lines += ["## 4. Flood: one IP far over its limit (100 r/s), three others at 60 r/s each", "",
+                  "| proxy | others' success, calm | others' success, flood | others' p99 calm ms | others' p99 flood ms | flood requests | flood refused |",
+                  "|---|---|---|---|---|---|---|"]
+        for t, v in r["flood"].items():
+            c, f = v["calm"], v["flood"]
+            lines.append(f"| {t} | {c['success']:.4f} | {f['success']:.4f} | {c['p99']:.2f} | {f['p99']:.2f} | "
+                         f"{f.get('flood_sent', 0)} | {f.get('flood_refused', 0)} |")
+        fv = r["flood"]["floodgate"]
+        goals.append(("Scenario 4: others keep >= 99% success and p99 within 10% of the calm run",
+                      fv["flood"]["success"] >= 0.99 and fv["flood"]["p99"] <= fv["calm"]["p99"] * 1.10,
+                      f"success {fv['flood']['success']:.4f}, p99 {fv['flood']['p99']:.2f} vs {fv['calm']['p99']:.2f} ms"))
+        lines.append("")
+    lines += ["## Goals", ""]
+    for name, ok, detail in goals:
+        lines.append(f"- {'PASS' if ok else 'FAIL'}{' (smoke run, not judged)' if SMOKE else ''}: {name} ({detail})")
+    lines += ["- not measured yet: scenario 5 (slowloris with normal traffic), scenario 6 (a backend killed mid-run)", ""]
+    charts = make_charts(r)
+    lines += [f"![{c}]({c})" for c in charts]
+    with open(os.path.join(RESULTS, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(RESULTS, "results.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    log(f"report: {os.path.join(RESULTS, 'report.md')}")
+    print("\n".join(lines))
+
+
+def make_charts(r):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no charts (pip install matplotlib)")
+        return []
+    keys = [k for k in ("overhead", "items_get", "items_post") if k in r]
+    if not keys:
+        return []
+    targets = ["direct", "floodgate", "nginx", "haproxy"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.2
+    for i, t in enumerate(targets):
+        ax.bar([k + i * width for k in range(len(keys))], [r[k].get(t, {}).get("rps", 0) for k in keys], width, label=t)
+    ax.set_xticks([k + 1.5 * width for k in range(len(keys))], keys)
+    ax.set_ylabel("requests/s (median)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "rps.png"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for i, t in enumerate(targets[1:]):
+            v = r[k][t]
+            ax.bar([p + i * 0.25 for p in range(3)], [v["p50"], v["p90"], v["p99"]], 0.25, label=t)
+        ax.set_xticks([p + 0.25 for p in range(3)], ["p50", "p90", "p99"])
+        ax.set_title(k)
+        ax.set_ylabel("ms")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "latency.png"))
+    return ["rps.png", "latency.png"]
+
+
+if __name__ == "__main__":
+    main()

@@ -51,7 +51,17 @@ pub async fn send_json_error(
     for (name, value) in extra {
         resp.insert_header(*name, value.as_str())?;
     }
-    session.set_keepalive(None);
+    // Keep the connection when the request carried no body (nothing left unread): a client
+    // told to slow down should not pay a reconnect too (nginx keeps it as well).
+    let req = session.req_header();
+    let has_body = req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body || status >= 500 && status != 503 {
+        session.set_keepalive(None);
+    }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())

@@ -6,7 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export BIN=${BIN:-target/debug}
 rm -rf data
-fail() { echo "demo-check FAILED: $*" >&2; tail -n 20 data/logs/*.log >&2 || true; exit 1; }
+demo=""
+fail() {
+  echo "demo-check FAILED: $*" >&2
+  tail -n 20 data/logs/*.log >&2 || true
+  # Stop the demo (and so everything it started) before leaving.
+  if [ -n "$demo" ]; then kill -INT "$demo" 2>/dev/null || true; wait "$demo" 2>/dev/null || true; fi
+  exit 1
+}
 
 # Job control on: a background job started without it ignores SIGINT (so Ctrl-C could not
 # be tested); with it, the demo runs in its own process group, like in a terminal.

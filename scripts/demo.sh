@@ -60,6 +60,12 @@ echo "$gateway_pid" > data/gateway.pid
 wait_http http://127.0.0.1:9000/health
 for i in 1 2 3; do wait_http "http://127.0.0.1:800$i/ready"; done
 wait_http http://127.0.0.1:8000/items
+# The gateway routes to a backend once a health check passed: wait for all three.
+for _ in $(seq 1 100); do
+  up=$(curl -s http://127.0.0.1:9100/metrics | grep -c '^gateway_backend_up{.*} 1$' || true)
+  [ "$up" = 3 ] && break
+  sleep 0.1
+done
 
 cat <<MSG
 

@@ -250,16 +250,10 @@ async fn keys_are_checked() {
 }
 
 async fn metric(c: &reqwest::Client, url: &str, series: &str) -> f64 {
-    let text = c.get(url).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    metric_value(
+        &c.get(url).send().await.unwrap().text().await.unwrap(),
+        series,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -252,3 +252,16 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// A Prometheus sample from `/metrics` text: `name{labels}` exactly as exposed; 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}

@@ -10,7 +10,7 @@ use floodgate_backend::startup::Server;
 use tokio::sync::oneshot;
 
 #[allow(unused_imports)]
-pub use testkit::{free_port, PgServer, RedisServer};
+pub use testkit::{free_port, metric_value, PgServer, RedisServer};
 
 /// A running backend instance in this process.
 pub struct TestApp {
@@ -139,17 +139,4 @@ impl Drop for MockVendor {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A Prometheus sample from `/metrics` text, 0 when absent.
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }

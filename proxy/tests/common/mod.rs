@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-pub use testkit::{free_port, stable_addr};
+pub use testkit::{free_port, metric_value, stable_addr};
 
 /// What an upstream observed.
 #[derive(Default)]
@@ -376,18 +376,6 @@ pub fn render(port: u16, metrics_port: u16, body: &str) -> String {
     format!(
         "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\nlog_level: warn\n{defaults}{body}"
     )
-}
-
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 /// A client that opens a fresh connection for every request (no pooling surprises).

@@ -8,11 +8,12 @@ writes loadtest/results/<date>/report.md with PNG charts: medians, ratios agains
 HAProxy measured in the same run, CPU seconds per 10,000 requests and peak memory.
 
 Environment: ROUNDS (3), DURATION (10s), WORKERS (1, the same for every proxy), CONNS (50),
-SCENARIOS (overhead,fixed_rate,items_get,items_post,flood), BIN (target/release),
-SMOKE=1 (one short round of each, for CI: keeps the runner from rotting; no goals judged).
-Scenarios 5 (slowloris + normal traffic) and 6 (a backend killed mid-run) are not written yet.
+SCENARIOS (overhead,fixed_rate,items_get,items_post,flood,slowloris,backend_killed,seed_backend),
+BIN (target/release), SMOKE=1 (one short round of each, for CI: keeps the runner from rotting;
+no goals judged).
 """
 
+import concurrent.futures
 import datetime
 import json
 import os
@@ -34,7 +35,8 @@ ROUNDS = 1 if SMOKE else int(os.environ.get("ROUNDS", "3"))
 DURATION = "1s" if SMOKE else os.environ.get("DURATION", "10s")
 WORKERS = int(os.environ.get("WORKERS", "1"))
 CONNS = int(os.environ.get("CONNS", "50"))
-SCENARIOS = os.environ.get("SCENARIOS", "overhead,fixed_rate,items_get,items_post,flood,seed_backend").split(",")
+SCENARIOS = os.environ.get("SCENARIOS", "overhead,fixed_rate,items_get,items_post,flood,slowloris,backend_killed,"
+                           "seed_backend").split(",")
 PROXIES = ["floodgate", "nginx", "haproxy"]
 TMP = tempfile.mkdtemp(prefix="floodgate-loadtest-")
 RESULTS = os.path.join(ROOT, "loadtest", "results",
@@ -152,8 +154,10 @@ def wrk(url, conns=CONNS, duration=DURATION, script=None, threads=2):
     return r
 
 
-def hey_post(url, n):
-    out = subprocess.run(["hey", "-n", str(n), "-c", str(CONNS), "-m", "POST", "-H", "Content-Type: application/json",
+def hey_post_seed(url):
+    """The seed's exact hey command: 1000 JSON POSTs, 100 at a time."""
+    n = 1000
+    out = subprocess.run(["hey", "-n", str(n), "-c", "100", "-m", "POST", "-H", "Content-Type: application/json",
                           "-d", '{"name":"x","description":"y"}', url], capture_output=True, text=True, check=True).stdout
     r = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "requests": n}
     for p in ("50", "90", "99"):
@@ -161,30 +165,34 @@ def hey_post(url, n):
         r[f"p{p}"] = float(m.group(1)) * 1000 if m else 0.0
     ok = re.search(r"\[201\]\s+(\d+) responses", out)
     r["non2xx"] = n - (int(ok.group(1)) if ok else 0)
-    r["errors"] = 0
     return r
 
 
-def hey_post_seed(url):
-    """The seed's exact hey command (1000 POSTs, 100 at a time)."""
-    global CONNS
-    saved, CONNS = CONNS, 100
-    try:
-        return hey_post(url, 1000)
-    finally:
-        CONNS = saved
+def loadgen_argv(url, source, conns, seconds, rate=0):
+    return [os.path.join(BIN, "examples", "loadgen"), url, source, str(conns), str(seconds), str(rate)]
 
 
 def loadgen(url, source, conns, seconds, rate=0):
-    out = subprocess.run([os.path.join(BIN, "examples", "loadgen"), url, source, str(conns), str(seconds), str(rate)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(loadgen_argv(url, source, conns, seconds, rate), capture_output=True, text=True,
+                         check=True).stdout
     return json.loads(out)
+
+
+def normal_traffic(url, seconds, ips=("127.0.0.3", "127.0.0.4", "127.0.0.5"), conns=5, rate=60):
+    """Well-behaved clients: `conns` keep-alive connections from each IP at `rate` req/s each.
+    Their success rate (200s over everything sent, errors included) and worst p99."""
+    procs = [subprocess.Popen(loadgen_argv(url, ip, conns, seconds, rate), stdout=subprocess.PIPE, text=True)
+             for ip in ips]
+    results = [json.loads(p.communicate()[0]) for p in procs]
+    sent = sum(r["sent"] for r in results)
+    ok = sum(r["statuses"].get("200", 0) for r in results)
+    return {"success": ok / max(sent, 1), "p99": max(r["p99_ms"] for r in results), "sent": sent}
 
 
 # --- the systems under test ---------------------------------------------------------------
 
 PROTECT = dict(per_ip_rate=1_000_000, per_ip_burst=100_000, global_rate=10_000_000, global_burst=1_000_000,
-               per_ip_conn=60_000)
+               per_ip_conn=60_000, header_timeout=10)
 
 
 def floodgate_conf(upstreams, limits):
@@ -197,12 +205,13 @@ access_log: false
 upstream:
   backends:
 {backends}  health_check: {{interval: 1s, timeout: 1s, failures: 2, successes: 1}}
+  retry_idempotent: true
 limits:
   global: {{rate: {limits['global_rate']}r/s, burst: {limits['global_burst']}}}
   per_ip: {{rate: {limits['per_ip_rate']}r/s, burst: {limits['per_ip_burst']}}}
 connections: {{per_ip: {limits['per_ip_conn']}, total: 100000}}
 buffers: {{max_body_bytes: 1048576}}
-slow_clients: {{header_timeout: 10s, keepalive_timeout: 60s}}
+slow_clients: {{header_timeout: {limits['header_timeout']}s, keepalive_timeout: 60s}}
 """
 
 
@@ -231,16 +240,17 @@ def start_proxy(name, upstreams, limits=PROTECT):
                 WORKERS=WORKERS, TMP=TMP, PORT=NG, UPSTREAMS=" ".join(f"server {u};" for u in upstreams),
                 PER_IP_RATE=limits["per_ip_rate"], PER_IP_BURST=limits["per_ip_burst"],
                 GLOBAL_RATE=limits["global_rate"], GLOBAL_BURST=limits["global_burst"],
-                PER_IP_CONN=limits["per_ip_conn"])))
+                PER_IP_CONN=limits["per_ip_conn"], HEADER_TIMEOUT=limits["header_timeout"])))
         p = start("nginx", ["nginx", "-c", path, "-p", TMP, "-g", "daemon off;"])
         port = NG
     else:
         path = os.path.join(TMP, "haproxy.cfg")
-        servers = "\n".join(f"    server s{i} {u} check inter 1s" for i, u in enumerate(upstreams))
+        servers = "\n".join(f"    server s{i} {u} check inter 1s fall 2 rise 1" for i, u in enumerate(upstreams))
         with open(path, "w") as f:
             f.write(fill("haproxy/haproxy.cfg.tmpl", dict(
                 WORKERS=WORKERS, TMP=TMP, PORT=HA, SERVERS=servers,
-                PER_IP_RATE=limits["per_ip_rate"], PER_IP_CONN=limits["per_ip_conn"])))
+                PER_IP_RATE=limits["per_ip_rate"], PER_IP_CONN=limits["per_ip_conn"],
+                HEADER_TIMEOUT=limits["header_timeout"])))
         p = start("haproxy", ["haproxy", "-f", path, "-db"])
         port = HA
     time.sleep(1.5 if name == "floodgate" else 0.3)
@@ -339,16 +349,10 @@ def scenario_flood(upstreams):
         for flood in (False, True):
             flooder = None
             if flood:
-                flooder = subprocess.Popen([os.path.join(BIN, "examples", "loadgen"), url, "127.0.0.2", "50",
-                                            str(secs + 1), "0"], stdout=subprocess.PIPE, text=True)
+                flooder = subprocess.Popen(loadgen_argv(url, "127.0.0.2", 50, secs + 1), stdout=subprocess.PIPE,
+                                           text=True)
                 time.sleep(0.5)
-            normal = [subprocess.Popen([os.path.join(BIN, "examples", "loadgen"), url, ip, "5", str(secs), "60"],
-                                       stdout=subprocess.PIPE, text=True) for ip in ("127.0.0.3", "127.0.0.4", "127.0.0.5")]
-            results = [json.loads(p.communicate()[0]) for p in normal]
-            sent = sum(r["sent"] for r in results)
-            ok = sum(r["statuses"].get("200", 0) for r in results)
-            runs["flood" if flood else "calm"] = {"success": ok / max(sent, 1),
-                                                  "p99": max(r["p99_ms"] for r in results), "sent": sent}
+            runs["flood" if flood else "calm"] = normal_traffic(url, secs)
             if flooder:
                 f = json.loads(flooder.communicate()[0])
                 runs["flood"]["flood_sent"] = f["sent"]
@@ -356,6 +360,112 @@ def scenario_flood(upstreams):
         stop_proxy(pid)
         out[name] = runs
         log(f"  flood {name}: {json.dumps(runs)}")
+    return out
+
+
+def held_by_proxy(port, ips):
+    """Established connections from `ips` that the proxy process has accepted (ones still in
+    the kernel's accept queue belong to no process yet)."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines()
+               if "users:" in line and any(f" {ip}:" in line for ip in ips))
+
+
+def scenario_slowloris(upstreams):
+    """Slowloris connections (a request head one byte a second, never finished) from four IPs,
+    more of them than nginx's worker_connections, while three other IPs send normal traffic.
+    Every proxy: per-IP connection cap 20, header deadline 5 s."""
+    header_timeout = 1 if SMOKE else 5
+    limits = dict(PROTECT, per_ip_conn=20, header_timeout=header_timeout)
+    secs = 3 if SMOKE else 12
+    attackers, per_ip = (["127.0.0.6"], 50) if SMOKE else (["127.0.0.6", "127.0.0.7", "127.0.0.8", "127.0.0.9"], 1200)
+    out = {}
+    for name in PROXIES:
+        port, pid = start_proxy(name, upstreams, limits)
+        url = f"http://127.0.0.1:{port}/items"
+        runs = {"calm": normal_traffic(url, secs, rate=100)}
+        attacker = subprocess.Popen([sys.executable, os.path.join(ROOT, "loadtest", "slowloris.py"), "127.0.0.1",
+                                     str(port), ",".join(attackers), str(per_ip), str(secs + 3)],
+                                    stdout=subprocess.PIPE, text=True)
+        time.sleep(2)  # the attack is in place before the normal clients connect
+        normal = concurrent.futures.ThreadPoolExecutor(1).submit(normal_traffic, url, secs, rate=100)
+        held = []
+        while not normal.done():
+            held.append(held_by_proxy(port, attackers))
+            time.sleep(0.5)
+        runs["attack"] = normal.result()
+        runs["attacker"] = json.loads(attacker.communicate()[0])
+        runs["attacker"]["held_by_proxy_max"] = max(held)
+        runs["attacker"]["held_by_proxy_median"] = statistics.median(held)
+        stop_proxy(pid)
+        out[name] = runs
+        log(f"  slowloris {name}: {json.dumps(runs)}")
+    return out
+
+
+def backend_up(name, port, victim):
+    """Whether the proxy still counts the killed backend as up (None: the proxy cannot tell)."""
+    try:
+        if name == "floodgate":
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/metrics", timeout=1).read().decode()
+            m = re.search(rf'^gateway_backend_up{{backend="{re.escape(victim)}"}} (\d+)', text, re.M)
+            return m is not None and m.group(1) == "1"
+        if name == "haproxy":
+            import socket
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(os.path.join(TMP, "haproxy.sock"))
+                sock.sendall(b"show stat\n")
+                text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+            row = next(line.split(",") for line in text.splitlines() if line.startswith("be,s1,"))
+            return row[17].startswith("UP")
+    except (OSError, StopIteration, IndexError):
+        return True
+    return None  # nginx: passive checks only, no state to read
+
+
+def scenario_backend_killed():
+    """Three upstreams answering in 2 ms; one is SIGKILLed mid-run under a steady 2,000 GET/s.
+    Failed requests seen by clients, when the last one failed, and when the proxy stopped
+    counting the dead backend as up (its active health check)."""
+    ports = [UP + 10, UP + 11, UP + 12]
+    secs, kill_at, rate = (3, 1.0, 500) if SMOKE else (10, 3.0, 2000)
+    out = {}
+    for name in PROXIES:
+        ups = [start(f"upstream-{p}", [os.path.join(BIN, "examples", "fast_upstream"), str(p), "1", "2"])
+               for p in ports]
+        for p in ports:
+            wait_http(f"http://127.0.0.1:{p}/")
+        port, pid = start_proxy(name, [f"127.0.0.1:{p}" for p in ports])
+        time.sleep(1.5)  # every backend checked healthy
+        url = f"http://127.0.0.1:{port}/items"
+        t0 = time.monotonic()
+        gen = subprocess.Popen(loadgen_argv(url, "127.0.0.1", 50, secs, rate), stdout=subprocess.PIPE, text=True)
+        time.sleep(kill_at)
+        killed = time.monotonic() - t0
+        os.killpg(ups[1].pid, signal.SIGKILL)
+        marked_down = None
+        while gen.poll() is None:
+            up = backend_up(name, port, f"127.0.0.1:{ports[1]}")
+            if up is None:
+                break
+            if not up and marked_down is None:
+                marked_down = time.monotonic() - t0 - killed
+            time.sleep(0.05)
+        r = json.loads(gen.communicate()[0])
+        failed = r["sent"] - r["statuses"].get("200", 0)
+        out[name] = {"sent": r["sent"], "failed": failed, "p99": r["p99_ms"],
+                     "last_failure_s": r["last_fail_s"] - killed if r["last_fail_s"] >= 0 else None,
+                     "marked_down_s": marked_down}
+        stop_proxy(pid)
+        for p in ups:
+            PROCS.remove(p)
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=10)
+        log(f"  backend killed {name}: {json.dumps(out[name])}")
     return out
 
 
@@ -415,8 +525,8 @@ def main():
                     log(f"  {report['seed_backend']}")
                 if "items_post" in SCENARIOS:
                     log("scenario 3: POST /items on PostgreSQL")
-                    n = 200 if SMOKE else 5000
-                    report["items_post"] = with_all_proxies(backends, lambda u: hey_post(u, n), "items_post",
+                    post = os.path.join(ROOT, "loadtest", "post.lua")
+                    report["items_post"] = with_all_proxies(backends, lambda u: wrk(u, script=post), "items_post",
                                                             direct=f"http://127.0.0.1:{BACKENDS[0]}/items")
             finally:
                 stop_all()
@@ -426,6 +536,12 @@ def main():
         if "flood" in SCENARIOS:
             log("scenario 4: flood from one IP, normal traffic from three others")
             report["flood"] = scenario_flood(trivial)
+        if "slowloris" in SCENARIOS:
+            log("scenario 5: slowloris connections, normal traffic from three other IPs")
+            report["slowloris"] = scenario_slowloris(trivial)
+        if "backend_killed" in SCENARIOS:
+            log("scenario 6: a backend killed mid-run")
+            report["backend_killed"] = scenario_backend_killed()
     finally:
         stop_all()
     write_report(report)
@@ -495,10 +611,45 @@ def write_report(r):
                       fv["flood"]["success"] >= 0.99 and fv["flood"]["p99"] <= fv["calm"]["p99"] * 1.10,
                       f"success {fv['flood']['success']:.4f}, p99 {fv['flood']['p99']:.2f} vs {fv['calm']['p99']:.2f} ms"))
         lines.append("")
+    if "slowloris" in r:
+        lines += ["## 5. Slowloris: attacker connections sending one header byte a second, normal traffic from three IPs",
+                  "", f"Every proxy: per-IP connection cap 20, header deadline {1 if SMOKE else 5} s. The attack opens "
+                  + ("50 connections from one IP" if SMOKE else "1,200 connections from each of four IPs (4,800: more "
+                     "than nginx's 4,096 worker_connections)") + " and reopens every one that is closed.", "",
+                  "Attacker connections held: accepted by the proxy process (`ss`), sampled every 0.5 s; "
+                  "connections the attacker saw closed within 0.5 s, and later (with their median age).", "",
+                  "| proxy | others' success, calm | others' success, attack | others' p99 calm ms | others' p99 attack ms "
+                  "| attacker conns held, median (max) | closed at once | closed later (median age s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t, v in r["slowloris"].items():
+            c, a, s_ = v["calm"], v["attack"], v["attacker"]
+            lines.append(f"| {t} | {c['success']:.4f} | {a['success']:.4f} | {c['p99']:.2f} | {a['p99']:.2f} | "
+                         f"{s_['held_by_proxy_median']:.0f} ({s_['held_by_proxy_max']}) | {s_['cut_at_once']} | "
+                         f"{s_['held_closed']} ({s_['held_median_age_s']}) |")
+        fv = r["slowloris"]["floodgate"]
+        goals.append(("Scenario 5: others keep >= 99% success under slowloris",
+                      fv["attack"]["success"] >= 0.99,
+                      f"success {fv['attack']['success']:.4f}, p99 {fv['attack']['p99']:.2f} vs {fv['calm']['p99']:.2f} ms"))
+        lines.append("")
+    if "backend_killed" in r:
+        lines += ["## 6. A backend killed (SIGKILL) mid-run under a steady GET load", "",
+                  "Three upstreams answering in 2 ms, requests in flight when one dies. Every proxy retries idempotent "
+                  "requests on another server and health-checks every 1 s (down after 2 failures); nginx has "
+                  "passive checks only.", "",
+                  "| proxy | requests | failed | last failure after the kill, s | marked down after, s | p99 ms |",
+                  "|---|---|---|---|---|---|"]
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        for t, v in r["backend_killed"].items():
+            down = "passive" if t == "nginx" else fmt(v["marked_down_s"])
+            lines.append(f"| {t} | {v['sent']} | {v['failed']} | {fmt(v['last_failure_s'])} | {down} | {v['p99']:.2f} |")
+        fv = r["backend_killed"]["floodgate"]
+        goals.append(("Scenario 6: 0 failed idempotent requests when a backend is killed", fv["failed"] == 0,
+                      f"{fv['failed']} failed of {fv['sent']}"))
+        lines.append("")
     lines += ["## Goals", ""]
     for name, ok, detail in goals:
         lines.append(f"- {'PASS' if ok else 'FAIL'}{' (smoke run, not judged)' if SMOKE else ''}: {name} ({detail})")
-    lines += ["- not measured yet: scenario 5 (slowloris with normal traffic), scenario 6 (a backend killed mid-run)", ""]
+    lines.append("")
     charts = make_charts(r)
     lines += [f"![{c}]({c})" for c in charts]
     with open(os.path.join(RESULTS, "report.md"), "w") as f:
@@ -517,9 +668,25 @@ def make_charts(r):
     except ImportError:
         log("matplotlib missing: no charts (pip install matplotlib)")
         return []
+    charts = []
     keys = [k for k in ("overhead", "items_get", "items_post") if k in r]
+    protections = [(k, calm, hit) for k, calm, hit in (("flood", "calm", "flood"), ("slowloris", "calm", "attack"))
+                   if k in r]
+    if protections:
+        fig, axes = plt.subplots(1, len(protections), figsize=(5 * len(protections), 4), squeeze=False)
+        for ax, (k, calm, hit) in zip(axes[0], protections):
+            xs = range(len(PROXIES))
+            ax.bar([x - 0.2 for x in xs], [r[k][t][calm]["p99"] for t in PROXIES], 0.4, label="calm")
+            ax.bar([x + 0.2 for x in xs], [r[k][t][hit]["p99"] for t in PROXIES], 0.4, label=hit)
+            ax.set_xticks(range(len(PROXIES)), PROXIES)
+            ax.set_title(f"{k}: others' p99 latency")
+            ax.set_ylabel("ms")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, "protection.png"))
+        charts.append("protection.png")
     if not keys:
-        return []
+        return charts
     targets = ["direct", "floodgate", "nginx", "haproxy"]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.2
@@ -541,7 +708,7 @@ def make_charts(r):
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "latency.png"))
-    return ["rps.png", "latency.png"]
+    return ["rps.png", "latency.png"] + charts
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 //! A trivial upstream for proxy benchmarks (loadtest/): answers every request at once with a
-//! small JSON body, so the proxy in front of it is the bottleneck.
-//! Usage: fast_upstream <port> [threads]
+//! small JSON body, so the proxy in front of it is the bottleneck; with a delay, each answer
+//! takes that long (requests are then in flight when a scenario kills the upstream).
+//! Usage: fast_upstream <port> [threads] [delay ms]
 
 use std::convert::Infallible;
 
@@ -15,15 +16,17 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let port: u16 = args.next().and_then(|p| p.parse().ok()).unwrap_or(8101);
     let threads: usize = args.next().and_then(|t| t.parse().ok()).unwrap_or(1);
+    let delay =
+        std::time::Duration::from_millis(args.next().and_then(|d| d.parse().ok()).unwrap_or(0));
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(serve(port));
+        .block_on(serve(port, delay));
 }
 
-async fn serve(port: u16) {
+async fn serve(port: u16, delay: std::time::Duration) {
     let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
     let name = format!("upstream-{port}");
     loop {
@@ -36,6 +39,9 @@ async fn serve(port: u16) {
             let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
                 let name = name.clone();
                 async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     Ok::<_, Infallible>(
                         Response::builder()
                             .header("Content-Type", "application/json")

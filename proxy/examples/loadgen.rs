@@ -1,6 +1,8 @@
 //! A small HTTP/1.1 load generator for loadtest/: keep-alive connections from a chosen source
 //! address (wrk and hey cannot bind one, and per-IP scenarios need several), closed-loop or at
-//! a fixed total rate. Prints one JSON line: sent, per-status counts, errors, p50/p90/p99 ms.
+//! a fixed total rate. Prints one JSON line: sent, per-status counts, errors, p50/p90/p99 ms,
+//! and when the first and last failed request (error or status >= 500) ended, in seconds from
+//! the start (-1 when none failed).
 //! Usage: loadgen <url> <source-ip> <connections> <seconds> [rate per second, 0 = max]
 
 use std::collections::BTreeMap;
@@ -13,6 +15,16 @@ struct Result {
     latencies_us: Vec<u64>,
     statuses: BTreeMap<u16, u64>,
     errors: u64,
+    /// First and last failure, in seconds since the start.
+    failed: Option<(f64, f64)>,
+}
+
+impl Result {
+    fn fail_at(&mut self, t: f64) {
+        let (first, last) = self.failed.get_or_insert((t, t));
+        *first = first.min(t);
+        *last = last.max(t);
+    }
 }
 
 async fn connect(src: &str, addr: std::net::SocketAddr) -> std::io::Result<TcpStream> {
@@ -72,7 +84,8 @@ async fn main() {
     let secs: f64 = a[3].parse().expect("seconds");
     let rate: f64 = a.get(4).and_then(|r| r.parse().ok()).unwrap_or(0.0);
     let req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n\r\n").into_bytes();
-    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
     let per_conn_interval = (rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / rate));
     let mut tasks = Vec::new();
     for _ in 0..conns {
@@ -82,6 +95,7 @@ async fn main() {
                 latencies_us: Vec::new(),
                 statuses: BTreeMap::new(),
                 errors: 0,
+                failed: None,
             };
             let mut buf = Vec::with_capacity(16384);
             let mut stream: Option<TcpStream> = None;
@@ -96,6 +110,7 @@ async fn main() {
                         Ok(s) => stream = Some(s),
                         Err(_) => {
                             r.errors += 1;
+                            r.fail_at(start.elapsed().as_secs_f64());
                             tokio::time::sleep(Duration::from_millis(10)).await;
                             continue;
                         }
@@ -104,6 +119,9 @@ async fn main() {
                 let t = Instant::now();
                 match request(stream.as_mut().expect("connected"), &req, &mut buf).await {
                     Some((status, close)) => {
+                        if status >= 500 {
+                            r.fail_at(start.elapsed().as_secs_f64());
+                        }
                         r.latencies_us.push(t.elapsed().as_micros() as u64);
                         *r.statuses.entry(status).or_default() += 1;
                         if close {
@@ -112,6 +130,7 @@ async fn main() {
                     }
                     None => {
                         r.errors += 1;
+                        r.fail_at(start.elapsed().as_secs_f64());
                         stream = None;
                     }
                 }
@@ -123,6 +142,7 @@ async fn main() {
         latencies_us: Vec::new(),
         statuses: BTreeMap::new(),
         errors: 0,
+        failed: None,
     };
     for t in tasks {
         let r = t.await.expect("task");
@@ -131,6 +151,10 @@ async fn main() {
             *all.statuses.entry(k).or_default() += v;
         }
         all.errors += r.errors;
+        if let Some((first, last)) = r.failed {
+            all.fail_at(first);
+            all.fail_at(last);
+        }
     }
     all.latencies_us.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -146,12 +170,14 @@ async fn main() {
         .map(|(k, v)| format!("\"{k}\":{v}"))
         .collect();
     println!(
-        "{{\"sent\":{},\"errors\":{},\"statuses\":{{{}}},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"seconds\":{secs}}}",
+        "{{\"sent\":{},\"errors\":{},\"statuses\":{{{}}},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"seconds\":{secs},\"first_fail_s\":{:.3},\"last_fail_s\":{:.3}}}",
         all.latencies_us.len() as u64 + all.errors,
         all.errors,
         statuses.join(","),
         pct(0.5),
         pct(0.9),
-        pct(0.99)
+        pct(0.99),
+        all.failed.map_or(-1.0, |f| f.0),
+        all.failed.map_or(-1.0, |f| f.1),
     );
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A slowloris client for loadtest/ scenario 5 (loopback targets only).
 
-Holds connections that send a request head one byte per interval and never finish it, and
-reopens each one the server closes, for SECONDS. Prints one JSON line:
+Holds connections that send a request head one byte per interval and never finish it and,
+like the classic tool, reopens each one the server closes or refuses on its next tick
+(INTERVAL_S, default 1 s), for SECONDS. Prints one JSON line:
   opened        connections established (including ones the server closed at once)
   refused       connection attempts that failed
   cut_at_once   connections the server closed within 0.5 s (a connection cap at accept)
@@ -38,7 +39,7 @@ async def main():
                     asyncio.open_connection(host, port, local_addr=(src, 0)), 2)
             except (OSError, asyncio.TimeoutError):
                 st["refused"] += 1
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(interval)
                 continue
             st["opened"] += 1
             st["open"] += 1
@@ -73,7 +74,7 @@ async def main():
                     st["cut_at_once"] += 1
                 else:
                     st["held_ages"].append(age)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(interval)
 
     async def sampler():
         while time.monotonic() < end:

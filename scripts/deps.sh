@@ -2,7 +2,8 @@
 # Install the system packages Floodgate needs, when they are missing.
 #   scripts/deps.sh          build + test needs: cmake (pingora), redis-server, postgresql,
 #                            wrk + hey + curl (the scripted demo), docker-compose (compose check)
-#   scripts/deps.sh bench    plus what the load tests compare against: nginx, haproxy
+#   scripts/deps.sh bench    plus what the load tests compare against: nginx, haproxy, and (pip)
+#                            matplotlib and the seed's FastAPI stack
 set -euo pipefail
 
 need=()
@@ -18,10 +19,15 @@ if [ "${1:-}" = bench ]; then
   have nginx || [ -x /usr/sbin/nginx ] || need+=(nginx)
   have haproxy || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
   python3 -c "import matplotlib" 2>/dev/null || pip_need=1
+  python3 -c "import fastapi, gunicorn, uvicorn, sqlalchemy, asyncpg, greenlet" 2>/dev/null || seed_need=1
 fi
 
 if [ "${pip_need:-0}" = 1 ]; then
   python3 -m pip install -q matplotlib || echo "matplotlib unavailable: the report will have no charts" >&2
+fi
+if [ "${seed_need:-0}" = 1 ]; then
+  python3 -m pip install -q -r "$(dirname "$0")/../loadtest/seed_stack/requirements.txt" ||
+    echo "the seed's Python stack is unavailable: the backend benchmark will say it was not measured" >&2
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 

@@ -106,8 +106,19 @@ pub async fn list(app: &App, query: Option<&str>) -> Result<Resp, ApiError> {
     };
     Ok(json_response(
         StatusCode::OK,
-        &json!({ "items": items, "next": next }),
+        &Page {
+            items: &items,
+            next,
+        },
     ))
+}
+
+/// A page of items, serialized straight from the rows (no intermediate `Value` tree: that
+/// was a map insert per field per item, a few percent of a GET under load).
+#[derive(serde::Serialize)]
+struct Page<'a> {
+    items: &'a [crate::db::Item],
+    next: Option<String>,
 }
 
 pub async fn create(app: &App, body: &[u8]) -> Result<Resp, ApiError> {

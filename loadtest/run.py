@@ -18,9 +18,11 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,9 +46,29 @@ RESULTS = os.path.join(ROOT, "loadtest", "results",
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROCS = []
 
-# Ports (loopback only).
-UP, GW, NG, HA, PG = 18101, 18000, 18080, 18090, 18432
-BACKENDS = [18401, 18402, 18403]
+
+def free_ports(n):
+    """n distinct loopback TCP ports free right now, below the ephemeral range (the kernel
+    never hands those to outgoing connections), so a run never meets someone else's server."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    ports = []
+    while len(ports) < n:
+        p = random.randrange(10_000, ephemeral_low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
+# Ports (loopback only): the trivial upstream, Floodgate and its metrics, nginx, HAProxy,
+# PostgreSQL, the seed's stack, three backends, and the three upstreams of scenario 6.
+UP, GW, GW_METRICS, NG, HA, PG, SEED_STACK, *_rest = free_ports(13)
+BACKENDS, KILLED_UPSTREAMS = _rest[:3], _rest[3:]
 
 
 def log(msg):
@@ -198,7 +220,7 @@ PROTECT = dict(per_ip_rate=1_000_000, per_ip_burst=100_000, global_rate=10_000_0
 def floodgate_conf(upstreams, limits):
     backends = "".join(f'    - "{u}"\n' for u in upstreams)
     return f"""listen: ["127.0.0.1:{GW}"]
-metrics_listen: "127.0.0.1:{GW + 1}"
+metrics_listen: "127.0.0.1:{GW_METRICS}"
 workers: {WORKERS}
 log_level: warn
 access_log: false
@@ -404,15 +426,14 @@ def scenario_slowloris(upstreams):
     return out
 
 
-def backend_up(name, port, victim):
+def backend_up(name, victim):
     """Whether the proxy still counts the killed backend as up (None: the proxy cannot tell)."""
     try:
         if name == "floodgate":
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/metrics", timeout=1).read().decode()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{GW_METRICS}/metrics", timeout=1).read().decode()
             m = re.search(rf'^gateway_backend_up{{backend="{re.escape(victim)}"}} (\d+)', text, re.M)
             return m is not None and m.group(1) == "1"
         if name == "haproxy":
-            import socket
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.connect(os.path.join(TMP, "haproxy.sock"))
                 sock.sendall(b"show stat\n")
@@ -428,7 +449,7 @@ def scenario_backend_killed():
     """Three upstreams answering in 2 ms; one is SIGKILLed mid-run under a steady 2,000 GET/s.
     Failed requests seen by clients, when the last one failed, and when the proxy stopped
     counting the dead backend as up (its active health check)."""
-    ports = [UP + 10, UP + 11, UP + 12]
+    ports = KILLED_UPSTREAMS
     secs, kill_at, rate = (3, 1.0, 500) if SMOKE else (10, 3.0, 2000)
     out = {}
     for name in PROXIES:
@@ -446,7 +467,7 @@ def scenario_backend_killed():
         os.killpg(ups[1].pid, signal.SIGKILL)
         marked_down = None
         while gen.poll() is None:
-            up = backend_up(name, port, f"127.0.0.1:{ports[1]}")
+            up = backend_up(name, f"127.0.0.1:{ports[1]}")
             if up is None:
                 break
             if not up and marked_down is None:
@@ -467,9 +488,6 @@ def scenario_backend_killed():
             p.wait(timeout=10)
         log(f"  backend killed {name}: {json.dumps(out[name])}")
     return out
-
-
-SEED_STACK = 18410
 
 
 def start_seed_stack():

@@ -27,6 +27,18 @@ wait_http() { # url
   echo "not answering: $1 (see data/logs/)" >&2; return 1
 }
 
+# The demo's fixed ports must be free, so it never talks to somebody else's server by mistake.
+ports=(8000 8001 8002 8003 9000 9100)
+[ -z "${REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1 && ports+=(6390)
+busy=()
+for p in "${ports[@]}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then busy+=("$p"); fi
+done
+if [ ${#busy[@]} -gt 0 ]; then
+  echo "ports already in use on 127.0.0.1: ${busy[*]} (another demo or server?); stop it first" >&2
+  exit 1
+fi
+
 if [ -n "${DATABASE_URL:-}" ]; then storage="PostgreSQL ($DATABASE_URL)"; else storage="embedded SQLite (data/floodgate.db)"; fi
 if [ -z "${REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1; then
   mkdir -p data/redis

@@ -36,6 +36,13 @@ pub struct Settings {
     /// How long a request waits for a database connection before 503.
     #[arg(long, env = "DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = duration)]
     pub db_acquire_timeout: Duration,
+    /// Most `POST /items` rows written in one statement and commit (PostgreSQL group commit;
+    /// 1 = one commit per row).
+    #[arg(long, env = "INSERT_BATCH_MAX", default_value_t = 64)]
+    pub insert_batch_max: usize,
+    /// Batched insert statements in flight at once (each holds one pooled connection).
+    #[arg(long, env = "INSERT_WRITERS", default_value_t = 4)]
+    pub insert_writers: usize,
     /// `redis://host:port`; unset: limits are kept in-process (one instance's scope).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,

@@ -11,6 +11,7 @@
 //! - [`readiness`]: what `/ready` reports, with dependencies checked in the background.
 //! - [`vendor`]: the guarded vendor call behind `POST /llm`.
 //! - [`db`]: PostgreSQL or embedded SQLite through sqlx, with migrations.
+//! - [`writes`]: `POST /items` inserts, group-committed on PostgreSQL.
 //! - [`error`]: the API's errors and their one JSON shape.
 //! - [`metrics`]: every Prometheus metric.
 
@@ -25,3 +26,4 @@ pub mod readiness;
 pub mod routes;
 pub mod startup;
 pub mod vendor;
+pub mod writes;

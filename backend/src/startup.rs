@@ -26,6 +26,8 @@ pub struct App {
     /// `X-Served-By`, so round robin is visible through the gateway.
     pub served_by: http::HeaderValue,
     pub db: Db,
+    /// Where `POST /items` rows go (group commit on PostgreSQL).
+    pub writer: crate::writes::ItemWriter,
     /// The in-flight cap.
     pub admission: Arc<Admission>,
     pub readiness: Arc<Readiness>,
@@ -119,6 +121,11 @@ impl Server {
             policy,
             limiter,
             vendor,
+            writer: crate::writes::ItemWriter::new(
+                &db,
+                settings.insert_batch_max,
+                settings.insert_writers,
+            ),
             settings,
             db,
             admission,

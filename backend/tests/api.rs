@@ -264,6 +264,78 @@ async fn items_api_on_postgres() {
     exercise_items_api(&app).await;
 }
 
+/// Concurrent POSTs are group-committed on PostgreSQL: with the table locked they pile up,
+/// and once it is released they are written in shared statements (rows of one statement share
+/// `created_at`, the transaction time). Every request still gets back exactly its own row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_are_batched_and_each_gets_its_own_row() {
+    let pg = PgServer::start();
+    let mut settings = test_settings(Some(pg.url()));
+    settings.max_in_flight = 200;
+    settings.db_acquire_timeout = Duration::from_secs(30);
+    settings.endpoint_limits = String::new();
+    let app = spawn_app(settings).await;
+    let mut lock = lock_items(&pg).await;
+
+    const N: usize = 60;
+    let c = reqwest::Client::new();
+    let mut requests = Vec::new();
+    for i in 0..N {
+        let (c, url) = (c.clone(), app.url("/items"));
+        let body = if i % 3 == 0 {
+            json!({ "name": format!("item {i}") })
+        } else {
+            json!({ "name": format!("item {i}"), "description": format!("about {i}") })
+        };
+        requests.push(tokio::spawn(async move {
+            let resp = c.post(url).json(&body).send().await.unwrap();
+            (
+                body,
+                resp.status().as_u16(),
+                resp.json::<Value>().await.unwrap(),
+            )
+        }));
+    }
+    // Every request is queued behind the lock before it is released.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+
+    let mut ids = std::collections::HashSet::new();
+    for r in requests {
+        let (sent, status, got) = r.await.unwrap();
+        assert_eq!(status, 201, "{got}");
+        assert_eq!(got["name"], sent["name"], "{got}");
+        assert_eq!(
+            got["description"],
+            sent.get("description").cloned().unwrap_or(Value::Null),
+            "{got}"
+        );
+        let id = got["id"].as_i64().unwrap();
+        assert!(ids.insert(id), "id {id} returned twice");
+        // What was acknowledged is what is stored.
+        let stored: Value = c
+            .get(app.url(&format!("/items/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(stored, got);
+    }
+    let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    let (rows, statements): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT created_at) FROM items")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(rows, N as i64);
+    assert!(
+        statements <= (N / 4) as i64,
+        "{N} rows written by {statements} statements: not batched"
+    );
+}
+
 /// Hold `LOCK TABLE items` in an open transaction so every query on items waits.
 async fn lock_items(pg: &PgServer) -> sqlx::PgConnection {
     let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();

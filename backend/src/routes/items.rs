@@ -125,7 +125,7 @@ pub async fn create(app: &App, body: &[u8]) -> Result<Resp, ApiError> {
     let new = NewItem::parse(body)?;
     // create_item returns only after the row is committed.
     let item = app
-        .db
+        .writer
         .create_item(&new.name, new.description.as_deref())
         .await?;
     let mut resp = json_response(StatusCode::CREATED, &item);

@@ -67,7 +67,7 @@ async fn exercise_items_api(app: &TestApp) {
             Some(n) => app.url(&format!("/items?limit=10&after={n}")),
             None => app.url("/items?limit=10"),
         };
-        let page: Value = c.get(url).send().await.unwrap().json().await.unwrap();
+        let page: Value = get_json(&c, &url).await;
         pages += 1;
         seen.extend(page["items"].as_array().unwrap().iter().cloned());
         match page["next"].as_str() {
@@ -77,26 +77,12 @@ async fn exercise_items_api(app: &TestApp) {
     }
     assert_eq!(pages, 3);
     assert_eq!(seen, created);
-    let default_page: Value = c
-        .get(app.url("/items"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let default_page: Value = get_json(&c, &app.url("/items")).await;
     assert_eq!(default_page["items"].as_array().unwrap().len(), 26);
     assert_eq!(default_page["next"], Value::Null);
 
     let id = created[3]["id"].as_i64().unwrap();
-    let got: Value = c
-        .get(app.url(&format!("/items/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = get_json(&c, &app.url(&format!("/items/{id}"))).await;
     assert_eq!(got, created[3]);
     let r = c
         .delete(app.url(&format!("/items/{id}")))
@@ -231,14 +217,7 @@ async fn exercise_items_api(app: &TestApp) {
     expect_error(r, 413, None).await;
 
     // None of the rejected writes was stored.
-    let all: Value = c
-        .get(app.url("/items?limit=500"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = get_json(&c, &app.url("/items?limit=500")).await;
     assert_eq!(all["items"].as_array().unwrap().len(), 25);
 }
 
@@ -313,14 +292,7 @@ async fn concurrent_posts_are_batched_and_each_gets_its_own_row() {
         let id = got["id"].as_i64().unwrap();
         assert!(ids.insert(id), "id {id} returned twice");
         // What was acknowledged is what is stored.
-        let stored: Value = c
-            .get(app.url(&format!("/items/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stored: Value = get_json(&c, &app.url(&format!("/items/{id}"))).await;
         assert_eq!(stored, got);
     }
     let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
@@ -411,14 +383,7 @@ async fn readiness_follows_a_postgres_outage_and_no_write_is_lost() {
 
     pg.stop();
     wait_for_status(&app.url("/ready"), 503, Duration::from_secs(10)).await;
-    let body: Value = c
-        .get(app.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = get_json(&c, &app.url("/ready")).await;
     assert_eq!(body["reason"], "database unreachable");
     for _ in 0..5 {
         let r = c
@@ -447,14 +412,7 @@ async fn readiness_follows_a_postgres_outage_and_no_write_is_lost() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let all: Value = c
-        .get(app.url("/items"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = get_json(&c, &app.url("/items")).await;
     let names: Vec<&str> = all["items"]
         .as_array()
         .unwrap()

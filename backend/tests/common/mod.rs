@@ -140,3 +140,8 @@ impl Drop for MockVendor {
         let _ = self.child.wait();
     }
 }
+
+/// GET `url` and parse its JSON body, whatever the status.
+pub async fn get_json(c: &reqwest::Client, url: &str) -> serde_json::Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}

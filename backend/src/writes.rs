@@ -119,11 +119,15 @@ async fn write_loop(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Pending>>>, max_b
             }
             batch
         };
-        write_batch(&pool, batch).await;
+        // In its own task: should writing ever panic, the batch's requests get 503 (their
+        // senders are dropped) and this writer carries on.
+        if let Err(e) = tokio::spawn(write_batch(pool.clone(), batch)).await {
+            log::error!("insert writer failed: {e}");
+        }
     }
 }
 
-async fn write_batch(pool: &PgPool, batch: Vec<Pending>) {
+async fn write_batch(pool: PgPool, batch: Vec<Pending>) {
     let db = Db::Postgres(pool.clone());
     if batch.len() > 1 {
         let names: Vec<&str> = batch.iter().map(|p| p.name.as_str()).collect();
@@ -132,7 +136,7 @@ async fn write_batch(pool: &PgPool, batch: Vec<Pending>) {
         let rows = sqlx::query_as::<_, (i64, i64, DateTime<Utc>)>(BATCH_SQL)
             .bind(&names)
             .bind(&descriptions)
-            .fetch_all(pool)
+            .fetch_all(&pool)
             .await;
         match rows {
             Ok(rows) => {

@@ -128,7 +128,6 @@ async fn write_loop(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Pending>>>, max_b
 }
 
 async fn write_batch(pool: PgPool, batch: Vec<Pending>) {
-    let db = Db::Postgres(pool.clone());
     if batch.len() > 1 {
         let names: Vec<&str> = batch.iter().map(|p| p.name.as_str()).collect();
         let descriptions: Vec<Option<&str>> =
@@ -186,6 +185,7 @@ async fn write_batch(pool: PgPool, batch: Vec<Pending>) {
             }
         }
     }
+    let db = Db::Postgres(pool);
     for p in batch {
         let r = db.create_item(&p.name, p.description.as_deref()).await;
         let _ = p.done.send(r);

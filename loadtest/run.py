@@ -280,10 +280,14 @@ def start_proxy(name, upstreams, limits=PROTECT):
     return port, p.pid
 
 
-def stop_proxy(pid):
+def stop(pid):
+    """Stop one process this run started (SIGTERM to its group; it may already be gone)."""
     for p in list(PROCS):
         if p.pid == pid:
-            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             p.wait(timeout=15)
             PROCS.remove(p)
 
@@ -355,7 +359,7 @@ def with_all_proxies(upstreams, measure, label, direct=None, limits=PROTECT):
         targets[name] = (f"http://127.0.0.1:{port}/items", pid)
     result = interleaved(targets, measure, label)
     for name in PROXIES:
-        stop_proxy(targets[name][1])
+        stop(targets[name][1])
     return result
 
 
@@ -379,7 +383,7 @@ def scenario_flood(upstreams):
                 f = json.loads(flooder.communicate()[0])
                 runs["flood"]["flood_sent"] = f["sent"]
                 runs["flood"]["flood_refused"] = sum(v for k, v in f["statuses"].items() if k != "200")
-        stop_proxy(pid)
+        stop(pid)
         out[name] = runs
         log(f"  flood {name}: {json.dumps(runs)}")
     return out
@@ -411,16 +415,17 @@ def scenario_slowloris(upstreams):
                                      str(port), ",".join(attackers), str(per_ip), str(secs + 3)],
                                     stdout=subprocess.PIPE, text=True)
         time.sleep(2)  # the attack is in place before the normal clients connect
-        normal = concurrent.futures.ThreadPoolExecutor(1).submit(normal_traffic, url, secs, rate=100)
         held = []
-        while not normal.done():
-            held.append(held_by_proxy(port, attackers))
-            time.sleep(0.5)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            normal = pool.submit(normal_traffic, url, secs, rate=100)
+            while not normal.done():
+                held.append(held_by_proxy(port, attackers))
+                time.sleep(0.5)
         runs["attack"] = normal.result()
         runs["attacker"] = json.loads(attacker.communicate()[0])
         runs["attacker"]["held_by_proxy_max"] = max(held)
         runs["attacker"]["held_by_proxy_median"] = statistics.median(held)
-        stop_proxy(pid)
+        stop(pid)
         out[name] = runs
         log(f"  slowloris {name}: {json.dumps(runs)}")
     return out
@@ -478,14 +483,9 @@ def scenario_backend_killed():
         out[name] = {"sent": r["sent"], "failed": failed, "p99": r["p99_ms"],
                      "last_failure_s": r["last_fail_s"] - killed if r["last_fail_s"] >= 0 else None,
                      "marked_down_s": marked_down}
-        stop_proxy(pid)
+        stop(pid)
         for p in ups:
-            PROCS.remove(p)
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=10)
+            stop(p.pid)
         log(f"  backend killed {name}: {json.dumps(out[name])}")
     return out
 
@@ -623,14 +623,10 @@ def write_report(r):
             lines.append(f"| {t} | {v['rps']:.0f} | {v['p50']:.2f} | {v['p90']:.2f} | {v['p99']:.2f} | "
                          f"{v['cpu_per_10k']:.3f} | {v['peak_mb']:.0f} | {v['non2xx']} | {v['errors']} |")
         fg = res["floodgate"]
-        lines += ["", f"Floodgate / nginx: req/s {ratio(fg['rps'], res['nginx']['rps']):.2f}, "
-                      f"p50 {ratio(fg['p50'], res['nginx']['p50']):.2f}, p99 {ratio(fg['p99'], res['nginx']['p99']):.2f}, "
-                      f"CPU {ratio(fg['cpu_per_10k'], res['nginx']['cpu_per_10k']):.2f}, "
-                      f"peak memory {ratio(fg['peak_mb'], res['nginx']['peak_mb']):.2f}. "
-                      f"Floodgate / HAProxy: req/s {ratio(fg['rps'], res['haproxy']['rps']):.2f}, "
-                      f"p50 {ratio(fg['p50'], res['haproxy']['p50']):.2f}, p99 {ratio(fg['p99'], res['haproxy']['p99']):.2f}, "
-                      f"CPU {ratio(fg['cpu_per_10k'], res['haproxy']['cpu_per_10k']):.2f}, "
-                      f"peak memory {ratio(fg['peak_mb'], res['haproxy']['peak_mb']):.2f}.", ""]
+        lines += ["", " ".join(
+            f"Floodgate / {label}: " + ", ".join(f"{name} {ratio(fg[k], res[other][k]):.2f}" for name, k in (
+                ("req/s", "rps"), ("p50", "p50"), ("p99", "p99"), ("CPU", "cpu_per_10k"), ("peak memory", "peak_mb")))
+            + "." for other, label in (("nginx", "nginx"), ("haproxy", "HAProxy"))), ""]
         if key == "overhead":
             best = max(res["nginx"]["rps"], res["haproxy"]["rps"])
             p99 = min(res["nginx"]["p99"], res["haproxy"]["p99"])

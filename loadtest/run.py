@@ -363,30 +363,41 @@ def with_all_proxies(upstreams, measure, label, direct=None, limits=PROTECT):
     return result
 
 
+FLOOD_KINDS = ("calm", "flood", "flood_max")
+
+
 def scenario_flood(upstreams):
-    """One client IP floods at 10x+ its limit; three others send normal traffic."""
+    """One client IP over its limit (100 r/s) while three others send normal traffic. Three
+    runs each round, the proxies interleaved: calm (no flood), flood (the issue's scenario: ten
+    times the limit, 1,000 r/s, judged) and flood_max (as fast as 50 connections go, which on
+    two cores also takes CPU from everyone: reported, not judged). Medians over ROUNDS."""
     limits = dict(PROTECT, per_ip_rate=100, per_ip_burst=50, per_ip_conn=1000)
     secs = 2 if SMOKE else 10
-    out = {}
+    urls = {}
     for name in PROXIES:
         port, pid = start_proxy(name, upstreams, limits)
-        url = f"http://127.0.0.1:{port}/items"
-        runs = {}
-        for flood in (False, True):
-            flooder = None
-            if flood:
-                flooder = subprocess.Popen(loadgen_argv(url, "127.0.0.2", 50, secs + 1), stdout=subprocess.PIPE,
-                                           text=True)
-                time.sleep(0.5)
-            runs["flood" if flood else "calm"] = normal_traffic(url, secs)
-            if flooder:
-                f = json.loads(flooder.communicate()[0])
-                runs["flood"]["flood_sent"] = f["sent"]
-                runs["flood"]["flood_refused"] = sum(v for k, v in f["statuses"].items() if k != "200")
+        urls[name] = (f"http://127.0.0.1:{port}/items", pid)
+    samples = {name: {k: [] for k in FLOOD_KINDS} for name in PROXIES}
+    for r in range(ROUNDS):
+        for name, (url, _) in urls.items():
+            for kind, rate in zip(FLOOD_KINDS, (None, 10 * limits["per_ip_rate"], 0)):
+                flooder = None
+                if rate is not None:
+                    flooder = subprocess.Popen(loadgen_argv(url, "127.0.0.2", 50, secs + 1, rate),
+                                               stdout=subprocess.PIPE, text=True)
+                    time.sleep(0.5)
+                m = normal_traffic(url, secs)
+                if flooder:
+                    f = json.loads(flooder.communicate()[0])
+                    m["flood_sent"] = f["sent"]
+                    m["flood_refused"] = sum(v for k, v in f["statuses"].items() if k != "200")
+                samples[name][kind].append(m)
+                log(f"  flood round {r + 1} {name} {kind}: {json.dumps(m)}")
+    for name, (_, pid) in urls.items():
         stop(pid)
-        out[name] = runs
-        log(f"  flood {name}: {json.dumps(runs)}")
-    return out
+    return {name: {kind: {k: statistics.median(m[k] for m in runs) for k in runs[0]}
+                   for kind, runs in by_kind.items()}
+            for name, by_kind in samples.items()}
 
 
 def held_by_proxy(port, ips):
@@ -660,15 +671,20 @@ def write_report(r):
             lines += ["", f"The seed's stack was not measured: {b['seed_stack_missing']}.", ""]
             goals.append(("Backend: >= 10 x the seed's stack", False, f"not measured: {b['seed_stack_missing']}"))
     if "flood" in r:
-        lines += ["## 4. Flood: one IP far over its limit (100 r/s), three others at 60 r/s each", "",
-                  "| proxy | others' success, calm | others' success, flood | others' p99 calm ms | others' p99 flood ms | flood requests | flood refused |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["## 4. Flood: one IP over its limit (100 r/s), three others at 60 r/s each", "",
+                  "Each round, per proxy: calm (no flood), 10x (the flooding IP at 1,000 r/s, ten times its "
+                  "limit: the goal's scenario) and max (the flooding IP as fast as 50 connections go; on two "
+                  "cores the flooder then competes with everyone for CPU: shown, not judged). Medians.", "",
+                  "| proxy | others' success calm / 10x / max | others' p99 ms calm / 10x / max "
+                  "| flood requests 10x / max | flood refused 10x / max |",
+                  "|---|---|---|---|---|"]
         for t, v in r["flood"].items():
-            c, f = v["calm"], v["flood"]
-            lines.append(f"| {t} | {c['success']:.4f} | {f['success']:.4f} | {c['p99']:.2f} | {f['p99']:.2f} | "
-                         f"{f.get('flood_sent', 0)} | {f.get('flood_refused', 0)} |")
+            c, f, x = v["calm"], v["flood"], v["flood_max"]
+            lines.append(f"| {t} | {c['success']:.4f} / {f['success']:.4f} / {x['success']:.4f} | "
+                         f"{c['p99']:.2f} / {f['p99']:.2f} / {x['p99']:.2f} | "
+                         f"{f['flood_sent']:.0f} / {x['flood_sent']:.0f} | {f['flood_refused']:.0f} / {x['flood_refused']:.0f} |")
         fv = r["flood"]["floodgate"]
-        goals.append(("Scenario 4: others keep >= 99% success and p99 within 10% of the calm run",
+        goals.append(("Scenario 4: others keep >= 99% success and p99 within 10% of the calm run (flood at 10x)",
                       fv["flood"]["success"] >= 0.99 and fv["flood"]["p99"] <= fv["calm"]["p99"] * 1.10,
                       f"success {fv['flood']['success']:.4f}, p99 {fv['flood']['p99']:.2f} vs {fv['calm']['p99']:.2f} ms"))
         lines.append("")
@@ -732,14 +748,14 @@ def make_charts(r):
         return []
     charts = []
     keys = [k for k in ("overhead", "items_get", "items_post") if k in r]
-    protections = [(k, calm, hit) for k, calm, hit in (("flood", "calm", "flood"), ("slowloris", "calm", "attack"))
-                   if k in r]
+    protections = [(k, runs) for k, runs in (("flood", FLOOD_KINDS), ("slowloris", ("calm", "attack"))) if k in r]
     if protections:
         fig, axes = plt.subplots(1, len(protections), figsize=(5 * len(protections), 4), squeeze=False)
-        for ax, (k, calm, hit) in zip(axes[0], protections):
-            xs = range(len(PROXIES))
-            ax.bar([x - 0.2 for x in xs], [r[k][t][calm]["p99"] for t in PROXIES], 0.4, label="calm")
-            ax.bar([x + 0.2 for x in xs], [r[k][t][hit]["p99"] for t in PROXIES], 0.4, label=hit)
+        for ax, (k, runs) in zip(axes[0], protections):
+            width = 0.8 / len(runs)
+            for i, run in enumerate(runs):
+                ax.bar([x + (i - (len(runs) - 1) / 2) * width for x in range(len(PROXIES))],
+                       [r[k][t][run]["p99"] for t in PROXIES], width, label=run)
             ax.set_xticks(range(len(PROXIES)), PROXIES)
             ax.set_title(f"{k}: others' p99 latency")
             ax.set_ylabel("ms")

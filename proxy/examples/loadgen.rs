@@ -1,8 +1,9 @@
 //! A small HTTP/1.1 load generator for loadtest/: keep-alive connections from a chosen source
 //! address (wrk and hey cannot bind one, and per-IP scenarios need several), closed-loop or at
-//! a fixed total rate. Prints one JSON line: sent, per-status counts, errors, p50/p90/p99 ms,
-//! and when the first and last failed request (error or status >= 500) ended, in seconds from
-//! the start (-1 when none failed).
+//! a fixed total rate (each connection's sends evenly staggered against the others'). Prints
+//! one JSON line: sent, per-status counts, errors, p50/p90/p99 ms, and when the first and last
+//! failed request (error or status >= 500) ended, in seconds from the start (-1 when none
+//! failed).
 //! Usage: loadgen <url> <source-ip> <connections> <seconds> [rate per second, 0 = max]
 
 use std::collections::BTreeMap;
@@ -88,7 +89,7 @@ async fn main() {
     let end = start + Duration::from_secs_f64(secs);
     let per_conn_interval = (rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / rate));
     let mut tasks = Vec::new();
-    for _ in 0..conns {
+    for i in 0..conns {
         let (src, req) = (src.clone(), req.clone());
         tasks.push(tokio::spawn(async move {
             let mut r = Result {
@@ -99,7 +100,10 @@ async fn main() {
             };
             let mut buf = Vec::with_capacity(16384);
             let mut stream: Option<TcpStream> = None;
-            let mut next = Instant::now();
+            // Connections start spread over one interval, so a fixed rate is a steady stream
+            // rather than all connections firing together in bursts.
+            let mut next =
+                Instant::now() + per_conn_interval.unwrap_or_default() * i as u32 / conns as u32;
             while Instant::now() < end {
                 if let Some(iv) = per_conn_interval {
                     tokio::time::sleep_until(next.into()).await;

@@ -26,6 +26,7 @@ use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::limits::client::{client_ip, limit_key};
@@ -67,9 +68,14 @@ impl Gateway {
         }
     }
 
-    fn new_request_id(&self) -> String {
+    /// 20 hex digits: the process prefix, then a sequence number. Written without the
+    /// formatting machinery: this runs for every request that brings no id.
+    fn new_request_id(&self) -> HeaderValue {
         let n = self.request_seq.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}{:012x}", self.request_id_prefix, n)
+        let mut id = [0u8; 20];
+        hex_into(&mut id[..8], u64::from(self.request_id_prefix));
+        hex_into(&mut id[8..], n);
+        HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
     }
 
     /// Answer the request with the rejection's status and JSON body, count it, and end it.
@@ -94,6 +100,43 @@ impl Gateway {
         .await;
         Ok(true)
     }
+}
+
+/// `out.len()` lowercase hex digits of `n` (its low bits), most significant first.
+fn hex_into(out: &mut [u8], mut n: u64) {
+    for b in out.iter_mut().rev() {
+        *b = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
+}
+
+/// The text form of an IP address as a header value. IPv4 (nearly every request) is written
+/// by hand: `Display` through the formatting machinery showed in profiles.
+fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string()).expect("an address is a valid header value");
+    };
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        let digits = [octet / 100, octet / 10 % 10, octet % 10];
+        let skip = if octet >= 100 {
+            0
+        } else if octet >= 10 {
+            1
+        } else {
+            2
+        };
+        for d in &digits[skip..] {
+            buf[len] = b'0' + d;
+            len += 1;
+        }
+    }
+    HeaderValue::from_bytes(&buf[..len]).expect("digits and dots are a valid header value")
 }
 
 /// Request-head size: the request line plus every header line.
@@ -177,8 +220,9 @@ pub struct RequestCtx {
     started: Instant,
     /// The client as the gateway believes it (the socket peer).
     client_ip: Option<IpAddr>,
-    /// `X-Request-Id`: the client's, or generated.
-    request_id: String,
+    /// `X-Request-Id`: the client's, or generated; a header value, so forwarding and echoing
+    /// it copy nothing.
+    request_id: HeaderValue,
     /// The backend this request is (or was last) sent to.
     backend: Option<Backend>,
     /// Backends that already failed this request, skipped on retry.
@@ -204,7 +248,7 @@ impl ProxyHttp for Gateway {
             snap: self.snapshot.load_full(),
             started: Instant::now(),
             client_ip: None,
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
             backend: None,
             tried: Vec::new(),
             rejection: None,
@@ -220,9 +264,7 @@ impl ProxyHttp for Gateway {
         let cfg = &snap.config;
         let req = session.req_header();
         ctx.request_id = match req.headers.get("x-request-id") {
-            Some(v) if !v.is_empty() && v.len() <= 200 => {
-                String::from_utf8_lossy(v.as_bytes()).into_owned()
-            }
+            Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
             _ => self.new_request_id(),
         };
         // Who is asking: the socket peer, or X-Forwarded-For when the peer is trusted.
@@ -376,18 +418,24 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(ip) = ctx.client_ip {
-            let ip = ip.to_string();
+            let ip = ip_header_value(ip);
             let xff = match session.req_header().headers.get("x-forwarded-for") {
                 Some(prev) if !prev.is_empty() => {
-                    format!("{}, {ip}", String::from_utf8_lossy(prev.as_bytes()))
+                    let mut list = Vec::with_capacity(prev.len() + 2 + ip.len());
+                    list.extend_from_slice(prev.as_bytes());
+                    list.extend_from_slice(b", ");
+                    list.extend_from_slice(ip.as_bytes());
+                    HeaderValue::from_maybe_shared(Bytes::from(list)).map_err(|_| {
+                        Error::explain(ErrorType::InvalidHTTPHeader, "X-Forwarded-For")
+                    })?
                 }
                 _ => ip.clone(),
             };
             req.insert_header("X-Forwarded-For", xff)?;
             req.insert_header("X-Real-IP", ip)?;
         }
-        req.insert_header("X-Forwarded-Proto", "http")?;
-        req.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        req.insert_header("X-Forwarded-Proto", HeaderValue::from_static("http"))?;
+        req.insert_header("X-Request-Id", ctx.request_id.clone())?;
         Ok(())
     }
 
@@ -397,7 +445,7 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        resp.insert_header("X-Request-Id", ctx.request_id.clone())?;
         Ok(())
     }
 
@@ -532,9 +580,41 @@ impl ProxyHttp for Gateway {
                 status,
                 backend_label,
                 elapsed.as_secs_f64() * 1000.0,
-                ctx.request_id,
+                String::from_utf8_lossy(ctx.request_id.as_bytes()),
                 e.map(|e| format!(" error=\"{e}\"")).unwrap_or_default(),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_header_value_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "9.99.100.255",
+            "192.168.1.9",
+            "255.255.255.255",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header_value(ip).to_str().unwrap(), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn hex_into_writes_fixed_width_lowercase() {
+        let mut out = [0u8; 12];
+        hex_into(&mut out, 0xabc_0123);
+        assert_eq!(&out, b"00000abc0123");
+        let mut out = [0u8; 8];
+        hex_into(&mut out, 0xdead_beef_ffff_ffff);
+        assert_eq!(&out, b"ffffffff");
     }
 }

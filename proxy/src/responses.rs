@@ -34,7 +34,7 @@ pub async fn send_json_error(
     status: u16,
     message: &str,
     retry_after: Option<u64>,
-    request_id: Option<&str>,
+    request_id: Option<&http::HeaderValue>,
     extra: &[(&'static str, String)],
 ) -> Result<()> {
     let body = error_body(status, message);
@@ -46,7 +46,7 @@ pub async fn send_json_error(
         resp.insert_header("Retry-After", secs)?;
     }
     if let Some(id) = request_id {
-        resp.insert_header("X-Request-Id", id)?;
+        resp.insert_header("X-Request-Id", id.clone())?;
     }
     for (name, value) in extra {
         resp.insert_header(*name, value.as_str())?;

@@ -67,7 +67,7 @@ def free_ports(n):
 
 # Ports (loopback only): the trivial upstream, Floodgate and its metrics, nginx, HAProxy,
 # PostgreSQL, the seed's stack, three backends, and the three upstreams of scenario 6.
-UP, GW, GW_METRICS, NG, HA, PG, SEED_STACK, *_rest = free_ports(13)
+UP, GW, GW_METRICS, NG, HA, PG, SEED_STACK, BARE, *_rest = free_ports(14)
 BACKENDS, KILLED_UPSTREAMS = _rest[:3], _rest[3:]
 
 
@@ -288,7 +288,11 @@ def stop(pid):
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            p.wait(timeout=15)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
             PROCS.remove(p)
 
 
@@ -349,17 +353,27 @@ def interleaved(targets, measure, label):
     return out
 
 
-def with_all_proxies(upstreams, measure, label, direct=None, limits=PROTECT):
-    """Start the three proxies side by side and measure them interleaved."""
+BARE_PINGORA = "pingora example"
+
+
+def with_all_proxies(upstreams, measure, label, direct=None, limits=PROTECT, bare_pingora=False):
+    """Start the three proxies side by side and measure them interleaved. With bare_pingora,
+    pingora's own example load balancer (proxy/examples/bare_pingora.rs: no protections, the
+    system allocator) runs beside them as the reference for what pingora gives by itself."""
     targets = {}
     if direct:
         targets["direct"] = (direct, None)
     for name in PROXIES:
         port, pid = start_proxy(name, upstreams, limits)
         targets[name] = (f"http://127.0.0.1:{port}/items", pid)
+    if bare_pingora:
+        p = start("bare-pingora", [os.path.join(BIN, "examples", "bare_pingora"), str(BARE), str(WORKERS), *upstreams])
+        wait_http(f"http://127.0.0.1:{BARE}/items")
+        targets[BARE_PINGORA] = (f"http://127.0.0.1:{BARE}/items", p.pid)
     result = interleaved(targets, measure, label)
-    for name in PROXIES:
-        stop(targets[name][1])
+    for _, pid in targets.values():
+        if pid:
+            stop(pid)
     return result
 
 
@@ -546,6 +560,8 @@ def scenario_seed_backend():
 
 
 def main():
+    # SIGTERM (a CI timeout, `kill`) stops what the run started, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for tool in ("wrk", "hey", "nginx", "haproxy"):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
             raise SystemExit(f"{tool} is missing: run `make deps-bench`")
@@ -564,7 +580,7 @@ def main():
         if "overhead" in SCENARIOS:
             log("scenario 1: proxy overhead (trivial upstream)")
             report["overhead"] = with_all_proxies(trivial, lambda u: wrk(u), "overhead",
-                                                  direct=f"http://127.0.0.1:{UP}/items")
+                                                  direct=f"http://127.0.0.1:{UP}/items", bare_pingora=True)
         if "fixed_rate" in SCENARIOS:
             log("CPU at a fixed rate (5,000 req/s)")
             secs = 2 if SMOKE else 10
@@ -573,7 +589,7 @@ def main():
                 r = loadgen(url, "127.0.0.1", 50, secs, 5000)
                 return {"rps": r["sent"] / secs, "requests": r["sent"], "p50": r["p50_ms"], "p90": r["p90_ms"],
                         "p99": r["p99_ms"], "non2xx": r["sent"] - r["statuses"].get("200", 0), "errors": r["errors"]}
-            report["fixed_rate"] = with_all_proxies(trivial, fixed, "fixed_rate")
+            report["fixed_rate"] = with_all_proxies(trivial, fixed, "fixed_rate", bare_pingora=True)
         if {"items_get", "items_post", "seed_backend"} & set(SCENARIOS):
             stop_pg = start_postgres()
             try:
@@ -638,6 +654,12 @@ def write_report(r):
             f"Floodgate / {label}: " + ", ".join(f"{name} {ratio(fg[k], res[other][k]):.2f}" for name, k in (
                 ("req/s", "rps"), ("p50", "p50"), ("p99", "p99"), ("CPU", "cpu_per_10k"), ("peak memory", "peak_mb")))
             + "." for other, label in (("nginx", "nginx"), ("haproxy", "HAProxy"))), ""]
+        if BARE_PINGORA in res:
+            bare = res[BARE_PINGORA]
+            lines += [f"pingora's own example load balancer (no protections) / nginx: req/s "
+                      f"{ratio(bare['rps'], res['nginx']['rps']):.2f}, CPU {ratio(bare['cpu_per_10k'], res['nginx']['cpu_per_10k']):.2f}; "
+                      f"Floodgate / pingora's example: req/s {ratio(fg['rps'], bare['rps']):.2f}, "
+                      f"CPU {ratio(fg['cpu_per_10k'], bare['cpu_per_10k']):.2f}.", ""]
         if key == "overhead":
             best = max(res["nginx"]["rps"], res["haproxy"]["rps"])
             p99 = min(res["nginx"]["p99"], res["haproxy"]["p99"])
@@ -765,22 +787,24 @@ def make_charts(r):
         charts.append("protection.png")
     if not keys:
         return charts
-    targets = ["direct", "floodgate", "nginx", "haproxy"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.2
+    targets = ["direct", "floodgate", "nginx", "haproxy", BARE_PINGORA]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(targets)
     for i, t in enumerate(targets):
         ax.bar([k + i * width for k in range(len(keys))], [r[k].get(t, {}).get("rps", 0) for k in keys], width, label=t)
-    ax.set_xticks([k + 1.5 * width for k in range(len(keys))], keys)
+    ax.set_xticks([k + (len(targets) - 1) / 2 * width for k in range(len(keys))], keys)
     ax.set_ylabel("requests/s (median)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "rps.png"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        for i, t in enumerate(targets[1:]):
+        shown = [t for t in targets[1:] if t in r[k]]
+        width = 0.8 / len(shown)
+        for i, t in enumerate(shown):
             v = r[k][t]
-            ax.bar([p + i * 0.25 for p in range(3)], [v["p50"], v["p90"], v["p99"]], 0.25, label=t)
-        ax.set_xticks([p + 0.25 for p in range(3)], ["p50", "p90", "p99"])
+            ax.bar([p + i * width for p in range(3)], [v["p50"], v["p90"], v["p99"]], width, label=t)
+        ax.set_xticks([p + (len(shown) - 1) / 2 * width for p in range(3)], ["p50", "p90", "p99"])
         ax.set_title(k)
         ax.set_ylabel("ms")
     axes[0][0].legend()

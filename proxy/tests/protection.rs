@@ -408,6 +408,53 @@ async fn slowloris_is_closed_at_the_head_deadline() {
     assert_eq!(up.requests(), 0);
 }
 
+/// The deadline runs from the first byte of each head, not only the first one of a
+/// connection: a client that sent a good request and then trickles the next is cut too.
+#[tokio::test]
+async fn a_trickled_second_request_is_closed_at_its_own_deadline() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(&up, "slow_clients: {header_timeout: 1s}\n").await;
+    let mut s = tcp_from("127.0.0.7", gw.port).await;
+    // Idle longer than the deadline before the first request: idle time is not head time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"GET /items HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .expect("first response")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // Keep-alive idle, longer than the deadline: not a head yet, so not cut.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let started = Instant::now();
+    let mut closed_at = None;
+    for byte in b"GET /items HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa\r\n\r\n" {
+        if s.write_all(&[*byte]).await.is_err() {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed_at = Some(started.elapsed());
+                break;
+            }
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    let closed_at = closed_at.expect("the trickled second request was never cut");
+    assert!(
+        closed_at >= Duration::from_millis(900) && closed_at < Duration::from_millis(2000),
+        "closed {closed_at:?} after its first byte"
+    );
+    assert_eq!(up.requests(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_queue_full_or_timed_out_is_503_within_the_timeout() {
     let up = Upstream::start("a").await;

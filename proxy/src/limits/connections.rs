@@ -194,8 +194,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
 pub struct HeadDeadline {
     inner: Stream,
     timeout: Duration,
-    /// Armed while a request head is being received.
-    deadline: Pin<Box<Sleep>>,
+    /// When the head being received must be complete.
+    due: Instant,
+    /// Armed only when a read inside a head has to wait for more bytes, so a head that
+    /// arrives whole (nearly every request of a well-behaved client) costs no timer.
+    timer: Option<Pin<Box<Sleep>>>,
     in_head: bool,
     /// A response was written since the last head ended: the next bytes start a new head.
     responded: bool,
@@ -219,7 +222,8 @@ impl HeadDeadline {
             inner,
             timeout,
             // The first head is timed from accept, like nginx's client_header_timeout.
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            due: Instant::now() + timeout,
+            timer: None,
             in_head: true,
             responded: false,
             tail: [0; 3],
@@ -236,7 +240,7 @@ impl HeadDeadline {
             self.in_head = true;
             self.responded = false;
             self.tail_len = 0;
-            self.deadline.as_mut().reset(Instant::now() + self.timeout);
+            self.due = Instant::now() + self.timeout;
         }
         if !self.in_head {
             return;
@@ -271,16 +275,33 @@ impl AsyncRead for HeadDeadline {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.in_head && this.deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(
+        let late = || {
+            Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "request head not received within slow_clients.header_timeout",
-            )));
+            )))
+        };
+        if this.in_head && Instant::now() >= this.due {
+            return late();
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &r {
-            this.observe(&buf.filled()[before..]);
+        match &r {
+            Poll::Ready(Ok(())) => this.observe(&buf.filled()[before..]),
+            Poll::Pending if this.in_head => {
+                // Waiting for the rest of a head: be woken at its deadline.
+                let due = this.due;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                if timer.deadline() != due {
+                    timer.as_mut().reset(due);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return late();
+                }
+            }
+            _ => {}
         }
         r
     }

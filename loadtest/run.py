@@ -8,7 +8,8 @@ writes loadtest/results/<date>/report.md with PNG charts: medians, ratios agains
 HAProxy measured in the same run, CPU seconds per 10,000 requests and peak memory.
 
 Environment: ROUNDS (3), DURATION (10s), WORKERS (1, the same for every proxy), CONNS (50),
-SCENARIOS (overhead,fixed_rate,items_get,items_post,flood,slowloris,backend_killed,seed_backend),
+SCENARIOS (overhead,fixed_rate,instructions,items_get,items_post,flood,slowloris,backend_killed,
+seed_backend),
 BIN (target/release), SMOKE=1 (one short round of each, for CI: keeps the runner from rotting;
 no goals judged).
 """
@@ -37,7 +38,7 @@ ROUNDS = 1 if SMOKE else int(os.environ.get("ROUNDS", "3"))
 DURATION = "1s" if SMOKE else os.environ.get("DURATION", "10s")
 WORKERS = int(os.environ.get("WORKERS", "1"))
 CONNS = int(os.environ.get("CONNS", "50"))
-SCENARIOS = os.environ.get("SCENARIOS", "overhead,fixed_rate,items_get,items_post,flood,slowloris,backend_killed,"
+SCENARIOS = os.environ.get("SCENARIOS", "overhead,fixed_rate,instructions,items_get,items_post,flood,slowloris,backend_killed,"
                            "seed_backend").split(",")
 PROXIES = ["floodgate", "nginx", "haproxy"]
 TMP = tempfile.mkdtemp(prefix="floodgate-loadtest-")
@@ -245,36 +246,48 @@ def fill(template, values):
     return text
 
 
-def start_proxy(name, upstreams, limits=PROTECT):
-    """Start one proxy in front of `upstreams`; returns (port, pid)."""
+def proxy_argv(name, upstreams, limits=PROTECT, port=None):
+    """The command line of one proxy in front of `upstreams` (its config written to TMP) and
+    the port it listens on. nginx runs as one process without a master (for callgrind)
+    when `port` is given."""
     if name == "floodgate":
         path = os.path.join(TMP, "gateway.yaml")
+        port = port or GW
+        conf = floodgate_conf(upstreams, limits).replace(f"127.0.0.1:{GW}", f"127.0.0.1:{port}")
         with open(path, "w") as f:
-            f.write(floodgate_conf(upstreams, limits))
-        p = start("floodgate", [os.path.join(BIN, "gateway"), "-c", path, "--upgrade-sock", os.path.join(TMP, "up.sock")])
-        port = GW
-    elif name == "nginx":
+            f.write(conf)
+        return [os.path.join(BIN, "gateway"), "-c", path, "--upgrade-sock", os.path.join(TMP, "up.sock")], port
+    if name == "nginx":
         os.makedirs(os.path.join(TMP, "body"), exist_ok=True)
         os.makedirs(os.path.join(TMP, "proxy"), exist_ok=True)
         path = os.path.join(TMP, "nginx.conf")
+        single = port is not None
+        port = port or NG
         with open(path, "w") as f:
             f.write(fill("nginx/overhead.conf.tmpl", dict(
-                WORKERS=WORKERS, TMP=TMP, PORT=NG, UPSTREAMS=" ".join(f"server {u};" for u in upstreams),
+                WORKERS=WORKERS, TMP=TMP, PORT=port, UPSTREAMS=" ".join(f"server {u};" for u in upstreams),
                 PER_IP_RATE=limits["per_ip_rate"], PER_IP_BURST=limits["per_ip_burst"],
                 GLOBAL_RATE=limits["global_rate"], GLOBAL_BURST=limits["global_burst"],
                 PER_IP_CONN=limits["per_ip_conn"], HEADER_TIMEOUT=limits["header_timeout"])))
-        p = start("nginx", ["nginx", "-c", path, "-p", TMP, "-g", "daemon off;"])
-        port = NG
-    else:
+        return ["nginx", "-c", path, "-p", TMP, "-g", "daemon off;" + (" master_process off;" if single else "")], port
+    if name == "haproxy":
         path = os.path.join(TMP, "haproxy.cfg")
+        port = port or HA
         servers = "\n".join(f"    server s{i} {u} check inter 1s fall 2 rise 1" for i, u in enumerate(upstreams))
         with open(path, "w") as f:
             f.write(fill("haproxy/haproxy.cfg.tmpl", dict(
-                WORKERS=WORKERS, TMP=TMP, PORT=HA, SERVERS=servers,
+                WORKERS=WORKERS, TMP=TMP, PORT=port, SERVERS=servers,
                 PER_IP_RATE=limits["per_ip_rate"], PER_IP_CONN=limits["per_ip_conn"],
                 GLOBAL_RATE=limits["global_rate"], HEADER_TIMEOUT=limits["header_timeout"])))
-        p = start("haproxy", ["haproxy", "-f", path, "-db"])
-        port = HA
+        return ["haproxy", "-f", path, "-db"], port
+    port = port or BARE
+    return [os.path.join(BIN, "examples", "bare_pingora"), str(port), str(WORKERS), *upstreams], port
+
+
+def start_proxy(name, upstreams, limits=PROTECT):
+    """Start one proxy in front of `upstreams`; returns (port, pid)."""
+    argv, port = proxy_argv(name, upstreams, limits)
+    p = start(name.replace(" ", "-"), argv)
     time.sleep(1.5 if name == "floodgate" else 0.3)
     wait_http(f"http://127.0.0.1:{port}/items")
     return port, p.pid
@@ -367,9 +380,8 @@ def with_all_proxies(upstreams, measure, label, direct=None, limits=PROTECT, bar
         port, pid = start_proxy(name, upstreams, limits)
         targets[name] = (f"http://127.0.0.1:{port}/items", pid)
     if bare_pingora:
-        p = start("bare-pingora", [os.path.join(BIN, "examples", "bare_pingora"), str(BARE), str(WORKERS), *upstreams])
-        wait_http(f"http://127.0.0.1:{BARE}/items")
-        targets[BARE_PINGORA] = (f"http://127.0.0.1:{BARE}/items", p.pid)
+        port, pid = start_proxy(BARE_PINGORA, upstreams)
+        targets[BARE_PINGORA] = (f"http://127.0.0.1:{port}/items", pid)
     result = interleaved(targets, measure, label)
     for _, pid in targets.values():
         if pid:
@@ -475,6 +487,41 @@ def backend_up(name, victim):
     return None  # nginx: passive checks only, no state to read
 
 
+def scenario_instructions(upstreams):
+    """User-space instructions per request, counted by valgrind's callgrind: unlike time, the
+    count is the same run after run whatever else the machine is doing, so it shows small
+    differences the timed scenarios cannot. Each proxy runs alone under callgrind (nginx as
+    one process, no master), is warmed up, then counts only while loadgen sends a fixed rate.
+    Kernel work (the syscalls, the same ones for every proxy) is not counted."""
+    secs, rate = (1, 300) if SMOKE else (5, 1000)
+    out = {}
+    for name in PROXIES + [BARE_PINGORA]:
+        argv, port = proxy_argv(name, upstreams, port=free_ports(1)[0])
+        dump = os.path.join(TMP, "callgrind.out")
+        for f in os.listdir(TMP):
+            if f.startswith("callgrind.out"):
+                os.remove(os.path.join(TMP, f))
+        p = start(f"callgrind-{name.replace(' ', '-')}", ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                                          f"--callgrind-out-file={dump}", *argv])
+        url = f"http://127.0.0.1:{port}/items"
+        wait_http(url, timeout=120)
+        loadgen(url, "127.0.0.1", 50, 2 if not SMOKE else 1, rate)  # warm-up: pools, caches, lazy init
+        subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], capture_output=True, check=True)
+        g = loadgen(url, "127.0.0.1", 50, secs, rate)
+        subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], capture_output=True, check=True)
+        subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, check=True)
+        total = 0
+        for f in os.listdir(TMP):
+            if f.startswith("callgrind.out."):
+                with open(os.path.join(TMP, f)) as fh:
+                    total += next(int(line.split()[1]) for line in fh if line.startswith("totals:"))
+        stop(p.pid)
+        ok = g["statuses"].get("200", 0)
+        out[name] = {"requests": ok, "instructions": total / max(ok, 1)}
+        log(f"  instructions {name}: {out[name]['instructions']:,.0f} per request ({ok} requests)")
+    return out
+
+
 def scenario_backend_killed():
     """Three upstreams answering in 2 ms; one is SIGKILLed mid-run under a steady 2,000 GET/s.
     Failed requests seen by clients, when the last one failed, and when the proxy stopped
@@ -562,7 +609,7 @@ def scenario_seed_backend():
 def main():
     # SIGTERM (a CI timeout, `kill`) stops what the run started, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    for tool in ("wrk", "hey", "nginx", "haproxy"):
+    for tool in ("wrk", "hey", "nginx", "haproxy", "valgrind"):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
             raise SystemExit(f"{tool} is missing: run `make deps-bench`")
     os.makedirs(RESULTS, exist_ok=True)
@@ -612,6 +659,9 @@ def main():
                 stop_pg()
                 start("fast_upstream", [os.path.join(BIN, "examples", "fast_upstream"), str(UP), "1"])
                 wait_http(f"http://127.0.0.1:{UP}/")
+        if "instructions" in SCENARIOS:
+            log("user-space instructions per request (callgrind)")
+            report["instructions"] = scenario_instructions(trivial)
         if "flood" in SCENARIOS:
             log("scenario 4: flood from one IP, normal traffic from three others")
             report["flood"] = scenario_flood(trivial)
@@ -669,6 +719,20 @@ def write_report(r):
             lowest = min(res["nginx"]["cpu_per_10k"], res["haproxy"]["cpu_per_10k"])
             goals.append(("CPU per request at a fixed rate: Floodgate lowest", fg["cpu_per_10k"] <= lowest,
                           f"{fg['cpu_per_10k'] * 10:.3f} vs {lowest * 10:.3f} CPU s / 100k"))
+    if "instructions" in r:
+        ins = r["instructions"]
+        lines += ["## User-space instructions per request (callgrind)", "",
+                  "Each proxy alone under valgrind's callgrind, counting only while loadgen sends "
+                  + ("300 req/s for 1 s" if SMOKE else "1,000 req/s for 5 s") + " through it to the trivial upstream "
+                  "(after a warm-up). Instructions, not time: the figure repeats run after run on a noisy machine. "
+                  "Kernel work is not counted (every proxy makes the same syscalls per request).", "",
+                  "| target | instructions / request | / nginx |", "|---|---|---|"]
+        for t, v in ins.items():
+            lines.append(f"| {t} | {v['instructions']:,.0f} | {ratio(v['instructions'], ins['nginx']['instructions']):.2f} |")
+        if BARE_PINGORA in ins:
+            lines += ["", f"Floodgate / pingora's example: {ratio(ins['floodgate']['instructions'], ins[BARE_PINGORA]['instructions']):.2f} "
+                      "(what Floodgate's limits, caps, deadline, forwarding headers and metrics add to pingora's own work)."]
+        lines.append("")
     if "seed_backend" in r:
         b = r["seed_backend"]
         lines += ["## The seed's commands against one instance: Floodgate's backend vs the seed's stack", "",

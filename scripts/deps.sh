@@ -2,7 +2,8 @@
 # Install the system packages Floodgate needs, when they are missing.
 #   scripts/deps.sh          build + test needs: cmake (pingora), redis-server, postgresql,
 #                            wrk + hey + curl (the scripted demo), docker-compose (compose check)
-#   scripts/deps.sh bench    plus what the load tests compare against: nginx, haproxy, and (pip)
+#   scripts/deps.sh bench    plus what the load tests compare against: nginx, haproxy, valgrind
+#                            (instruction counts), and (pip)
 #                            matplotlib and the seed's FastAPI stack
 set -euo pipefail
 
@@ -18,6 +19,7 @@ have docker-compose || need+=(docker-compose)
 if [ "${1:-}" = bench ]; then
   have nginx || [ -x /usr/sbin/nginx ] || need+=(nginx)
   have haproxy || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+  have valgrind || need+=(valgrind)
   python3 -c "import matplotlib" 2>/dev/null || pip_need=1
   python3 -c "import fastapi, gunicorn, uvicorn, sqlalchemy, asyncpg, greenlet" 2>/dev/null || seed_need=1
 fi

@@ -218,8 +218,11 @@ pub struct RequestCtx {
     /// swaps in another meanwhile.
     snap: Arc<Snapshot>,
     started: Instant,
-    /// The client as the gateway believes it (the socket peer).
+    /// The client as the gateway believes it: the socket peer, or from X-Forwarded-For when
+    /// the peer is a trusted proxy.
     client_ip: Option<IpAddr>,
+    /// The socket peer: the hop appended to X-Forwarded-For.
+    peer_ip: Option<IpAddr>,
     /// `X-Request-Id`: the client's, or generated; a header value, so forwarding and echoing
     /// it copy nothing.
     request_id: HeaderValue,
@@ -248,6 +251,7 @@ impl ProxyHttp for Gateway {
             snap: self.snapshot.load_full(),
             started: Instant::now(),
             client_ip: None,
+            peer_ip: None,
             request_id: HeaderValue::from_static(""),
             backend: None,
             tried: Vec::new(),
@@ -272,6 +276,7 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        ctx.peer_ip = peer;
         ctx.client_ip = peer.map(|p| {
             let xff = req.headers.get("x-forwarded-for").map(|v| v.as_bytes());
             client_ip(p, xff, &cfg.trusted_proxies)
@@ -417,22 +422,30 @@ impl ProxyHttp for Gateway {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(ip) = ctx.client_ip {
-            let ip = ip_header_value(ip);
+        if let (Some(client), Some(peer)) = (ctx.client_ip, ctx.peer_ip) {
+            // X-Forwarded-For gains the hop this connection came from (nginx's
+            // $proxy_add_x_forwarded_for, without realip turning it into the client twice);
+            // X-Real-IP is the client the gateway believes.
+            let hop = ip_header_value(peer);
             let xff = match session.req_header().headers.get("x-forwarded-for") {
                 Some(prev) if !prev.is_empty() => {
-                    let mut list = Vec::with_capacity(prev.len() + 2 + ip.len());
+                    let mut list = Vec::with_capacity(prev.len() + 2 + hop.len());
                     list.extend_from_slice(prev.as_bytes());
                     list.extend_from_slice(b", ");
-                    list.extend_from_slice(ip.as_bytes());
+                    list.extend_from_slice(hop.as_bytes());
                     HeaderValue::from_maybe_shared(Bytes::from(list)).map_err(|_| {
                         Error::explain(ErrorType::InvalidHTTPHeader, "X-Forwarded-For")
                     })?
                 }
-                _ => ip.clone(),
+                _ => hop.clone(),
+            };
+            let real = if client == peer {
+                hop
+            } else {
+                ip_header_value(client)
             };
             req.insert_header("X-Forwarded-For", xff)?;
-            req.insert_header("X-Real-IP", ip)?;
+            req.insert_header("X-Real-IP", real)?;
         }
         req.insert_header("X-Forwarded-Proto", HeaderValue::from_static("http"))?;
         req.insert_header("X-Request-Id", ctx.request_id.clone())?;

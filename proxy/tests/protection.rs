@@ -203,6 +203,13 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     let proxy = client_from("127.0.0.3");
     assert_eq!(get(&proxy, "9.9.9.3").await.unwrap().status(), 200);
     assert_eq!(get(&proxy, "9.9.9.4").await.unwrap().status(), 200);
+    // The chain gains the hop the gateway received from (the proxy), not the client twice;
+    // X-Real-IP is the client the gateway believes.
+    assert_eq!(
+        up.header("x-forwarded-for").as_deref(),
+        Some("9.9.9.4, 127.0.0.3")
+    );
+    assert_eq!(up.header("x-real-ip").as_deref(), Some("9.9.9.4"));
     assert_eq!(get(&proxy, "6.6.6.6, 9.9.9.3").await.unwrap().status(), 429);
 }
 

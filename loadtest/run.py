@@ -218,9 +218,9 @@ PROTECT = dict(per_ip_rate=1_000_000, per_ip_burst=100_000, global_rate=10_000_0
                per_ip_conn=60_000, header_timeout=10)
 
 
-def floodgate_conf(upstreams, limits):
+def floodgate_conf(upstreams, limits, port=GW):
     backends = "".join(f'    - "{u}"\n' for u in upstreams)
-    return f"""listen: ["127.0.0.1:{GW}"]
+    return f"""listen: ["127.0.0.1:{port}"]
 metrics_listen: "127.0.0.1:{GW_METRICS}"
 workers: {WORKERS}
 log_level: warn
@@ -253,9 +253,8 @@ def proxy_argv(name, upstreams, limits=PROTECT, port=None):
     if name == "floodgate":
         path = os.path.join(TMP, "gateway.yaml")
         port = port or GW
-        conf = floodgate_conf(upstreams, limits).replace(f"127.0.0.1:{GW}", f"127.0.0.1:{port}")
         with open(path, "w") as f:
-            f.write(conf)
+            f.write(floodgate_conf(upstreams, limits, port))
         return [os.path.join(BIN, "gateway"), "-c", path, "--upgrade-sock", os.path.join(TMP, "up.sock")], port
     if name == "nginx":
         os.makedirs(os.path.join(TMP, "body"), exist_ok=True)
@@ -824,6 +823,14 @@ def write_report(r):
     print("\n".join(lines))
 
 
+def grouped_bars(ax, series, width=0.8):
+    """Bars of several series side by side, each group centred on its integer x position.
+    series: [(label, [value per group])]."""
+    w = width / len(series)
+    for i, (label, values) in enumerate(series):
+        ax.bar([x + (i - (len(series) - 1) / 2) * w for x in range(len(values))], values, w, label=label)
+
+
 def make_charts(r):
     try:
         import matplotlib
@@ -838,10 +845,7 @@ def make_charts(r):
     if protections:
         fig, axes = plt.subplots(1, len(protections), figsize=(5 * len(protections), 4), squeeze=False)
         for ax, (k, runs) in zip(axes[0], protections):
-            width = 0.8 / len(runs)
-            for i, run in enumerate(runs):
-                ax.bar([x + (i - (len(runs) - 1) / 2) * width for x in range(len(PROXIES))],
-                       [r[k][t][run]["p99"] for t in PROXIES], width, label=run)
+            grouped_bars(ax, [(run, [r[k][t][run]["p99"] for t in PROXIES]) for run in runs])
             ax.set_xticks(range(len(PROXIES)), PROXIES)
             ax.set_title(f"{k}: others' p99 latency")
             ax.set_ylabel("ms")
@@ -853,22 +857,16 @@ def make_charts(r):
         return charts
     targets = ["direct", "floodgate", "nginx", "haproxy", BARE_PINGORA]
     fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(targets)
-    for i, t in enumerate(targets):
-        ax.bar([k + i * width for k in range(len(keys))], [r[k].get(t, {}).get("rps", 0) for k in keys], width, label=t)
-    ax.set_xticks([k + (len(targets) - 1) / 2 * width for k in range(len(keys))], keys)
+    grouped_bars(ax, [(t, [r[k].get(t, {}).get("rps", 0) for k in keys]) for t in targets])
+    ax.set_xticks(range(len(keys)), keys)
     ax.set_ylabel("requests/s (median)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "rps.png"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        shown = [t for t in targets[1:] if t in r[k]]
-        width = 0.8 / len(shown)
-        for i, t in enumerate(shown):
-            v = r[k][t]
-            ax.bar([p + i * width for p in range(3)], [v["p50"], v["p90"], v["p99"]], width, label=t)
-        ax.set_xticks([p + (len(shown) - 1) / 2 * width for p in range(3)], ["p50", "p90", "p99"])
+        grouped_bars(ax, [(t, [r[k][t]["p50"], r[k][t]["p90"], r[k][t]["p99"]]) for t in targets[1:] if t in r[k]])
+        ax.set_xticks(range(3), ["p50", "p90", "p99"])
         ax.set_title(k)
         ax.set_ylabel("ms")
     axes[0][0].legend()

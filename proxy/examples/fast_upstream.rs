@@ -1,11 +1,13 @@
 //! A trivial upstream for proxy benchmarks (loadtest/): answers every request at once with a
 //! small JSON body, so the proxy in front of it is the bottleneck; with a delay, each answer
-//! takes that long (requests are then in flight when a scenario kills the upstream).
+//! takes that long (requests are then in flight when a scenario kills the upstream). It reads
+//! each request body before answering, as an API does: hyper closes a keep-alive connection
+//! whose request body was left unread, which would make every proxy reconnect.
 //! Usage: fast_upstream <port> [threads] [delay ms]
 
 use std::convert::Infallible;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -36,9 +38,11 @@ async fn serve(port: u16, delay: std::time::Duration) {
         let _ = stream.set_nodelay(true);
         let name = name.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let name = name.clone();
                 async move {
+                    // A broken body ends in the same answer; the proxy under test sees the close.
+                    let _ = req.into_body().collect().await;
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }

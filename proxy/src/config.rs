@@ -446,8 +446,13 @@ fn default_max_delay() -> HumanDuration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileClient {
-    /// Peers whose `X-Forwarded-For` is believed (CIDRs). Default: none.
+    /// Peers whose `X-Forwarded-For` (and PROXY protocol header) is believed (CIDRs).
+    /// Default: none.
     pub trusted_proxies: Vec<Cidr>,
+    /// Connections from trusted proxies must open with a PROXY protocol v1/v2 header, whose
+    /// source address then stands for the socket peer (HAProxy `accept-proxy`, nginx
+    /// `listen ... proxy_protocol`). Default: false.
+    pub proxy_protocol: bool,
     /// IPv6 clients are keyed by this prefix length. Default: 64.
     pub ipv6_prefix: u8,
 }
@@ -456,6 +461,7 @@ impl Default for FileClient {
     fn default() -> Self {
         FileClient {
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             ipv6_prefix: 64,
         }
     }
@@ -655,6 +661,7 @@ pub struct GatewayConfig {
     /// Per-backend concurrency cap (0 = none), its queue length and queue timeout.
     pub backend_queue: BackendQueue,
     pub trusted_proxies: Vec<Cidr>,
+    pub proxy_protocol: bool,
     pub ipv6_prefix: u8,
     pub global_limit: Option<RateSpec>,
     pub per_ip_limit: Option<RateSpec>,
@@ -816,6 +823,12 @@ impl GatewayConfig {
         if f.client.ipv6_prefix == 0 || f.client.ipv6_prefix > 128 {
             return Err("client.ipv6_prefix: must be 1-128".into());
         }
+        if f.client.proxy_protocol && f.client.trusted_proxies.is_empty() {
+            return Err(
+                "client.proxy_protocol: list the balancers that send it in client.trusted_proxies"
+                    .into(),
+            );
+        }
         let mut route_limits = Vec::new();
         for (i, r) in f.limits.routes.iter().enumerate() {
             if !r.prefix.starts_with('/') {
@@ -838,6 +851,7 @@ impl GatewayConfig {
                 timeout: f.upstream.queue_timeout.0,
             },
             trusted_proxies: f.client.trusted_proxies,
+            proxy_protocol: f.client.proxy_protocol,
             ipv6_prefix: f.client.ipv6_prefix,
             global_limit: f.limits.global.as_ref().map(RateSpec::from),
             per_ip_limit: f.limits.per_ip.as_ref().map(RateSpec::from),
@@ -970,5 +984,7 @@ mod tests {
         );
         let e = err("upstream:\n  backends: [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n");
         assert!(e.contains("twice"), "{e}");
+        let e = err(&format!("{MINIMAL}client: {{proxy_protocol: true}}\n"));
+        assert!(e.contains("client.trusted_proxies"), "{e}");
     }
 }

@@ -41,10 +41,12 @@ pub enum Rejection {
     AmbiguousFraming,
     /// A Transfer-Encoding other than chunked: 501.
     UnsupportedTransferEncoding,
+    /// A trusted proxy's connection without a valid PROXY protocol header: 400 and closed.
+    ProxyProtocol,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 11] = [
+    pub const ALL: [Rejection; 12] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -56,6 +58,7 @@ impl Rejection {
         Rejection::BackendQueueTimeout,
         Rejection::AmbiguousFraming,
         Rejection::UnsupportedTransferEncoding,
+        Rejection::ProxyProtocol,
     ];
 
     pub fn label(self) -> &'static str {
@@ -71,6 +74,7 @@ impl Rejection {
             Rejection::BackendQueueTimeout => "backend_queue_timeout",
             Rejection::AmbiguousFraming => "ambiguous_framing",
             Rejection::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+            Rejection::ProxyProtocol => "proxy_protocol",
         }
     }
 
@@ -80,7 +84,7 @@ impl Rejection {
             Rejection::RateLimitIp => 429,
             Rejection::BodyTooLarge => 413,
             Rejection::HeaderTooLarge => 431,
-            Rejection::AmbiguousFraming => 400,
+            Rejection::AmbiguousFraming | Rejection::ProxyProtocol => 400,
             Rejection::UnsupportedTransferEncoding => 501,
             _ => 503,
         }
@@ -102,6 +106,7 @@ impl Rejection {
             Rejection::UnsupportedTransferEncoding => {
                 "only Transfer-Encoding: chunked is supported"
             }
+            Rejection::ProxyProtocol => "invalid or missing PROXY protocol header",
         }
     }
 }

@@ -11,15 +11,16 @@ pub fn error_body(status: u16, message: &str) -> Bytes {
 }
 
 /// A complete HTTP/1.1 error response as bytes, for a connection refused before any request
-/// was read; it closes the connection.
-pub fn raw_error(status: u16, message: &str, retry_after: u64) -> Vec<u8> {
+/// was read; it closes the connection. 429 and 503 should carry `retry_after` (seconds).
+pub fn raw_error(status: u16, message: &str, retry_after: Option<u64>) -> Vec<u8> {
     let body = error_body(status, message);
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Error");
+    let retry = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: {retry_after}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{retry}Connection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();

@@ -213,6 +213,106 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     assert_eq!(get(&proxy, "6.6.6.6, 9.9.9.3").await.unwrap().status(), 429);
 }
 
+/// Write `pieces` with a pause after each (a header split across reads), then read one answer.
+async fn raw_exchange(stream: &mut tokio::net::TcpStream, pieces: &[&[u8]]) -> String {
+    for piece in pieces {
+        stream.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// A PROXY protocol v2 header for an IPv4 client (`cmd` 1: PROXY, 0: LOCAL).
+fn proxy_v2(cmd: u8, client: [u8; 4], port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend([0x20 | cmd, 0x11, 0, 12]);
+    h.extend(client);
+    h.extend([127, 0, 0, 1]);
+    h.extend(port.to_be_bytes());
+    h.extend(80u16.to_be_bytes());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_is_believed_only_from_trusted_balancers() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(
+        &up,
+        "client:\n  trusted_proxies: [\"127.0.0.3/32\"]\n  proxy_protocol: true\n\
+         limits:\n  global: null\n  per_ip: {rate: 1r/m, burst: 0}\n\
+         connections: {per_ip: 2, total: 100}\n",
+    )
+    .await;
+    const GET: &[u8] = b"GET /items HTTP/1.1\r\nHost: x\r\n\r\n";
+    // From the balancer, a v1 header names the client: the upstream sees it, and the per-IP
+    // limit is the client's, not the balancer's.
+    let mut lb = tcp_from("127.0.0.3", gw.port).await;
+    let v1 = b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 80\r\n";
+    let answer = raw_exchange(&mut lb, &[&[&v1[..], GET].concat()]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(up.header("x-real-ip").as_deref(), Some("203.0.113.7"));
+    assert_eq!(up.header("x-forwarded-for").as_deref(), Some("203.0.113.7"));
+    assert!(raw_exchange(&mut lb, &[GET])
+        .await
+        .starts_with("HTTP/1.1 429"));
+    // A v2 header arriving in pieces, for another client: its own limit.
+    let mut lb2 = tcp_from("127.0.0.3", gw.port).await;
+    let v2 = proxy_v2(1, [203, 0, 113, 8], 40000);
+    let answer = raw_exchange(&mut lb2, &[&v2[..5], &v2[5..], GET]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(up.header("x-real-ip").as_deref(), Some("203.0.113.8"));
+    // Connection caps count the client too: two held for .20, the third refused, while
+    // the balancer as a whole is not capped.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tcp_from("127.0.0.3", gw.port).await;
+        s.write_all(&proxy_v2(1, [203, 0, 113, 20], 1))
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.metric("gateway_downstream_connections").await < 4.0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut third = tcp_from("127.0.0.3", gw.port).await;
+    let answer = raw_exchange(&mut third, &[&proxy_v2(1, [203, 0, 113, 20], 1)]).await;
+    assert!(answer.contains("too many open connections"), "{answer}");
+    // LOCAL (the balancer's own health check): the balancer is the client.
+    let mut check = tcp_from("127.0.0.3", gw.port).await;
+    let answer = raw_exchange(&mut check, &[&[&proxy_v2(0, [0; 4], 0)[..], GET].concat()]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(up.header("x-real-ip").as_deref(), Some("127.0.0.3"));
+    // A balancer connection without the header is refused with the reason, and counted.
+    let mut bare = tcp_from("127.0.0.3", gw.port).await;
+    bare.write_all(GET).await.unwrap();
+    let mut answer = String::new();
+    bare.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("PROXY protocol"), "{answer}");
+    assert_eq!(
+        gw.metric("gateway_rejections_total{reason=\"proxy_protocol\"}")
+            .await,
+        1.0
+    );
+    // Anyone else cannot claim an address with it: the line is not HTTP, so 400; their own
+    // requests are plain HTTP under their own address.
+    let mut liar = tcp_from("127.0.0.2", gw.port).await;
+    let answer = raw_exchange(
+        &mut liar,
+        &[&[&b"PROXY TCP4 9.9.9.9 127.0.0.1 1 80\r\n"[..], GET].concat()],
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let mut direct = tcp_from("127.0.0.2", gw.port).await;
+    assert!(raw_get(&mut direct).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(up.header("x-real-ip").as_deref(), Some("127.0.0.2"));
+    drop(held);
+}
+
 async fn raw_get(stream: &mut tokio::net::TcpStream) -> String {
     stream
         .write_all(b"GET /items HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -35,6 +35,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::proxy_protocol::{self, Source};
 use super::Snapshot;
 use crate::metrics::{Metrics, Rejection};
 use crate::responses;
@@ -150,21 +151,41 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let peer = stream
+        let mut peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let (per_ip_cap, total_cap, head_timeout) = {
+        let (proxy_protocol, head_timeout) = {
+            let snap = self.snapshot.load();
+            let c = &snap.config;
+            let trusted = peer.is_some_and(|ip| c.trusted_proxies.iter().any(|n| n.contains(ip)));
+            (c.proxy_protocol && trusted, c.header_timeout)
+        };
+        if proxy_protocol {
+            match proxy_protocol::accept(stream, head_timeout).await {
+                Ok((s, source)) => {
+                    stream = s;
+                    if let Source::Client(addr) = source {
+                        peer = Some(addr.ip());
+                    }
+                }
+                Err((s, why)) => {
+                    self.metrics.reject(Rejection::ProxyProtocol);
+                    if let Some(mut s) = s {
+                        let _ = s.write_all(&responses::raw_error(400, why, None)).await;
+                        let _ = s.flush().await;
+                    }
+                    return None;
+                }
+            }
+        }
+        let (per_ip_cap, total_cap) = {
             let snap = self.snapshot.load();
             let c = &snap.config;
             let exempt = peer.is_some_and(|ip| {
                 c.exempt.iter().any(|n| n.contains(ip))
                     || c.trusted_proxies.iter().any(|n| n.contains(ip))
             });
-            (
-                (!exempt).then_some(c.conn_per_ip),
-                c.conn_total,
-                c.header_timeout,
-            )
+            ((!exempt).then_some(c.conn_per_ip), c.conn_total)
         };
         let _guard = match self.counter.try_open(peer, per_ip_cap, total_cap) {
             Ok(g) => g,
@@ -172,7 +193,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
                 self.metrics.reject(reason);
                 // A minimal answer, then close: the client learns why instead of a reset.
                 let _ = stream
-                    .write_all(&responses::raw_error(503, reason.message(), 1))
+                    .write_all(&responses::raw_error(503, reason.message(), Some(1)))
                     .await;
                 let _ = stream.flush().await;
                 return None;

@@ -3,12 +3,14 @@
 //! - [`rate`]: request rate limits (per client IP, per path prefix, global), GCRA.
 //! - [`client`]: who the client is (trusted proxies, IPv6 prefixes).
 //! - [`connections`]: open-connection caps and the request-head deadline (slowloris).
+//! - [`proxy_protocol`]: the client address an L4 balancer hands over (PROXY protocol).
 //!
 //! [`Limits`] holds the limiter state built from one config; a reload keeps the state of
 //! every limiter whose settings did not change.
 
 pub mod client;
 pub mod connections;
+pub mod proxy_protocol;
 pub mod rate;
 
 use std::sync::Arc;

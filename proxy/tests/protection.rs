@@ -313,6 +313,57 @@ async fn proxy_protocol_is_believed_only_from_trusted_balancers() {
     drop(held);
 }
 
+/// Read until the peer closes (or resets); how long after `started` that was.
+async fn closed_after(s: &mut tokio::net::TcpStream, started: Instant) -> Duration {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("not closed within 10 s"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_proxy_protocol_header_counts_against_the_head_deadline() {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(
+        &up,
+        "client:\n  trusted_proxies: [\"127.0.0.3/32\"]\n  proxy_protocol: true\n\
+         slow_clients: {header_timeout: 2s}\n",
+    )
+    .await;
+    // Half a PROXY header, then nothing: closed at the deadline, counted.
+    let mut stalled = tcp_from("127.0.0.3", gw.port).await;
+    let started = Instant::now();
+    stalled.write_all(b"PROXY TCP4 203.0.113.7").await.unwrap();
+    let t = closed_after(&mut stalled, started).await;
+    assert!(
+        t >= Duration::from_millis(1900) && t < Duration::from_secs(4),
+        "{t:?}"
+    );
+    assert_eq!(
+        gw.metric("gateway_rejections_total{reason=\"proxy_protocol\"}")
+            .await,
+        1.0
+    );
+    // A header that took 1.5 s leaves the first request head the rest of the 2 s, not a
+    // fresh 2 s (which would close it at 3.5 s).
+    let mut slow = tcp_from("127.0.0.3", gw.port).await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    slow.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 1 80\r\nGET /items HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let t = closed_after(&mut slow, started).await;
+    assert!(
+        t >= Duration::from_millis(1900) && t < Duration::from_secs(3),
+        "{t:?}"
+    );
+    assert_eq!(up.requests(), 0);
+}
+
 async fn raw_get(stream: &mut tokio::net::TcpStream) -> String {
     stream
         .write_all(b"GET /items HTTP/1.1\r\nHost: x\r\n\r\n")

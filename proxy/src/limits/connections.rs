@@ -151,6 +151,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let accepted = Instant::now();
         let mut peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
@@ -161,7 +162,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
             (c.proxy_protocol && trusted, c.header_timeout)
         };
         if proxy_protocol {
-            match proxy_protocol::accept(stream, head_timeout).await {
+            match proxy_protocol::accept(stream, accepted + head_timeout).await {
                 Ok((s, source)) => {
                     stream = s;
                     if let Source::Client(addr) = source {
@@ -199,7 +200,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
                 return None;
             }
         };
-        let mut next: Option<Stream> = Some(Box::new(HeadDeadline::new(stream, head_timeout)));
+        let first_due = accepted + head_timeout;
+        let mut next: Option<Stream> =
+            Some(Box::new(HeadDeadline::new(stream, head_timeout, first_due)));
         while let Some(stream) = next {
             next = self.inner.process_new(stream, shutdown).await;
         }
@@ -238,12 +241,13 @@ impl fmt::Debug for HeadDeadline {
 }
 
 impl HeadDeadline {
-    pub fn new(inner: Stream, timeout: Duration) -> Self {
+    /// `first_due`: when the first head must be complete (accept + timeout, like nginx's
+    /// client_header_timeout; a PROXY protocol header counts against it too).
+    pub fn new(inner: Stream, timeout: Duration, first_due: Instant) -> Self {
         HeadDeadline {
             inner,
             timeout,
-            // The first head is timed from accept, like nginx's client_header_timeout.
-            due: Instant::now() + timeout,
+            due: first_due,
             timer: None,
             in_head: true,
             responded: false,

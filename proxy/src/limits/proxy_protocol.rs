@@ -6,12 +6,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
 
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
 use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
 
 /// The 12 bytes every version 2 header starts with.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -141,20 +141,20 @@ fn parse_v2(buf: &[u8]) -> Parsed {
     Parsed::Done { source, len }
 }
 
-/// Read the PROXY protocol header that must open `stream`, within `timeout`. Nothing past
+/// Read the PROXY protocol header that must open `stream`, by `deadline`. Nothing past
 /// the header is consumed (bytes read beyond it are put back for HTTP), and when it names a
 /// client, that address becomes the connection's peer address (what the limits, the
 /// connection caps and the forwarding headers see). On error, the stream (when it is still
 /// usable) so the client can be told why.
 pub async fn accept(
     stream: Stream,
-    timeout: Duration,
+    deadline: Instant,
 ) -> Result<(Stream, Source), (Option<Stream>, &'static str)> {
     // The plain-TCP listeners hand over pingora's L4 stream; it can put bytes back.
     let Ok(mut l4) = stream.into_any().downcast::<L4Stream>() else {
         return Err((None, "PROXY protocol needs a plain TCP listener"));
     };
-    let source = match tokio::time::timeout(timeout, read_header(&mut l4)).await {
+    let source = match tokio::time::timeout_at(deadline, read_header(&mut l4)).await {
         Ok(Ok(source)) => source,
         Ok(Err(why)) => return Err((Some(l4), why)),
         Err(_) => return Err((None, "PROXY protocol header not received in time")),

@@ -235,13 +235,19 @@ fn proxy_v2(cmd: u8, client: [u8; 4], port: u16) -> Vec<u8> {
     h
 }
 
+/// An upstream and a gateway that expects a PROXY protocol header from 127.0.0.3 (the
+/// balancer), with `extra` config.
+async fn behind_a_balancer(extra: &str) -> (Upstream, GatewayProc) {
+    let up = Upstream::start("a").await;
+    let client = "client:\n  trusted_proxies: [\"127.0.0.3/32\"]\n  proxy_protocol: true\n";
+    let gw = gateway_with(&up, &format!("{client}{extra}")).await;
+    (up, gw)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_is_believed_only_from_trusted_balancers() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(
-        &up,
-        "client:\n  trusted_proxies: [\"127.0.0.3/32\"]\n  proxy_protocol: true\n\
-         limits:\n  global: null\n  per_ip: {rate: 1r/m, burst: 0}\n\
+    let (up, gw) = behind_a_balancer(
+        "limits:\n  global: null\n  per_ip: {rate: 1r/m, burst: 0}\n\
          connections: {per_ip: 2, total: 100}\n",
     )
     .await;
@@ -327,13 +333,7 @@ async fn closed_after(s: &mut tokio::net::TcpStream, started: Instant) -> Durati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_proxy_protocol_header_counts_against_the_head_deadline() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(
-        &up,
-        "client:\n  trusted_proxies: [\"127.0.0.3/32\"]\n  proxy_protocol: true\n\
-         slow_clients: {header_timeout: 2s}\n",
-    )
-    .await;
+    let (up, gw) = behind_a_balancer("slow_clients: {header_timeout: 2s}\n").await;
     // Half a PROXY header, then nothing: closed at the deadline, counted.
     let mut stalled = tcp_from("127.0.0.3", gw.port).await;
     let started = Instant::now();

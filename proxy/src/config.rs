@@ -569,6 +569,12 @@ pub struct FileSlowClients {
     pub header_timeout: PositiveDuration,
     /// Longest pause between two reads of a request body (nginx `client_body_timeout`).
     pub body_idle_timeout: PositiveDuration,
+    /// Minimum average rate of a request body, bytes per second (0: off): a body still
+    /// incomplete after `body_min_rate_grace` plus one second per this many bytes received is
+    /// refused with 408 (Apache `mod_reqtimeout` `body=...,MinRate=...`).
+    pub body_min_rate: u64,
+    /// Time a body gets before `body_min_rate` applies.
+    pub body_min_rate_grace: PositiveDuration,
     /// Idle keep-alive connections are closed after this (nginx `keepalive_timeout`).
     pub keepalive_timeout: PositiveDuration,
     /// Requests served on one connection before it is closed (nginx `keepalive_requests`).
@@ -580,6 +586,8 @@ impl Default for FileSlowClients {
         FileSlowClients {
             header_timeout: PositiveDuration(Duration::from_secs(10)),
             body_idle_timeout: PositiveDuration(Duration::from_secs(10)),
+            body_min_rate: 500,
+            body_min_rate_grace: PositiveDuration(Duration::from_secs(10)),
             keepalive_timeout: PositiveDuration(Duration::from_secs(60)),
             max_requests_per_connection: AtLeastOne(1000),
         }
@@ -676,6 +684,9 @@ pub struct GatewayConfig {
     pub max_headers: usize,
     pub header_timeout: Duration,
     pub body_idle_timeout: Duration,
+    /// Bytes per second, 0 = off.
+    pub body_min_rate: u64,
+    pub body_min_rate_grace: Duration,
     pub keepalive_timeout: Duration,
     pub max_requests_per_connection: usize,
 }
@@ -865,6 +876,8 @@ impl GatewayConfig {
             max_headers: b.max_headers,
             header_timeout: sc.header_timeout.0,
             body_idle_timeout: sc.body_idle_timeout.0,
+            body_min_rate: sc.body_min_rate,
+            body_min_rate_grace: sc.body_min_rate_grace.0,
             keepalive_timeout: sc.keepalive_timeout.0,
             max_requests_per_connection: sc.max_requests_per_connection.0,
             listen: f.listen.0,

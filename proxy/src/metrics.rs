@@ -43,10 +43,12 @@ pub enum Rejection {
     UnsupportedTransferEncoding,
     /// A trusted proxy's connection without a valid PROXY protocol header: 400 and closed.
     ProxyProtocol,
+    /// A request body below `slow_clients.body_min_rate` after its grace time: 408.
+    BodyTooSlow,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 13] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -59,6 +61,7 @@ impl Rejection {
         Rejection::AmbiguousFraming,
         Rejection::UnsupportedTransferEncoding,
         Rejection::ProxyProtocol,
+        Rejection::BodyTooSlow,
     ];
 
     pub fn label(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Rejection {
             Rejection::AmbiguousFraming => "ambiguous_framing",
             Rejection::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
             Rejection::ProxyProtocol => "proxy_protocol",
+            Rejection::BodyTooSlow => "body_too_slow",
         }
     }
 
@@ -82,6 +86,7 @@ impl Rejection {
     pub fn status(self) -> u16 {
         match self {
             Rejection::RateLimitIp => 429,
+            Rejection::BodyTooSlow => 408,
             Rejection::BodyTooLarge => 413,
             Rejection::HeaderTooLarge => 431,
             Rejection::AmbiguousFraming | Rejection::ProxyProtocol => 400,
@@ -107,6 +112,7 @@ impl Rejection {
                 "only Transfer-Encoding: chunked is supported"
             }
             Rejection::ProxyProtocol => "invalid or missing PROXY protocol header",
+            Rejection::BodyTooSlow => "request body is arriving too slowly",
         }
     }
 }

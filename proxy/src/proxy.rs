@@ -237,6 +237,8 @@ pub struct RequestCtx {
     /// A body without Content-Length is held here until complete (bounded by the cap), so
     /// an over-cap body never reaches a backend (nginx buffers request bodies the same way).
     held_body: Option<BytesMut>,
+    /// When the first body bytes were handed over (`slow_clients.body_min_rate`).
+    body_started: Option<Instant>,
     /// The backend slot this request holds (per-backend concurrency cap).
     backend_slot: Option<OwnedSemaphorePermit>,
     _inflight: InflightGuard,
@@ -258,6 +260,7 @@ impl ProxyHttp for Gateway {
             rejection: None,
             body_bytes: 0,
             held_body: None,
+            body_started: None,
             backend_slot: None,
             _inflight: InflightGuard::new(&self.metrics.inflight_requests),
         }
@@ -370,6 +373,19 @@ impl ProxyHttp for Gateway {
             if ctx.body_bytes > ctx.snap.config.max_body_bytes {
                 ctx.rejection = Some(Rejection::BodyTooLarge);
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the cap");
+            }
+        }
+        let (min_rate, grace) = (
+            ctx.snap.config.body_min_rate,
+            ctx.snap.config.body_min_rate_grace,
+        );
+        // A finished body is taken whatever its pace; an unfinished one must keep up.
+        if min_rate > 0 && !end_of_stream {
+            let started = *ctx.body_started.get_or_insert_with(Instant::now);
+            let allowed = grace + Duration::from_secs_f64(ctx.body_bytes as f64 / min_rate as f64);
+            if started.elapsed() > allowed {
+                ctx.rejection = Some(Rejection::BodyTooSlow);
+                return Error::e_explain(ErrorType::HTTPStatus(408), "request body too slow");
             }
         }
         if let Some(held) = ctx.held_body.as_mut() {

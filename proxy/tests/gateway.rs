@@ -156,11 +156,7 @@ async fn all_backends_down_is_503_json_with_retry_after() {
             .contains("no healthy backend"),
         "{body}"
     );
-    assert_eq!(
-        gw.metric("gateway_rejections_total{reason=\"no_healthy_backend\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(gw.rejections("no_healthy_backend").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

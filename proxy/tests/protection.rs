@@ -11,6 +11,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const HEALTH: &str =
     "  health_check: {interval: 200ms, timeout: 200ms, failures: 2, successes: 1}\n";
 
+/// One upstream ("a") and a gateway in front of it with `extra` config.
+async fn upstream_and_gateway(extra: &str) -> (Upstream, GatewayProc) {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(&up, extra).await;
+    (up, gw)
+}
+
 async fn gateway_with(up: &Upstream, extra: &str) -> GatewayProc {
     let gw = GatewayProc::start(&format!(
         "{extra}upstream:\n  backends:\n    - \"{}\"\n{HEALTH}",
@@ -23,12 +30,8 @@ async fn gateway_with(up: &Upstream, extra: &str) -> GatewayProc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_limit_refuses_after_the_burst_and_spares_other_ips() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(
-        &up,
-        "limits:\n  global: null\n  per_ip: {rate: 1r/m, burst: 5}\n",
-    )
-    .await;
+    let (_up, gw) =
+        upstream_and_gateway("limits:\n  global: null\n  per_ip: {rate: 1r/m, burst: 5}\n").await;
     let (a, b) = (client_from("127.0.0.2"), client_from("127.0.0.3"));
     let mut statuses = Vec::new();
     for _ in 0..10 {
@@ -58,18 +61,12 @@ async fn per_ip_limit_refuses_after_the_burst_and_spares_other_ips() {
         .await
         .unwrap();
     assert_eq!(body["status"], 429);
-    assert!(
-        gw.metric("gateway_rejections_total{reason=\"rate_limit_ip\"}")
-            .await
-            >= 4.0
-    );
+    assert!(gw.rejections("rate_limit_ip").await >= 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_profiles_apply_by_longest_prefix() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(
-        &up,
+    let (_up, gw) = upstream_and_gateway(
         "limits:\n  global: null\n  per_ip: null\n  routes:\n    - {prefix: /llm, per_ip: {rate: 1r/m, burst: 1}}\n    - {prefix: /llm/free, per_ip: null}\n",
     )
     .await;
@@ -97,9 +94,7 @@ async fn route_profiles_apply_by_longest_prefix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_mode_spaces_requests_and_rejects_at_once_past_max_delay() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(
-        &up,
+    let (_up, gw) = upstream_and_gateway(
         "limits:\n  global: null\n  per_ip: {rate: 10r/s, burst: 10, delay: true, max_delay: 300ms}\n",
     )
     .await;
@@ -184,10 +179,9 @@ async fn global_ceiling_holds_under_a_flood_from_four_ips() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_counts_only_from_trusted_proxies() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(
-        &up,
-        "client:\n  trusted_proxies: [\"127.0.0.3/32\"]\nlimits:\n  global: null\n  per_ip: {rate: 1r/m, burst: 0}\n",
+    let (up, gw) = upstream_and_gateway(
+        "client:\n  trusted_proxies: [\"127.0.0.3/32\"]\n\
+         limits:\n  global: null\n  per_ip: {rate: 1r/m, burst: 0}\n",
     )
     .await;
     let get = |c: &reqwest::Client, xff: &str| {
@@ -238,10 +232,8 @@ fn proxy_v2(cmd: u8, client: [u8; 4], port: u16) -> Vec<u8> {
 /// An upstream and a gateway that expects a PROXY protocol header from 127.0.0.3 (the
 /// balancer), with `extra` config.
 async fn behind_a_balancer(extra: &str) -> (Upstream, GatewayProc) {
-    let up = Upstream::start("a").await;
     let client = "client:\n  trusted_proxies: [\"127.0.0.3/32\"]\n  proxy_protocol: true\n";
-    let gw = gateway_with(&up, &format!("{client}{extra}")).await;
-    (up, gw)
+    upstream_and_gateway(&format!("{client}{extra}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,11 +291,7 @@ async fn proxy_protocol_is_believed_only_from_trusted_balancers() {
     bare.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("PROXY protocol"), "{answer}");
-    assert_eq!(
-        gw.metric("gateway_rejections_total{reason=\"proxy_protocol\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(gw.rejections("proxy_protocol").await, 1.0);
     // Anyone else cannot claim an address with it: the line is not HTTP, so 400; their own
     // requests are plain HTTP under their own address.
     let mut liar = tcp_from("127.0.0.2", gw.port).await;
@@ -343,11 +331,7 @@ async fn a_stalled_proxy_protocol_header_counts_against_the_head_deadline() {
         t >= Duration::from_millis(1900) && t < Duration::from_secs(4),
         "{t:?}"
     );
-    assert_eq!(
-        gw.metric("gateway_rejections_total{reason=\"proxy_protocol\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(gw.rejections("proxy_protocol").await, 1.0);
     // A header that took 1.5 s leaves the first request head the rest of the 2 s, not a
     // fresh 2 s (which would close it at 3.5 s).
     let mut slow = tcp_from("127.0.0.3", gw.port).await;
@@ -376,8 +360,7 @@ async fn raw_get(stream: &mut tokio::net::TcpStream) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_caps_count_idle_connections_and_release_them() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(&up, "connections: {per_ip: 20, total: 100}\n").await;
+    let (_up, gw) = upstream_and_gateway("connections: {per_ip: 20, total: 100}\n").await;
     let mut held = Vec::new();
     for i in 0..20 {
         let mut s = tcp_from("127.0.0.2", gw.port).await;
@@ -420,17 +403,12 @@ async fn connection_caps_count_idle_connections_and_release_them() {
     }
     let mut again = tcp_from("127.0.0.2", gw.port).await;
     assert!(raw_get(&mut again).await.starts_with("HTTP/1.1 200"));
-    assert_eq!(
-        gw.metric("gateway_rejections_total{reason=\"connections_per_ip\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(gw.rejections("connections_per_ip").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_connect_close_cycles_leave_the_gauges_at_zero() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(&up, "connections: {per_ip: 20, total: 5000}\n").await;
+    let (_up, gw) = upstream_and_gateway("connections: {per_ip: 20, total: 5000}\n").await;
     let mut tasks = Vec::new();
     for w in 0..8u32 {
         let port = gw.port;
@@ -466,9 +444,7 @@ async fn ten_thousand_connect_close_cycles_leave_the_gauges_at_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_cap_bodies_and_heads_are_refused_before_the_backend() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(
-        &up,
+    let (up, gw) = upstream_and_gateway(
         "buffers: {max_body_bytes: 1000, max_header_bytes: 4096, max_headers: 20}\n",
     )
     .await;
@@ -536,8 +512,7 @@ async fn over_cap_bodies_and_heads_are_refused_before_the_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_closed_at_the_head_deadline() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(&up, "slow_clients: {header_timeout: 1s}\n").await;
+    let (up, gw) = upstream_and_gateway("slow_clients: {header_timeout: 1s}\n").await;
     let mut s = tcp_from("127.0.0.6", gw.port).await;
     let started = Instant::now();
     let head = b"GET /items HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
@@ -566,12 +541,65 @@ async fn slowloris_is_closed_at_the_head_deadline() {
     assert_eq!(up.requests(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_below_the_minimum_rate_is_refused_after_its_grace() {
+    let (up, gw) =
+        upstream_and_gateway("slow_clients: {body_min_rate: 1000, body_min_rate_grace: 1s}\n")
+            .await;
+    let head = |len: usize| {
+        format!(
+            "POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {len}\r\n\r\n"
+        )
+    };
+    // 10 bytes every 100 ms (100 B/s against 1000 B/s): no pause is long enough for the
+    // idle timeout, but after the 1 s grace the body is refused.
+    let mut slow = tcp_from("127.0.0.7", gw.port).await;
+    let started = Instant::now();
+    slow.write_all(head(100_000).as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while started.elapsed() < Duration::from_secs(5) {
+        if slow.write_all(&[b'x'; 10]).await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let refused_after = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("too slowly"), "{answer}");
+    assert!(
+        refused_after >= Duration::from_millis(900) && refused_after < Duration::from_secs(4),
+        "{refused_after:?}"
+    );
+    assert_eq!(gw.rejections("body_too_slow").await, 1.0);
+    // A body that keeps up (2,000 bytes every 100 ms for 1.5 s) is taken whole.
+    let mut steady = tcp_from("127.0.0.7", gw.port).await;
+    steady.write_all(head(30_000).as_bytes()).await.unwrap();
+    for _ in 0..15 {
+        steady.write_all(&[b'y'; 2000]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut buf = [0u8; 1024];
+    let n = steady.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        up.state.max_body.load(std::sync::atomic::Ordering::SeqCst),
+        30_000
+    );
+}
+
 /// The deadline runs from the first byte of each head, not only the first one of a
 /// connection: a client that sent a good request and then trickles the next is cut too.
 #[tokio::test]
 async fn a_trickled_second_request_is_closed_at_its_own_deadline() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(&up, "slow_clients: {header_timeout: 1s}\n").await;
+    let (up, gw) = upstream_and_gateway("slow_clients: {header_timeout: 1s}\n").await;
     let mut s = tcp_from("127.0.0.7", gw.port).await;
     // Idle longer than the deadline before the first request: idle time is not head time.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -674,8 +702,7 @@ async fn backend_queue_full_or_timed_out_is_503_within_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_framing_is_refused_and_hop_by_hop_cannot_strip_our_headers() {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(&up, "").await;
+    let (up, gw) = upstream_and_gateway("").await;
     let mut s = tcp_from("127.0.0.7", gw.port).await;
     s.write_all(
         b"POST /items HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",

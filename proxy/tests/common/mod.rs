@@ -327,6 +327,12 @@ impl GatewayProc {
         metric_value(&self.metrics().await, series)
     }
 
+    /// `gateway_rejections_total` for one reason.
+    pub async fn rejections(&self, reason: &str) -> f64 {
+        self.metric(&format!("gateway_rejections_total{{reason=\"{reason}\"}}"))
+            .await
+    }
+
     /// Wait until `n` backends report up.
     pub async fn wait_backends_up(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -90,24 +90,11 @@ async fn exercise_items_api(app: &TestApp) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    expect_error(
-        c.get(app.url(&format!("/items/{id}")))
-            .send()
-            .await
-            .unwrap(),
-        404,
-        None,
-    )
-    .await;
-    expect_error(
-        c.delete(app.url(&format!("/items/{id}")))
-            .send()
-            .await
-            .unwrap(),
-        404,
-        None,
-    )
-    .await;
+    // Gone: reading it or deleting it again is 404.
+    let gone = app.url(&format!("/items/{id}"));
+    for req in [c.get(&gone), c.delete(&gone)] {
+        expect_error(req.send().await.unwrap(), 404, None).await;
+    }
 
     // Bad input: one clear status and one JSON shape each.
     let post = |body: &'static str, ctype: &'static str| {
@@ -165,36 +152,15 @@ async fn exercise_items_api(app: &TestApp) {
         Some("name"),
     )
     .await;
-    expect_error(
-        c.get(app.url("/items?limit=0")).send().await.unwrap(),
-        422,
-        Some("limit"),
-    )
-    .await;
-    expect_error(
-        c.get(app.url("/items?limit=501")).send().await.unwrap(),
-        422,
-        Some("limit"),
-    )
-    .await;
-    expect_error(
-        c.get(app.url("/items?after=x")).send().await.unwrap(),
-        422,
-        Some("after"),
-    )
-    .await;
-    expect_error(
-        c.get(app.url("/nothing-here")).send().await.unwrap(),
-        404,
-        None,
-    )
-    .await;
-    expect_error(
-        c.get(app.url("/items/abc")).send().await.unwrap(),
-        404,
-        None,
-    )
-    .await;
+    for (path, status, field) in [
+        ("/items?limit=0", 422, Some("limit")),
+        ("/items?limit=501", 422, Some("limit")),
+        ("/items?after=x", 422, Some("after")),
+        ("/nothing-here", 404, None),
+        ("/items/abc", 404, None),
+    ] {
+        expect_error(c.get(app.url(path)).send().await.unwrap(), status, field).await;
+    }
     expect_error(c.put(app.url("/items")).send().await.unwrap(), 405, None).await;
     // Over the body cap: declared length, and a chunked body cut at the cap.
     let big = format!("{{\"name\":\"{}\"}}", "x".repeat(70_000));

@@ -457,30 +457,22 @@ async fn over_cap_bodies_and_heads_are_refused_before_the_backend() {
         .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(up.requests(), 0, "the backend saw the over-cap request");
-    // Chunked: cut at the cap; the backend never receives the body.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        (0..4).map(|_| Ok(vec![b'y'; 500])).collect();
-    let r = c
-        .post(gw.url("/items"))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )))
-        .send()
-        .await
-        .unwrap();
+    // Chunked (no Content-Length): `n` chunks of `size` bytes.
+    let post_chunked = |n: usize, size: usize| {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            (0..n).map(|_| Ok(vec![b'y'; size])).collect();
+        c.post(gw.url("/items"))
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+    };
+    // Cut at the cap; the backend never receives the body.
+    let r = post_chunked(4, 500).await.unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(up.state.bodies.load(std::sync::atomic::Ordering::SeqCst), 0);
     // Under the cap, both ways, the body arrives whole.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        (0..2).map(|_| Ok(vec![b'z'; 400])).collect();
-    let r = c
-        .post(gw.url("/items"))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )))
-        .send()
-        .await
-        .unwrap();
+    let r = post_chunked(2, 400).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
         up.state.max_body.load(std::sync::atomic::Ordering::SeqCst),

@@ -34,7 +34,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::config::GatewayConfig;
-use crate::limits::connections::{ConnectionCounter, ConnectionTracked};
+use crate::limits::connections::{AcceptFilter, ConnectionCounter, ConnectionTracked};
 use crate::limits::Snapshot;
 use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::proxy::Gateway;
@@ -93,13 +93,19 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
     let mut options = pingora::apps::HttpServerOptions::default();
     options.keepalive_request_limit = Some(config.max_requests_per_connection as u32);
     http.server_options = Some(options);
+    let counter = ConnectionCounter::new(metrics.clone());
     let app = ConnectionTracked {
         inner: Arc::new(http),
         snapshot: snapshot.clone(),
-        counter: ConnectionCounter::new(metrics.clone()),
+        counter: counter.clone(),
         metrics: metrics.clone(),
     };
     let mut proxy_service = Service::new("floodgate proxy".to_string(), app);
+    proxy_service.set_connection_filter(Arc::new(AcceptFilter {
+        snapshot: snapshot.clone(),
+        counter,
+        metrics: metrics.clone(),
+    }));
     for addr in &config.listen {
         proxy_service.add_tcp(&addr.to_string());
     }

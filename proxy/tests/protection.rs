@@ -348,6 +348,15 @@ async fn a_stalled_proxy_protocol_header_counts_against_the_head_deadline() {
     assert_eq!(up.requests(), 0);
 }
 
+/// Everything a new connection from `ip` is told before it is closed ("" when it is closed,
+/// or reset, without an answer).
+async fn all_it_says(ip: &str, port: u16) -> String {
+    let mut s = tcp_from(ip, port).await;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 async fn raw_get(stream: &mut tokio::net::TcpStream) -> String {
     stream
         .write_all(b"GET /items HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -376,13 +385,7 @@ async fn connection_caps_count_idle_connections_and_release_them() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The 21st from the same IP is answered 503 and closed.
-    let refused = || async {
-        let mut extra = tcp_from("127.0.0.2", gw.port).await;
-        let mut answer = Vec::new();
-        // A connection closed in the accept loop may be reset rather than ended.
-        let _ = extra.read_to_end(&mut answer).await;
-        String::from_utf8_lossy(&answer).into_owned()
-    };
+    let refused = || all_it_says("127.0.0.2", gw.port);
     let answer = refused().await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("Retry-After: 1"));
@@ -418,6 +421,28 @@ async fn connection_caps_count_idle_connections_and_release_them() {
     let mut again = tcp_from("127.0.0.2", gw.port).await;
     assert!(raw_get(&mut again).await.starts_with("HTTP/1.1 200"));
     assert_eq!(gw.rejections("connections_per_ip").await, 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_total_cap_one_refusal_a_second_is_answered() {
+    let (_up, gw) = upstream_and_gateway("connections: {per_ip: 0, total: 2}\n").await;
+    let held = [
+        tcp_from("127.0.0.2", gw.port).await,
+        tcp_from("127.0.0.3", gw.port).await,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.metric("gateway_downstream_connections").await != 2.0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = |ip| all_it_says(ip, gw.port);
+    let answer = refused("127.0.0.4").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("connection limit"), "{answer}");
+    // Within the second, anyone else over the total cap is closed without an answer.
+    assert_eq!(refused("127.0.0.5").await, "");
+    assert_eq!(gw.rejections("connections_total").await, 2.0);
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -205,6 +205,12 @@ fn is_trusted(c: &GatewayConfig, ip: IpAddr) -> bool {
     c.trusted_proxies.iter().any(|n| n.contains(ip))
 }
 
+/// Whether a connection from `ip` must open with a PROXY protocol header (its client is not
+/// known before the header is read).
+fn expects_proxy_header(c: &GatewayConfig, ip: IpAddr) -> bool {
+    c.proxy_protocol && is_trusted(c, ip)
+}
+
 /// The per-IP connection cap for a peer: None for exempt clients and trusted proxies (many
 /// clients behind one address).
 fn per_ip_cap(c: &GatewayConfig, ip: Option<IpAddr>) -> Option<usize> {
@@ -235,8 +241,7 @@ impl ConnectionFilter for AcceptFilter {
         };
         let snap = self.snapshot.load();
         let c = &snap.config;
-        // Behind a PROXY protocol balancer the client is not known before its header.
-        if c.proxy_protocol && is_trusted(c, ip) {
+        if expects_proxy_header(c, ip) {
             return true;
         }
         match self
@@ -268,16 +273,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let accepted = Instant::now();
+        // One config for the whole set-up of this connection; let go of before its requests,
+        // so a long keep-alive connection does not hold an old config after a reload.
+        let snap = self.snapshot.load_full();
+        let c = &snap.config;
+        let head_timeout = c.header_timeout;
         let mut peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let (proxy_protocol, head_timeout) = {
-            let snap = self.snapshot.load();
-            let c = &snap.config;
-            let trusted = peer.is_some_and(|ip| is_trusted(c, ip));
-            (c.proxy_protocol && trusted, c.header_timeout)
-        };
-        if proxy_protocol {
+        if peer.is_some_and(|ip| expects_proxy_header(c, ip)) {
             match proxy_protocol::accept(stream, accepted + head_timeout).await {
                 Ok((s, source)) => {
                     stream = s;
@@ -295,11 +299,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
                 }
             }
         }
-        let (per_ip_cap, total_cap) = {
-            let snap = self.snapshot.load();
-            (per_ip_cap(&snap.config, peer), snap.config.conn_total)
-        };
-        let _guard = match self.counter.try_open(peer, per_ip_cap, total_cap) {
+        let _guard = match self
+            .counter
+            .try_open(peer, per_ip_cap(c, peer), c.conn_total)
+        {
             Ok(g) => g,
             Err(reason) => {
                 self.metrics.reject(reason);
@@ -312,6 +315,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
                 return None;
             }
         };
+        drop(snap);
         let first_due = accepted + head_timeout;
         let mut next: Option<Stream> =
             Some(Box::new(HeadDeadline::new(stream, head_timeout, first_due)));

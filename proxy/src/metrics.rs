@@ -45,10 +45,14 @@ pub enum Rejection {
     ProxyProtocol,
     /// A request body below `slow_clients.body_min_rate` after its grace time: 408.
     BodyTooSlow,
+    /// A request head pingora could not parse (request line, header syntax, framing): 400.
+    MalformedRequest,
+    /// A CONNECT request (the gateway is not a forward proxy): 405.
+    ConnectMethod,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 15] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -62,6 +66,8 @@ impl Rejection {
         Rejection::UnsupportedTransferEncoding,
         Rejection::ProxyProtocol,
         Rejection::BodyTooSlow,
+        Rejection::MalformedRequest,
+        Rejection::ConnectMethod,
     ];
 
     pub fn label(self) -> &'static str {
@@ -79,6 +85,8 @@ impl Rejection {
             Rejection::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
             Rejection::ProxyProtocol => "proxy_protocol",
             Rejection::BodyTooSlow => "body_too_slow",
+            Rejection::MalformedRequest => "malformed_request",
+            Rejection::ConnectMethod => "connect_method",
         }
     }
 
@@ -89,7 +97,10 @@ impl Rejection {
             Rejection::BodyTooSlow => 408,
             Rejection::BodyTooLarge => 413,
             Rejection::HeaderTooLarge => 431,
-            Rejection::AmbiguousFraming | Rejection::ProxyProtocol => 400,
+            Rejection::AmbiguousFraming
+            | Rejection::ProxyProtocol
+            | Rejection::MalformedRequest => 400,
+            Rejection::ConnectMethod => 405,
             Rejection::UnsupportedTransferEncoding => 501,
             _ => 503,
         }
@@ -113,6 +124,10 @@ impl Rejection {
             }
             Rejection::ProxyProtocol => "invalid or missing PROXY protocol header",
             Rejection::BodyTooSlow => "request body is arriving too slowly",
+            Rejection::MalformedRequest => {
+                "malformed request: its request line or headers are not valid HTTP/1.1"
+            }
+            Rejection::ConnectMethod => "CONNECT is not supported: this is not a forward proxy",
         }
     }
 }

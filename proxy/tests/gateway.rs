@@ -160,6 +160,44 @@ async fn all_backends_down_is_503_json_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_is_504_and_a_dropped_answer_is_502_both_json() {
+    let a = Upstream::start("a").await;
+    let gw = GatewayProc::start(&format!(
+        "timeouts: {{read: 300ms}}\nupstream:\n  backends:\n{}{FAST_HEALTH}",
+        backends_yaml(&[&a])
+    ))
+    .await;
+    gw.wait_backends_up(1).await;
+    let c = client();
+    for (path, status, says) in [
+        ("/slow?ms=3000", 504, "did not answer in time"),
+        ("/drop", 502, "failed to answer"),
+    ] {
+        let started = Instant::now();
+        let r = c.get(gw.url(path)).send().await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(r.status(), status, "{path}");
+        assert_eq!(r.headers()["content-type"], "application/json", "{path}");
+        assert_eq!(r.headers()["x-request-id"].len(), 20, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["status"], status, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(says),
+            "{path}: {body}"
+        );
+        assert!(took < Duration::from_secs(2), "{path} took {took:?}");
+    }
+    // Neither is the client's doing: no rejection reason, both counted as the backend's 5xx.
+    let m = gw.metrics().await;
+    let series = format!(
+        "gateway_requests_total{{backend=\"{}\",code=\"5xx\"}}",
+        a.addr
+    );
+    assert_eq!(metric_value(&m, &series), 2.0, "{m}");
+    assert_eq!(metric_value(&m, "gateway_inflight_requests"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_the_test_did_and_headers_are_forwarded() {
     let a = Upstream::start("a").await;
     let gw = GatewayProc::start(&format!(

@@ -348,13 +348,68 @@ async fn a_stalled_proxy_protocol_header_counts_against_the_head_deadline() {
     assert_eq!(up.requests(), 0);
 }
 
-/// Everything a new connection from `ip` is told before it is closed ("" when it is closed,
-/// or reset, without an answer).
-async fn all_it_says(ip: &str, port: u16) -> String {
+/// The JSON error body of a raw HTTP answer, and its status line.
+fn json_answer(answer: &str) -> (&str, serde_json::Value) {
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+    assert!(
+        head.contains("\r\nContent-Type: application/json\r\n"),
+        "{answer}"
+    );
+    (
+        head.lines().next().unwrap(),
+        serde_json::from_str(body).expect(answer),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_pingora_refuses_itself_get_the_gateways_json_answer_and_are_counted() {
+    let (up, gw) = upstream_and_gateway("").await;
+    // A keep-alive connection: a good request, then a broken one.
+    let mut s = tcp_from("127.0.0.2", gw.port).await;
+    assert!(raw_get(&mut s).await.starts_with("HTTP/1.1 200"));
+    s.write_all(b"GET /items HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    let (status, body) = json_answer(&answer);
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    assert_eq!(body["status"], 400);
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("malformed request"));
+    // Not HTTP at all.
+    let answer = all_it_says_to("127.0.0.2", gw.port, b"HELLO THERE\r\n\r\n").await;
+    assert_eq!(json_answer(&answer).0, "HTTP/1.1 400 Bad Request");
+    // CONNECT: the gateway is not a forward proxy.
+    let answer = all_it_says_to(
+        "127.0.0.2",
+        gw.port,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    let (status, body) = json_answer(&answer);
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+    assert_eq!(body["status"], 405);
+    assert_eq!(gw.rejections("malformed_request").await, 2.0);
+    assert_eq!(gw.rejections("connect_method").await, 1.0);
+    assert_eq!(up.requests(), 1);
+}
+
+/// Everything a new connection from `ip` is told after sending `request`, until it is closed.
+async fn all_it_says_to(ip: &str, port: u16, request: &[u8]) -> String {
     let mut s = tcp_from(ip, port).await;
+    s.write_all(request).await.unwrap();
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer).await;
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Everything a new connection from `ip` is told before it is closed ("" when it is closed,
+/// or reset, without an answer).
+async fn all_it_says(ip: &str, port: u16) -> String {
+    all_it_says_to(ip, port, b"").await
 }
 
 async fn raw_get(stream: &mut tokio::net::TcpStream) -> String {

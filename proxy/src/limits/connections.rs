@@ -14,6 +14,12 @@
 //! header timeout restarts on every read, so a client sending one byte a second would
 //! never hit it; ours runs from the first byte of a request head (from accept for the first
 //! request) to the blank line that ends it.
+//!
+//! The same wrapper gives pingora's two answers that no filter sees the gateway's shape: a
+//! head pingora cannot parse, and a CONNECT request, are answered by pingora itself with an
+//! empty 400 or 405 before any `ProxyHttp` hook runs. The wrapper recognises that exact answer
+//! ([`pingora_error_answer`]) as it is written, writes the gateway's JSON answer in its
+//! place, and counts it (`malformed_request`, `connect_method`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -317,8 +323,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
         };
         drop(snap);
         let first_due = accepted + head_timeout;
-        let mut next: Option<Stream> =
-            Some(Box::new(HeadDeadline::new(stream, head_timeout, first_due)));
+        let mut next: Option<Stream> = Some(Box::new(HeadDeadline::new(
+            stream,
+            head_timeout,
+            first_due,
+            self.metrics.clone(),
+        )));
         while let Some(stream) = next {
             next = self.inner.process_new(stream, shutdown).await;
         }
@@ -330,9 +340,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
     }
 }
 
-/// A stream that fails reads once a request head has taken longer than its deadline.
+/// A stream that fails reads once a request head has taken longer than its deadline, and
+/// turns pingora's own empty error answers into the gateway's JSON ones.
 pub struct HeadDeadline {
     inner: Stream,
+    metrics: Arc<Metrics>,
+    /// The gateway's answer being written in place of pingora's, how much of it is out, and
+    /// the length of pingora's write it stands for.
+    replacing: Option<(Vec<u8>, usize, usize)>,
     timeout: Duration,
     /// When the head being received must be complete.
     due: Instant,
@@ -359,9 +374,16 @@ impl fmt::Debug for HeadDeadline {
 impl HeadDeadline {
     /// `first_due`: when the first head must be complete (accept + timeout, like nginx's
     /// client_header_timeout; a PROXY protocol header counts against it too).
-    pub fn new(inner: Stream, timeout: Duration, first_due: Instant) -> Self {
+    pub fn new(
+        inner: Stream,
+        timeout: Duration,
+        first_due: Instant,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         HeadDeadline {
             inner,
+            metrics,
+            replacing: None,
             timeout,
             due: first_due,
             timer: None,
@@ -448,6 +470,73 @@ impl AsyncRead for HeadDeadline {
     }
 }
 
+impl HeadDeadline {
+    /// Write the gateway's answer in place of pingora's `len` bytes; done when all of it is out
+    /// (pingora's `write_all` offers the same bytes again after `Pending`).
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some((answer, written, len)) = self.replacing.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        while *written < answer.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &answer[*written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *written += n,
+                other => return other,
+            }
+        }
+        let len = *len;
+        self.replacing = None;
+        self.responded = true;
+        Poll::Ready(Ok(len))
+    }
+
+    /// Whether `data` (one whole write) is pingora's own answer to a head it rejected; if so,
+    /// start writing the gateway's instead.
+    fn replace_pingora_answer(&mut self, data: &[u8]) -> bool {
+        if self.replacing.is_none() {
+            let Some(reason) = pingora_error_answer(data) else {
+                return false;
+            };
+            self.metrics.reject(reason);
+            let answer = responses::raw_error(reason.status(), reason.message(), None);
+            self.replacing = Some((answer, 0, data.len()));
+        }
+        true
+    }
+}
+
+/// pingora answers a head it cannot parse (400) and a CONNECT request (405) itself, before
+/// any hook, with a fixed empty response (`pingora_core::protocols::http::error_resp`):
+/// status line, `Server: Pingora`, `Date`, `Content-Length: 0`, `Cache-Control: private,
+/// no-store`, `Connection: close`. Only that exact shape, written whole, is recognised: it has
+/// no body and closes the connection, so answering differently cannot break any framing. A
+/// proxied answer does not have it (the gateway adds `X-Request-Id` to every one, after the
+/// backend's headers); a backend that sent exactly this shape would have its empty 400 or
+/// 405 delivered with the gateway's JSON body instead.
+fn pingora_error_answer(data: &[u8]) -> Option<Rejection> {
+    const ANSWERS: [(&[u8], Rejection); 2] = [
+        (
+            b"HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nDate: ",
+            Rejection::MalformedRequest,
+        ),
+        (
+            b"HTTP/1.1 405 Method Not Allowed\r\nServer: Pingora\r\nDate: ",
+            Rejection::ConnectMethod,
+        ),
+    ];
+    const TAIL: &[u8] =
+        b"\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n";
+    // Every write of every response passes here: the status line rules out nearly all of
+    // them within a few bytes.
+    if data.len() > 256 || !data.starts_with(b"HTTP/1.1 40") || !data.ends_with(TAIL) {
+        return None;
+    }
+    ANSWERS
+        .iter()
+        .find(|(head, _)| data.starts_with(head))
+        .map(|&(_, reason)| reason)
+}
+
 impl AsyncWrite for HeadDeadline {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -455,6 +544,9 @@ impl AsyncWrite for HeadDeadline {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.replace_pingora_answer(data) {
+            return this.poll_replacement(cx);
+        }
         let r = Pin::new(&mut this.inner).poll_write(cx, data);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.responded = true;
@@ -543,6 +635,35 @@ impl Peek for HeadDeadline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pingoras_own_empty_answers_are_replaced() {
+        let tail =
+            "Content-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n";
+        let date = "Date: Mon, 23 Nov 2026 15:40:40 GMT\r\n";
+        let canned = |status: &str| format!("HTTP/1.1 {status}\r\nServer: Pingora\r\n{date}{tail}");
+        let answer = |s: String| pingora_error_answer(s.as_bytes());
+        assert_eq!(
+            answer(canned("400 Bad Request")),
+            Some(Rejection::MalformedRequest)
+        );
+        assert_eq!(
+            answer(canned("405 Method Not Allowed")),
+            Some(Rejection::ConnectMethod)
+        );
+        // Other statuses pingora answers itself go through `fail_to_proxy` already.
+        assert_eq!(answer(canned("502 Bad Gateway")), None);
+        // A backend's 400, even from a pingora server, passed through: it has our request id.
+        let proxied = format!(
+            "HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\n{date}Content-Length: 0\r\nCache-Control: private, no-store\r\nX-Request-Id: 1\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(answer(proxied), None);
+        assert_eq!(answer(format!("{}{{}}", canned("400 Bad Request"))), None);
+        assert_eq!(
+            answer(format!("HTTP/1.1 400 Bad Request\r\n{date}{tail}")),
+            None
+        );
+    }
 
     #[test]
     fn caps_are_exact_and_released() {

@@ -2,7 +2,6 @@
 //! `gateway` binary started with a config written for the test.
 #![allow(dead_code)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,7 +38,8 @@ pub struct UpstreamState {
     pub max_body: AtomicUsize,
 }
 
-/// A real HTTP upstream that says who it is. `/slow?ms=N` waits N ms before answering.
+/// A real HTTP upstream that says who it is. `/slow?ms=N` waits N ms before answering;
+/// `/drop` closes the connection without an answer.
 pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
@@ -139,7 +139,7 @@ async fn handle(
     name: String,
     state: Arc<UpstreamState>,
     req: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     if req.uri().path() == "/ready" {
         state.probes.fetch_add(1, Ordering::SeqCst);
         let status = if state.ready.load(Ordering::SeqCst) {
@@ -183,6 +183,10 @@ async fn handle(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     state.inflight.fetch_sub(1, Ordering::SeqCst);
+    if path == "/drop" {
+        // hyper closes the connection when the service fails.
+        return Err(std::io::Error::other("dropped without an answer"));
+    }
     Ok(Response::builder()
         .header("X-Served-By", name.as_str())
         .header("Content-Type", "application/json")

@@ -8,9 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const FAST_HEALTH: &str =
-    "  health_check: {interval: 200ms, timeout: 200ms, failures: 2, successes: 1}\n";
-
 async fn served_by_counts(gw: &GatewayProc, n: usize) -> HashMap<String, usize> {
     let c = client();
     let mut counts = HashMap::new();
@@ -31,7 +28,7 @@ async fn round_robin_is_even_and_weighted() {
         Upstream::start("c").await,
     );
     let gw = GatewayProc::start(&format!(
-        "upstream:\n  backends:\n{}{FAST_HEALTH}",
+        "upstream:\n  backends:\n{}{HEALTH}",
         backends_yaml(&[&a, &b, &c])
     ))
     .await;
@@ -44,7 +41,7 @@ async fn round_robin_is_even_and_weighted() {
     drop(gw);
 
     let gw = GatewayProc::start(&format!(
-        "upstream:\n  backends:\n    - {{address: \"{}\", weight: 1}}\n    - {{address: \"{}\", weight: 2}}\n{FAST_HEALTH}",
+        "upstream:\n  backends:\n    - {{address: \"{}\", weight: 1}}\n    - {{address: \"{}\", weight: 2}}\n{HEALTH}",
         a.addr, b.addr
     ))
     .await;
@@ -59,7 +56,7 @@ async fn killed_upstream_is_retried_then_marked_down_then_back() {
     let a = Upstream::start("a").await;
     let mut b = Upstream::start("b").await;
     let gw = GatewayProc::start(&format!(
-        "upstream:\n  backends:\n{}{FAST_HEALTH}",
+        "upstream:\n  backends:\n{}{HEALTH}",
         backends_yaml(&[&a, &b])
     ))
     .await;
@@ -118,7 +115,7 @@ async fn backend_that_never_passes_a_check_never_gets_a_request() {
     let good = Upstream::start("good").await;
     let never = Upstream::start_never_ready("never").await;
     let gw = GatewayProc::start(&format!(
-        "upstream:\n  backends:\n{}{FAST_HEALTH}",
+        "upstream:\n  backends:\n{}{HEALTH}",
         backends_yaml(&[&good, &never])
     ))
     .await;
@@ -140,7 +137,7 @@ async fn all_backends_down_is_503_json_with_retry_after() {
     let addr = a.addr;
     a.kill();
     let gw = GatewayProc::start(&format!(
-        "upstream:\n  backends:\n    - \"{addr}\"\n{FAST_HEALTH}"
+        "upstream:\n  backends:\n    - \"{addr}\"\n{HEALTH}"
     ))
     .await;
     let r = client().get(gw.url("/items")).send().await.unwrap();
@@ -161,13 +158,7 @@ async fn all_backends_down_is_503_json_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_backend_is_504_and_a_dropped_answer_is_502_both_json() {
-    let a = Upstream::start("a").await;
-    let gw = GatewayProc::start(&format!(
-        "timeouts: {{read: 300ms}}\nupstream:\n  backends:\n{}{FAST_HEALTH}",
-        backends_yaml(&[&a])
-    ))
-    .await;
-    gw.wait_backends_up(1).await;
+    let (a, gw) = upstream_and_gateway("timeouts: {read: 300ms}\n").await;
     let c = client();
     for (path, status, says) in [
         ("/slow?ms=3000", 504, "did not answer in time"),
@@ -199,13 +190,7 @@ async fn a_slow_backend_is_504_and_a_dropped_answer_is_502_both_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_the_test_did_and_headers_are_forwarded() {
-    let a = Upstream::start("a").await;
-    let gw = GatewayProc::start(&format!(
-        "upstream:\n  backends:\n{}{FAST_HEALTH}",
-        backends_yaml(&[&a])
-    ))
-    .await;
-    gw.wait_backends_up(1).await;
+    let (a, gw) = upstream_and_gateway("").await;
     let c = client();
     for _ in 0..7 {
         assert_eq!(c.get(gw.url("/items")).send().await.unwrap().status(), 200);
@@ -253,13 +238,7 @@ async fn metrics_count_what_the_test_did_and_headers_are_forwarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish() {
-    let a = Upstream::start("a").await;
-    let mut gw = GatewayProc::start(&format!(
-        "shutdown_grace: 5s\nupstream:\n  backends:\n{}{FAST_HEALTH}",
-        backends_yaml(&[&a])
-    ))
-    .await;
-    gw.wait_backends_up(1).await;
+    let (a, mut gw) = upstream_and_gateway("shutdown_grace: 5s\n").await;
     let url = gw.url("/slow?ms=1000");
     let inflight = tokio::spawn(async move { client().get(url).send().await });
     while a.state.inflight.load(std::sync::atomic::Ordering::SeqCst) == 0 {

@@ -8,26 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const HEALTH: &str =
-    "  health_check: {interval: 200ms, timeout: 200ms, failures: 2, successes: 1}\n";
-
-/// One upstream ("a") and a gateway in front of it with `extra` config.
-async fn upstream_and_gateway(extra: &str) -> (Upstream, GatewayProc) {
-    let up = Upstream::start("a").await;
-    let gw = gateway_with(&up, extra).await;
-    (up, gw)
-}
-
-async fn gateway_with(up: &Upstream, extra: &str) -> GatewayProc {
-    let gw = GatewayProc::start(&format!(
-        "{extra}upstream:\n  backends:\n    - \"{}\"\n{HEALTH}",
-        up.addr
-    ))
-    .await;
-    gw.wait_backends_up(1).await;
-    gw
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_limit_refuses_after_the_burst_and_spares_other_ips() {
     let (_up, gw) =

@@ -9,11 +9,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const HEALTH: &str =
+/// Checks every 100 ms: reload tests watch backends come and go.
+const QUICK_HEALTH: &str =
     "  health_check: {interval: 100ms, timeout: 200ms, failures: 2, successes: 1}\n";
 
 fn pool(ups: &[&Upstream]) -> String {
-    format!("upstream:\n  backends:\n{}{HEALTH}", backends_yaml(ups))
+    format!(
+        "upstream:\n  backends:\n{}{QUICK_HEALTH}",
+        backends_yaml(ups)
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,7 +206,7 @@ async fn named_backends_are_resolved_and_followed() {
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 backend.test\n").unwrap();
     let gw = GatewayProc::start(&format!(
-        "upstream:\n  hosts_file: \"{}\"\n  backends:\n    - {{address: \"backend.test:{port}\", resolve: 200ms}}\n    - {{address: \"localhost:{port}\", resolve: 200ms}}\n{HEALTH}",
+        "upstream:\n  hosts_file: \"{}\"\n  backends:\n    - {{address: \"backend.test:{port}\", resolve: 200ms}}\n    - {{address: \"localhost:{port}\", resolve: 200ms}}\n{QUICK_HEALTH}",
         hosts.display()
     ))
     .await;

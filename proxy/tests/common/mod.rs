@@ -374,6 +374,28 @@ impl Drop for GatewayProc {
     }
 }
 
+/// Health checks fast enough for tests.
+pub const HEALTH: &str =
+    "  health_check: {interval: 200ms, timeout: 200ms, failures: 2, successes: 1}\n";
+
+/// One upstream ("a") and a gateway in front of it with `extra` config, the backend up.
+pub async fn upstream_and_gateway(extra: &str) -> (Upstream, GatewayProc) {
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(&up, extra).await;
+    (up, gw)
+}
+
+/// A gateway in front of `up` with `extra` config, once the backend is up.
+pub async fn gateway_with(up: &Upstream, extra: &str) -> GatewayProc {
+    let gw = GatewayProc::start(&format!(
+        "{extra}upstream:\n  backends:\n    - \"{}\"\n{HEALTH}",
+        up.addr
+    ))
+    .await;
+    gw.wait_backends_up(1).await;
+    gw
+}
+
 /// A full config: the harness's listeners, no protections unless `body` configures them.
 pub fn render(port: u16, metrics_port: u16, body: &str) -> String {
     let mut defaults = String::new();

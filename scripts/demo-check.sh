@@ -49,6 +49,8 @@ echo "$hey_out" | grep -q "\[201\].*200 responses" || fail "hey: $hey_out"
 kill -INT "$demo"
 wait "$demo" || true
 sleep 0.5
-left=$(pgrep -f "$BIN/(backend|gateway|mock-vendor)|redis-server --port 6390" || true)
+# What the demo started is in its process group (it ran as a job of its own; nothing it starts
+# daemonizes). Not by name: a gateway someone else runs on this machine is not the demo's.
+left=$(pgrep -g "$demo" || true)
 [ -z "$left" ] || fail "processes left behind: $left"
 echo "demo-check: OK (round robin over 3, /llm, per-IP and per-user 429, metrics, reload, wrk and hey clean, nothing left running)"

@@ -49,10 +49,13 @@ pub enum Rejection {
     MalformedRequest,
     /// A CONNECT request (the gateway is not a forward proxy): 405.
     ConnectMethod,
+    /// The client stopped sending its body (`slow_clients.body_idle_timeout`) or reading the
+    /// answer: 408.
+    ClientTimeout,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 15] = [
+    pub const ALL: [Rejection; 16] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -68,6 +71,7 @@ impl Rejection {
         Rejection::BodyTooSlow,
         Rejection::MalformedRequest,
         Rejection::ConnectMethod,
+        Rejection::ClientTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -87,6 +91,7 @@ impl Rejection {
             Rejection::BodyTooSlow => "body_too_slow",
             Rejection::MalformedRequest => "malformed_request",
             Rejection::ConnectMethod => "connect_method",
+            Rejection::ClientTimeout => "client_timeout",
         }
     }
 
@@ -94,7 +99,7 @@ impl Rejection {
     pub fn status(self) -> u16 {
         match self {
             Rejection::RateLimitIp => 429,
-            Rejection::BodyTooSlow => 408,
+            Rejection::BodyTooSlow | Rejection::ClientTimeout => 408,
             Rejection::BodyTooLarge => 413,
             Rejection::HeaderTooLarge => 431,
             Rejection::AmbiguousFraming
@@ -124,10 +129,9 @@ impl Rejection {
             }
             Rejection::ProxyProtocol => "invalid or missing PROXY protocol header",
             Rejection::BodyTooSlow => "request body is arriving too slowly",
-            Rejection::MalformedRequest => {
-                "malformed request: its request line or headers are not valid HTTP/1.1"
-            }
+            Rejection::MalformedRequest => "malformed request: not valid HTTP/1.1",
             Rejection::ConnectMethod => "CONNECT is not supported: this is not a forward proxy",
+            Rejection::ClientTimeout => "timed out waiting for the client",
         }
     }
 }

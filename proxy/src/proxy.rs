@@ -534,24 +534,31 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        // The client's own failures are rejections: counted with their reason.
+        if ctx.rejection.is_none() && e.esource() == &ErrorSource::Downstream {
+            ctx.rejection = match e.etype() {
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    Some(Rejection::ClientTimeout)
+                }
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => None,
+                ErrorType::HTTPStatus(_) => None,
+                _ => Some(Rejection::MalformedRequest),
+            };
+        }
         let (code, message): (u16, &str) = match (e.etype(), ctx.rejection) {
-            (ErrorType::HTTPStatus(_), Some(r)) => (r.status(), r.message()),
+            (ErrorType::HTTPStatus(_), Some(r))
+            | (_, Some(r @ (Rejection::ClientTimeout | Rejection::MalformedRequest))) => {
+                (r.status(), r.message())
+            }
             (etype, _) => match etype {
                 ErrorType::HTTPStatus(code) => (*code, "request refused"),
                 ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                    match e.esource() {
-                        ErrorSource::Downstream => (408, "client timed out"),
-                        _ => (504, "the backend did not answer in time"),
-                    }
+                    (504, "the backend did not answer in time")
                 }
                 _ => match e.esource() {
                     ErrorSource::Upstream => (502, "the backend failed to answer"),
-                    ErrorSource::Downstream => match e.etype() {
-                        ErrorType::WriteError
-                        | ErrorType::ReadError
-                        | ErrorType::ConnectionClosed => (0, ""),
-                        _ => (400, "malformed request"),
-                    },
+                    // The client went away: nobody to answer.
+                    ErrorSource::Downstream => (0, ""),
                     _ => (500, "internal gateway error"),
                 },
             },

@@ -328,17 +328,18 @@ async fn a_stalled_proxy_protocol_header_counts_against_the_head_deadline() {
     assert_eq!(up.requests(), 0);
 }
 
-/// The JSON error body of a raw HTTP answer, and its status line.
-fn json_answer(answer: &str) -> (&str, serde_json::Value) {
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+/// Asserts that a raw HTTP answer is the gateway's JSON error: `status_line`, the same status
+/// in the body, and an error message containing `says`.
+fn assert_json_error(answer: &str, status_line: &str, says: &str) {
+    let (head, body) = answer.split_once("\r\n\r\n").expect(answer);
+    assert_eq!(head.lines().next(), Some(status_line), "{answer}");
     assert!(
         head.contains("\r\nContent-Type: application/json\r\n"),
         "{answer}"
     );
-    (
-        head.lines().next().unwrap(),
-        serde_json::from_str(body).expect(answer),
-    )
+    let body: serde_json::Value = serde_json::from_str(body).expect(answer);
+    assert_eq!(body["status"].to_string(), status_line[9..12], "{answer}");
+    assert!(body["error"].as_str().unwrap().contains(says), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,26 +353,14 @@ async fn heads_pingora_refuses_itself_get_the_gateways_json_answer_and_are_count
         .unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).await.unwrap();
-    let (status, body) = json_answer(&answer);
-    assert_eq!(status, "HTTP/1.1 400 Bad Request");
-    assert_eq!(body["status"], 400);
-    assert!(body["error"]
-        .as_str()
-        .unwrap()
-        .contains("malformed request"));
+    assert_json_error(&answer, "HTTP/1.1 400 Bad Request", "malformed request");
     // Not HTTP at all.
     let answer = all_it_says_to("127.0.0.2", gw.port, b"HELLO THERE\r\n\r\n").await;
-    assert_eq!(json_answer(&answer).0, "HTTP/1.1 400 Bad Request");
+    assert_json_error(&answer, "HTTP/1.1 400 Bad Request", "malformed request");
     // CONNECT: the gateway is not a forward proxy.
-    let answer = all_it_says_to(
-        "127.0.0.2",
-        gw.port,
-        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
-    )
-    .await;
-    let (status, body) = json_answer(&answer);
-    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
-    assert_eq!(body["status"], 405);
+    let connect = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n";
+    let answer = all_it_says_to("127.0.0.2", gw.port, connect).await;
+    assert_json_error(&answer, "HTTP/1.1 405 Method Not Allowed", "CONNECT");
     assert_eq!(gw.rejections("malformed_request").await, 2.0);
     assert_eq!(gw.rejections("connect_method").await, 1.0);
     assert_eq!(up.requests(), 1);
@@ -659,6 +648,31 @@ async fn a_body_below_the_minimum_rate_is_refused_after_its_grace() {
         up.state.max_body.load(std::sync::atomic::Ordering::SeqCst),
         30_000
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_is_408_and_a_broken_chunked_body_400_both_counted() {
+    let (_up, gw) = upstream_and_gateway("slow_clients: {body_idle_timeout: 1s}\n").await;
+    // Three bytes of ten, then nothing.
+    let mut s = tcp_from("127.0.0.8", gw.port).await;
+    let started = Instant::now();
+    s.write_all(b"POST /items HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await;
+    let took = started.elapsed();
+    assert_json_error(&answer, "HTTP/1.1 408 Request Timeout", "timed out");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(gw.rejections("client_timeout").await, 1.0);
+    // A chunk size that is not hexadecimal.
+    let broken = b"POST /items HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+    let answer = all_it_says_to("127.0.0.8", gw.port, broken).await;
+    assert_json_error(&answer, "HTTP/1.1 400 Bad Request", "malformed");
+    assert_eq!(gw.rejections("malformed_request").await, 1.0);
 }
 
 /// The deadline runs from the first byte of each head, not only the first one of a

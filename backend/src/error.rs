@@ -21,8 +21,8 @@ pub enum ApiError {
     },
     #[error("{0}")]
     NotFound(String),
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    #[error("method not allowed; allowed: {allow}")]
+    MethodNotAllowed { allow: &'static str },
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("server is at its in-flight limit; retry shortly")]
@@ -72,7 +72,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded | ApiError::ShuttingDown | ApiError::DatabaseUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -138,6 +138,10 @@ impl ApiError {
                     resp.headers_mut().insert(*name, v);
                 }
             }
+        }
+        if let ApiError::MethodNotAllowed { allow } = &self {
+            resp.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(allow));
         }
         if let Some(secs) = self.retry_after() {
             resp.headers_mut().insert(

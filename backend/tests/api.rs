@@ -161,7 +161,14 @@ async fn exercise_items_api(app: &TestApp) {
     ] {
         expect_error(c.get(app.url(path)).send().await.unwrap(), status, field).await;
     }
-    expect_error(c.put(app.url("/items")).send().await.unwrap(), 405, None).await;
+    for (path, allow) in [
+        ("/items", "GET, HEAD, POST"),
+        ("/items/1", "GET, HEAD, DELETE"),
+    ] {
+        let r = c.put(app.url(path)).send().await.unwrap();
+        assert_eq!(r.headers()["allow"], allow, "{path}");
+        expect_error(r, 405, None).await;
+    }
     // Over the body cap: declared length, and a chunked body cut at the cap.
     let big = format!("{{\"name\":\"{}\"}}", "x".repeat(70_000));
     let r = c

@@ -30,8 +30,9 @@ pub enum Route {
     DeleteItem(i64),
     /// `POST /llm`: the guarded vendor call.
     Llm,
-    /// A known path with a method it does not take.
-    WrongMethod(&'static str),
+    /// A known path with a method it does not take: its label and the methods it does take
+    /// (the `Allow` header of the 405).
+    WrongMethod(&'static str, &'static str),
     NotFound,
 }
 
@@ -48,14 +49,14 @@ impl Route {
             "/llm" => {
                 return match *method {
                     Method::POST => Route::Llm,
-                    _ => Route::WrongMethod("llm"),
+                    _ => Route::WrongMethod("llm", "POST"),
                 }
             }
             "/items" => {
                 return match *method {
                     Method::GET | Method::HEAD => Route::ListItems,
                     Method::POST => Route::CreateItem,
-                    _ => Route::WrongMethod("items"),
+                    _ => Route::WrongMethod("items", "GET, HEAD, POST"),
                 }
             }
             _ => {}
@@ -67,7 +68,7 @@ impl Route {
             return match *method {
                 Method::GET | Method::HEAD => Route::GetItem(id),
                 Method::DELETE => Route::DeleteItem(id),
-                _ => Route::WrongMethod("item"),
+                _ => Route::WrongMethod("item", "GET, HEAD, DELETE"),
             };
         }
         Route::NotFound
@@ -83,7 +84,7 @@ impl Route {
             Route::GetItem(_) => "get_item",
             Route::DeleteItem(_) => "delete_item",
             Route::Llm => "llm",
-            Route::WrongMethod(l) => l,
+            Route::WrongMethod(l, _) => l,
             Route::NotFound => "not_found",
         }
     }
@@ -115,7 +116,7 @@ fn probe(method: &Method, route: Route, label: &'static str) -> Route {
     if method == Method::GET || method == Method::HEAD {
         route
     } else {
-        Route::WrongMethod(label)
+        Route::WrongMethod(label, "GET, HEAD")
     }
 }
 
@@ -258,7 +259,7 @@ async fn dispatch(app: &App, route: Route, req: Request<Incoming>) -> Result<Res
             let body = json_body(app, req).await?;
             llm::complete(app, body).await
         }
-        Route::WrongMethod(_) => Err(ApiError::MethodNotAllowed),
+        Route::WrongMethod(_, allow) => Err(ApiError::MethodNotAllowed { allow }),
         Route::NotFound => Err(ApiError::NotFound(format!(
             "no route for {} {}",
             req.method(),

@@ -26,7 +26,7 @@ use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use bytes::{Bytes, BytesMut};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::limits::client::{client_ip, limit_key};
@@ -35,6 +35,10 @@ use crate::limits::Snapshot;
 use crate::metrics::{class_index, Metrics, Rejection};
 use crate::responses;
 use crate::upstreams::{state_of, Upstreams};
+
+/// Header names looked up on every request, parsed once (a `&str` key is parsed per lookup).
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Shared by every request: the config snapshot, the pool, the metrics.
 pub struct Gateway {
@@ -270,7 +274,7 @@ impl ProxyHttp for Gateway {
         let snap = ctx.snap.clone();
         let cfg = &snap.config;
         let req = session.req_header();
-        ctx.request_id = match req.headers.get("x-request-id") {
+        ctx.request_id = match req.headers.get(&X_REQUEST_ID) {
             Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
             _ => self.new_request_id(),
         };
@@ -281,7 +285,7 @@ impl ProxyHttp for Gateway {
             .map(|a| a.ip());
         ctx.peer_ip = peer;
         ctx.client_ip = peer.map(|p| {
-            let xff = req.headers.get("x-forwarded-for").map(|v| v.as_bytes());
+            let xff = req.headers.get(&X_FORWARDED_FOR).map(|v| v.as_bytes());
             client_ip(p, xff, &cfg.trusted_proxies)
         });
 
@@ -443,7 +447,7 @@ impl ProxyHttp for Gateway {
             // $proxy_add_x_forwarded_for, without realip turning it into the client twice);
             // X-Real-IP is the client the gateway believes.
             let hop = ip_header_value(peer);
-            let xff = match session.req_header().headers.get("x-forwarded-for") {
+            let xff = match session.req_header().headers.get(&X_FORWARDED_FOR) {
                 Some(prev) if !prev.is_empty() => {
                     let mut list = Vec::with_capacity(prev.len() + 2 + hop.len());
                     list.extend_from_slice(prev.as_bytes());

@@ -52,10 +52,13 @@ pub enum Rejection {
     /// The client stopped sending its body (`slow_clients.body_idle_timeout`) or reading the
     /// answer: 408.
     ClientTimeout,
+    /// A request head not complete within `slow_clients.header_timeout`: 408 if it had begun,
+    /// closed without an answer if nothing was sent.
+    HeaderTimeout,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 16] = [
+    pub const ALL: [Rejection; 17] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -72,6 +75,7 @@ impl Rejection {
         Rejection::MalformedRequest,
         Rejection::ConnectMethod,
         Rejection::ClientTimeout,
+        Rejection::HeaderTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -92,6 +96,7 @@ impl Rejection {
             Rejection::MalformedRequest => "malformed_request",
             Rejection::ConnectMethod => "connect_method",
             Rejection::ClientTimeout => "client_timeout",
+            Rejection::HeaderTimeout => "header_timeout",
         }
     }
 
@@ -99,7 +104,7 @@ impl Rejection {
     pub fn status(self) -> u16 {
         match self {
             Rejection::RateLimitIp => 429,
-            Rejection::BodyTooSlow | Rejection::ClientTimeout => 408,
+            Rejection::BodyTooSlow | Rejection::ClientTimeout | Rejection::HeaderTimeout => 408,
             Rejection::BodyTooLarge => 413,
             Rejection::HeaderTooLarge => 431,
             Rejection::AmbiguousFraming
@@ -132,6 +137,7 @@ impl Rejection {
             Rejection::MalformedRequest => "malformed request: not valid HTTP/1.1",
             Rejection::ConnectMethod => "CONNECT is not supported: this is not a forward proxy",
             Rejection::ClientTimeout => "timed out waiting for the client",
+            Rejection::HeaderTimeout => "the request head did not arrive in time",
         }
     }
 }

@@ -572,6 +572,7 @@ async fn slowloris_is_closed_at_the_head_deadline() {
     let started = Instant::now();
     let head = b"GET /items HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
     let mut closed_at = None;
+    let mut answer = Vec::new();
     for byte in head.iter() {
         if s.write_all(&[*byte]).await.is_err() {
             closed_at = Some(started.elapsed());
@@ -584,7 +585,7 @@ async fn slowloris_is_closed_at_the_head_deadline() {
                 closed_at = Some(started.elapsed());
                 break;
             }
-            Ok(Ok(_)) => {} // an error response before the close
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]), // the answer before the close
             Err(_) => {}
         }
     }
@@ -593,6 +594,22 @@ async fn slowloris_is_closed_at_the_head_deadline() {
         closed_at >= Duration::from_millis(900) && closed_at < Duration::from_millis(2000),
         "closed after {closed_at:?}"
     );
+    let answer = String::from_utf8_lossy(&answer);
+    assert_json_error(
+        &answer,
+        "HTTP/1.1 408 Request Timeout",
+        "did not arrive in time",
+    );
+    // A connection that sends nothing is closed at the deadline too, without an answer (a
+    // browser's pre-connect is not told off).
+    let started = Instant::now();
+    assert_eq!(all_it_says("127.0.0.6", gw.port).await, "");
+    let closed_at = started.elapsed();
+    assert!(
+        closed_at >= Duration::from_millis(900) && closed_at < Duration::from_millis(2000),
+        "closed after {closed_at:?}"
+    );
+    assert_eq!(gw.rejections("header_timeout").await, 2.0);
     assert_eq!(up.requests(), 0);
 }
 
@@ -718,6 +735,7 @@ async fn a_trickled_second_request_is_closed_at_its_own_deadline() {
         closed_at >= Duration::from_millis(900) && closed_at < Duration::from_millis(2000),
         "closed {closed_at:?} after its first byte"
     );
+    assert_eq!(gw.rejections("header_timeout").await, 1.0);
     assert_eq!(up.requests(), 1);
 }
 

@@ -360,6 +360,10 @@ pub struct HeadDeadline {
     /// The last bytes of the head so far, to find "\r\n\r\n" across reads.
     tail: [u8; 3],
     tail_len: usize,
+    /// Some byte arrived on this connection: a late head gets an answer.
+    received_any: bool,
+    /// The deadline was missed (counted and answered once).
+    timed_out: bool,
 }
 
 impl fmt::Debug for HeadDeadline {
@@ -391,6 +395,8 @@ impl HeadDeadline {
             responded: false,
             tail: [0; 3],
             tail_len: 0,
+            received_any: false,
+            timed_out: false,
         }
     }
 
@@ -399,6 +405,7 @@ impl HeadDeadline {
         if data.is_empty() {
             return;
         }
+        self.received_any = true;
         if !self.in_head && self.responded {
             self.in_head = true;
             self.responded = false;
@@ -438,14 +445,8 @@ impl AsyncRead for HeadDeadline {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let late = || {
-            Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request head not received within slow_clients.header_timeout",
-            )))
-        };
         if this.in_head && Instant::now() >= this.due {
-            return late();
+            return this.late(cx);
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -461,7 +462,7 @@ impl AsyncRead for HeadDeadline {
                     timer.as_mut().reset(due);
                 }
                 if timer.as_mut().poll(cx).is_ready() {
-                    return late();
+                    return this.late(cx);
                 }
             }
             _ => {}
@@ -471,6 +472,29 @@ impl AsyncRead for HeadDeadline {
 }
 
 impl HeadDeadline {
+    /// The head missed its deadline: counted, answered 408 if any of it had arrived (one write
+    /// attempt, best effort; a connection that never sent a byte, such as a browser's
+    /// pre-connect, is closed without one, as nginx does), and the read fails, so pingora
+    /// closes the connection.
+    fn late(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.timed_out {
+            self.timed_out = true;
+            let reason = Rejection::HeaderTimeout;
+            self.metrics.reject(reason);
+            if self.received_any {
+                let answer = responses::raw_error(reason.status(), reason.message(), None);
+                let inner = Pin::new(&mut self.inner);
+                if let Poll::Ready(Ok(_)) = inner.poll_write(cx, &answer) {
+                    let _ = Pin::new(&mut self.inner).poll_flush(cx);
+                }
+            }
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "request head not received within slow_clients.header_timeout",
+        )))
+    }
+
     /// Write the gateway's answer in place of pingora's `len` bytes; done when all of it is out
     /// (pingora's `write_all` offers the same bytes again after `Pending`).
     fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {

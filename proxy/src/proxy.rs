@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::lb::Backend;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::{HttpPeer, RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::Peer;
@@ -251,6 +252,11 @@ pub struct RequestCtx {
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
+
+    /// No downstream modules. pingora's default adds its response-compression module switched
+    /// off, which still builds a context and runs its filters for every request; the gateway
+    /// passes bodies through as the backend encoded them.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {

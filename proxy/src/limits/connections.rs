@@ -689,6 +689,40 @@ mod tests {
         );
     }
 
+    /// pingora's canned 400 written through the wrapper reaches the client as the gateway's
+    /// JSON answer, whole, even when the socket takes it in pieces; counted once.
+    #[tokio::test]
+    async fn a_canned_answer_is_replaced_whole_across_partial_writes() {
+        let canned = "HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nDate: Mon, 23 Nov 2026 15:40:40 GMT\r\n\
+                      Content-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n";
+        let reason = Rejection::MalformedRequest;
+        let answer = responses::raw_error(reason.status(), reason.message(), None);
+        let (first, rest) = answer.split_at(20);
+        let (second, third) = rest.split_at(30);
+        let mock = tokio_test::io::Builder::new()
+            .write(first)
+            .wait(Duration::from_millis(10))
+            .write(second)
+            .write(third)
+            .write(b"after")
+            .build();
+        let metrics = Metrics::new();
+        let mut s = HeadDeadline::new(
+            Box::new(mock),
+            Duration::from_secs(10),
+            Instant::now() + Duration::from_secs(10),
+            metrics.clone(),
+        );
+        s.write_all(canned.as_bytes()).await.unwrap();
+        // Later writes pass through untouched (the mock checks every byte).
+        s.write_all(b"after").await.unwrap();
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains("gateway_rejections_total{reason=\"malformed_request\"} 1"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn caps_are_exact_and_released() {
         let counter = ConnectionCounter::new(Metrics::new());

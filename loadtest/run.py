@@ -310,6 +310,15 @@ def stop(pid):
             PROCS.remove(p)
 
 
+def start_fast_upstream(port, delay_ms=None):
+    """The trivial upstream (proxy/examples/fast_upstream.rs) on `port`, answering at once or
+    after `delay_ms`; returns once it answers."""
+    argv = [os.path.join(BIN, "examples", "fast_upstream"), str(port), "1"]
+    p = start(f"upstream-{port}", argv + ([str(delay_ms)] if delay_ms is not None else []))
+    wait_http(f"http://127.0.0.1:{port}/")
+    return p
+
+
 def start_postgres():
     bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
     if not os.path.exists(os.path.join(bindir, "initdb")):
@@ -539,10 +548,7 @@ def scenario_backend_killed():
     secs, kill_at, rate = (3, 1.0, 500) if SMOKE else (10, 3.0, 2000)
     out = {}
     for name in PROXIES:
-        ups = [start(f"upstream-{p}", [os.path.join(BIN, "examples", "fast_upstream"), str(p), "1", "2"])
-               for p in ports]
-        for p in ports:
-            wait_http(f"http://127.0.0.1:{p}/")
+        ups = [start_fast_upstream(p, delay_ms=2) for p in ports]
         port, pid = start_proxy(name, [f"127.0.0.1:{p}" for p in ports])
         time.sleep(1.5)  # every backend checked healthy
         url = f"http://127.0.0.1:{port}/items"
@@ -630,8 +636,7 @@ def main():
         "rustc": subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip(),
     }, "settings": {"rounds": ROUNDS, "duration": DURATION, "workers": WORKERS, "conns": CONNS, "smoke": SMOKE}}
     try:
-        start("fast_upstream", [os.path.join(BIN, "examples", "fast_upstream"), str(UP), "1"])
-        wait_http(f"http://127.0.0.1:{UP}/")
+        start_fast_upstream(UP)
         trivial = [f"127.0.0.1:{UP}"]
         if "overhead" in SCENARIOS:
             log("scenario 1: proxy overhead (trivial upstream)")
@@ -666,8 +671,7 @@ def main():
             finally:
                 stop_all()
                 stop_pg()
-                start("fast_upstream", [os.path.join(BIN, "examples", "fast_upstream"), str(UP), "1"])
-                wait_http(f"http://127.0.0.1:{UP}/")
+                start_fast_upstream(UP)
         if "instructions" in SCENARIOS:
             log("user-space instructions per request (callgrind)")
             report["instructions"] = scenario_instructions(trivial)

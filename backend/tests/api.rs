@@ -161,6 +161,17 @@ async fn exercise_items_api(app: &TestApp) {
     ] {
         expect_error(c.get(app.url(path)).send().await.unwrap(), status, field).await;
     }
+    // The gateway's request id comes back, on errors too; none is made up without one.
+    let r = c
+        .get(app.url("/items/999999"))
+        .header("x-request-id", "req-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "req-7");
+    expect_error(r, 404, None).await;
+    let r = c.get(app.url("/items")).send().await.unwrap();
+    assert!(!r.headers().contains_key("x-request-id"));
     for (path, allow) in [
         ("/items", "GET, HEAD, POST"),
         ("/items/1", "GET, HEAD, DELETE"),

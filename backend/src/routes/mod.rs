@@ -18,6 +18,8 @@ use crate::error::ApiError;
 use crate::ratelimit::{self, Check};
 use crate::startup::App;
 
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// Every route, named by what it is for; the name is the metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -130,6 +132,9 @@ pub async fn handle(
     let started = Instant::now();
     let route = Route::resolve(req.method(), req.uri().path());
     let method = req.method().clone();
+    // The gateway's request id: echoed, and named in the log line of a failed request, so a
+    // failure can be followed from the gateway's access log to this instance's log.
+    let request_id = req.headers().get(&X_REQUEST_ID).cloned();
     let mut resp = if route.is_probe() {
         dispatch(&app, route, req).await
     } else if app
@@ -158,6 +163,20 @@ pub async fn handle(
     let status = resp.status();
     resp.headers_mut()
         .insert("x-served-by", app.served_by.clone());
+    if let Some(id) = &request_id {
+        resp.headers_mut().insert(X_REQUEST_ID, id.clone());
+    }
+    if status.is_server_error() {
+        log::warn!(
+            target: "request",
+            "{method} {} -> {} request_id={}",
+            route.label(),
+            status.as_u16(),
+            request_id
+                .as_ref()
+                .map_or("-".into(), |id| String::from_utf8_lossy(id.as_bytes()))
+        );
+    }
     if !route.is_probe() {
         // Sheds are the admission control working, not the instance failing.
         let failed = status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE;

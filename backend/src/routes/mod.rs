@@ -166,8 +166,8 @@ pub async fn handle(
     if let Some(id) = &request_id {
         resp.headers_mut().insert(X_REQUEST_ID, id.clone());
     }
-    // 503s are sheds (in-flight cap, shutdown, database or vendor down): counted in metrics,
-    // their causes logged when they change; one line each would flood the log under overload.
+    // 503s are sheds (in-flight cap, shutdown, database or vendor down), counted in metrics:
+    // one line each would flood the log under overload.
     if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
         log::warn!(
             target: "request",

@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -54,10 +54,7 @@ fn main() -> ExitCode {
         println!("gateway: configuration {} is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    env_logger::Builder::new()
-        .filter_level(config.log_level.filter())
-        .parse_env("RUST_LOG")
-        .init();
+    floodgate_proxy::logging::init(config.log_level.filter());
     let opts = RunOptions {
         config_path: cli.config.clone(),
         config_hash: floodgate_proxy::reload::config_hash(&text),

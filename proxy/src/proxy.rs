@@ -538,6 +538,14 @@ impl ProxyHttp for Gateway {
         e
     }
 
+    /// pingora's ERROR line per failed request is kept for the backend's failures (502, 504,
+    /// connect errors). The gateway's own rejections and the client's failures are counted in
+    /// `gateway_rejections_total` and in the access log; one ERROR each would let any client
+    /// (or an outage answered 503) flood the error log.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        ctx.rejection.is_some() || e.esource() == &ErrorSource::Downstream
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,

@@ -113,7 +113,7 @@ impl Reloader {
             )
             .await?;
         self.upstreams.set_health(&next.health);
-        log::set_max_level(next.log_level.filter());
+        crate::logging::set_level(next.log_level.filter());
         let previous = self.snapshot.load_full();
         self.snapshot
             .store(Arc::new(Snapshot::new(next, Some(&previous))));

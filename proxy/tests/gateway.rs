@@ -154,6 +154,9 @@ async fn all_backends_down_is_503_json_with_retry_after() {
         "{body}"
     );
     assert_eq!(gw.rejections("no_healthy_backend").await, 1.0);
+    // Counted and in the access log; not one ERROR line per refused request.
+    tokio::time::sleep(Duration::from_millis(200)).await; // (a log line follows its answer)
+    assert!(!gw.log().contains("ERROR"), "{}", gw.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,6 +189,23 @@ async fn a_slow_backend_is_504_and_a_dropped_answer_is_502_both_json() {
     );
     assert_eq!(metric_value(&m, &series), 2.0, "{m}");
     assert_eq!(metric_value(&m, "gateway_inflight_requests"), 0.0);
+    // The backend's failures are the operator's business: logged as errors.
+    // (written just after the answer: wait for it a little)
+    let logged = |log: &str, status: &str| {
+        log.lines()
+            .any(|l| l.contains("ERROR pingora_proxy] Fail to proxy") && l.contains(status))
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !(logged(&gw.log(), "status: 504") && logged(&gw.log(), "status: 502"))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = gw.log();
+    assert!(
+        logged(&log, "status: 504") && logged(&log, "status: 502"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -611,6 +611,8 @@ async fn slowloris_is_closed_at_the_head_deadline() {
     );
     assert_eq!(gw.rejections("header_timeout").await, 2.0);
     assert_eq!(up.requests(), 0);
+    // The client's doing, counted: not an error of the gateway's (pingora's ERROR is demoted).
+    assert!(!gw.log().contains("ERROR"), "{}", gw.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -690,6 +692,8 @@ async fn a_stalled_body_is_408_and_a_broken_chunked_body_400_both_counted() {
     let answer = all_it_says_to("127.0.0.8", gw.port, broken).await;
     assert_json_error(&answer, "HTTP/1.1 400 Bad Request", "malformed");
     assert_eq!(gw.rejections("malformed_request").await, 1.0);
+    tokio::time::sleep(Duration::from_millis(200)).await; // (a log line follows its answer)
+    assert!(!gw.log().contains("ERROR"), "{}", gw.log());
 }
 
 /// The deadline runs from the first byte of each head, not only the first one of a

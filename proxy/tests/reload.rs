@@ -103,6 +103,45 @@ async fn request_in_flight_to_a_removed_backend_completes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_raises_the_log_level_as_well_as_lowering_it() {
+    let a = Upstream::start("a").await;
+    let gw = GatewayProc::start(&format!("log_level: warn\n{}", pool(&[&a]))).await;
+    gw.wait_backends_up(1).await;
+    let c = client();
+    // The access line is written after the answer: wait a little for the expected count.
+    let access_lines_become = |n: usize| {
+        let gw = &gw;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let seen = gw.log().matches(" access] ").count();
+                if seen == n || Instant::now() > deadline {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(c.get(gw.url("/items")).send().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(access_lines_become(0).await, 0, "{}", gw.log());
+    for (level, lines) in [("info", 1), ("error", 1), ("info", 2)] {
+        gw.rewrite(&format!("log_level: {level}\n{}", pool(&[&a])));
+        gw.reload().await;
+        assert_eq!(c.get(gw.url("/items")).send().await.unwrap().status(), 200);
+        if level == "error" {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            access_lines_become(lines).await,
+            lines,
+            "at {level}: {}",
+            gw.log()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_files_change_nothing_and_the_next_good_one_applies() {
     let a = Upstream::start("a").await;
     let limited = format!(

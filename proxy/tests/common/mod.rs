@@ -405,8 +405,11 @@ pub fn render(port: u16, metrics_port: u16, body: &str) -> String {
     if !body.contains("connections:") {
         defaults.push_str("connections: {per_ip: 0, total: 0}\n");
     }
+    if !body.contains("log_level:") {
+        defaults.push_str("log_level: warn\n");
+    }
     format!(
-        "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\nlog_level: warn\n{defaults}{body}"
+        "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\n{defaults}{body}"
     )
 }
 

@@ -166,9 +166,11 @@ pub async fn handle(
     if let Some(id) = &request_id {
         resp.headers_mut().insert(X_REQUEST_ID, id.clone());
     }
-    // 503s are sheds (in-flight cap, shutdown, database or vendor down), counted in metrics:
-    // one line each would flood the log under overload.
-    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+    // A failure of this instance. 503s are sheds (in-flight cap, shutdown, database or vendor
+    // down): the admission control working, counted in metrics; logging one line each would
+    // flood the log under overload.
+    let failed = status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE;
+    if failed {
         log::warn!(
             target: "request",
             "{method} {} -> {} request_id={}",
@@ -180,8 +182,6 @@ pub async fn handle(
         );
     }
     if !route.is_probe() {
-        // Sheds are the admission control working, not the instance failing.
-        let failed = status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE;
         app.readiness.errors.record(failed);
     }
     app.metrics

@@ -495,37 +495,34 @@ impl HeadDeadline {
         )))
     }
 
-    /// Write the gateway's answer in place of pingora's `len` bytes; done when all of it is out
-    /// (pingora's `write_all` offers the same bytes again after `Pending`).
-    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let Some((answer, written, len)) = self.replacing.as_mut() else {
-            return Poll::Ready(Ok(0));
-        };
+    /// When `data` (one whole write) is pingora's own answer to a head it rejected, write the
+    /// gateway's answer in its place, counted; `None` for every other write. Done when all of
+    /// it is out (pingora's `write_all` offers the same bytes again after `Pending`).
+    fn poll_replacing(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.replacing.is_none() {
+            let reason = pingora_error_answer(data)?;
+            self.metrics.reject(reason);
+            let answer = responses::raw_error(reason.status(), reason.message(), None);
+            self.replacing = Some((answer, 0, data.len()));
+        }
+        let (answer, written, len) = self.replacing.as_mut()?;
         while *written < answer.len() {
             match Pin::new(&mut self.inner).poll_write(cx, &answer[*written..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())))
+                }
                 Poll::Ready(Ok(n)) => *written += n,
-                other => return other,
+                other => return Some(other),
             }
         }
         let len = *len;
         self.replacing = None;
         self.responded = true;
-        Poll::Ready(Ok(len))
-    }
-
-    /// Whether `data` (one whole write) is pingora's own answer to a head it rejected; if so,
-    /// start writing the gateway's instead.
-    fn replace_pingora_answer(&mut self, data: &[u8]) -> bool {
-        if self.replacing.is_none() {
-            let Some(reason) = pingora_error_answer(data) else {
-                return false;
-            };
-            self.metrics.reject(reason);
-            let answer = responses::raw_error(reason.status(), reason.message(), None);
-            self.replacing = Some((answer, 0, data.len()));
-        }
-        true
+        Some(Poll::Ready(Ok(len)))
     }
 }
 
@@ -568,8 +565,8 @@ impl AsyncWrite for HeadDeadline {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.replace_pingora_answer(data) {
-            return this.poll_replacement(cx);
+        if let Some(replaced) = this.poll_replacing(cx, data) {
+            return replaced;
         }
         let r = Pin::new(&mut this.inner).poll_write(cx, data);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {

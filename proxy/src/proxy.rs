@@ -558,8 +558,11 @@ impl ProxyHttp for Gateway {
                 ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                     Some(Rejection::ClientTimeout)
                 }
-                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => None,
-                ErrorType::HTTPStatus(_) => None,
+                // Gone (nobody to answer), or already a rejection's status.
+                ErrorType::WriteError
+                | ErrorType::ReadError
+                | ErrorType::ConnectionClosed
+                | ErrorType::HTTPStatus(_) => None,
                 _ => Some(Rejection::MalformedRequest),
             };
         }

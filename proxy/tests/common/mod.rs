@@ -331,6 +331,19 @@ impl GatewayProc {
         metric_value(&self.metrics().await, series)
     }
 
+    /// A series that is counted after its answer was sent (`logging`): its value once it
+    /// reaches `expected`, or after 2 s.
+    pub async fn metric_after_answer(&self, series: &str, expected: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let v = self.metric(series).await;
+            if v == expected || Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `gateway_rejections_total` for one reason.
     pub async fn rejections(&self, reason: &str) -> f64 {
         self.metric(&format!("gateway_rejections_total{{reason=\"{reason}\"}}"))

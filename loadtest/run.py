@@ -10,6 +10,7 @@ HAProxy measured in the same run, CPU seconds per 10,000 requests and peak memor
 Environment: ROUNDS (3), DURATION (10s), WORKERS (1, the same for every proxy), CONNS (50),
 SCENARIOS (overhead,fixed_rate,instructions,items_get,items_post,flood,slowloris,backend_killed,
 seed_backend),
+BODY_BYTES (0: the trivial upstream answers a 25-byte JSON body; N: N bytes),
 BIN (target/release), SMOKE=1 (one short round of each, for CI: keeps the runner from rotting;
 no goals judged).
 """
@@ -38,6 +39,7 @@ ROUNDS = 1 if SMOKE else int(os.environ.get("ROUNDS", "3"))
 DURATION = "1s" if SMOKE else os.environ.get("DURATION", "10s")
 WORKERS = int(os.environ.get("WORKERS", "1"))
 CONNS = int(os.environ.get("CONNS", "50"))
+BODY_BYTES = int(os.environ.get("BODY_BYTES", "0"))
 SCENARIOS = os.environ.get("SCENARIOS", "overhead,fixed_rate,instructions,items_get,items_post,flood,slowloris,backend_killed,"
                            "seed_backend").split(",")
 PROXIES = ["floodgate", "nginx", "haproxy"]
@@ -312,9 +314,9 @@ def stop(pid):
 
 def start_fast_upstream(port, delay_ms=None):
     """The trivial upstream (proxy/examples/fast_upstream.rs) on `port`, answering at once or
-    after `delay_ms`; returns once it answers."""
-    argv = [os.path.join(BIN, "examples", "fast_upstream"), str(port), "1"]
-    p = start(f"upstream-{port}", argv + ([str(delay_ms)] if delay_ms is not None else []))
+    after `delay_ms` with a body of BODY_BYTES; returns once it answers."""
+    argv = [os.path.join(BIN, "examples", "fast_upstream"), str(port), "1", str(delay_ms or 0), str(BODY_BYTES)]
+    p = start(f"upstream-{port}", argv)
     wait_http(f"http://127.0.0.1:{port}/")
     return p
 
@@ -634,7 +636,8 @@ def main():
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
         "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
         "rustc": subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip(),
-    }, "settings": {"rounds": ROUNDS, "duration": DURATION, "workers": WORKERS, "conns": CONNS, "smoke": SMOKE}}
+    }, "settings": {"rounds": ROUNDS, "duration": DURATION, "workers": WORKERS, "conns": CONNS, "smoke": SMOKE,
+                                 "body_bytes": BODY_BYTES}}
     try:
         start_fast_upstream(UP)
         trivial = [f"127.0.0.1:{UP}"]
@@ -700,6 +703,8 @@ def write_report(r):
     lines += [f"- machine: {m['cores']} cores, kernel {m['kernel']}; {m['nginx']}; {m['haproxy']}; {m['wrk']}; {m['rustc']}",
               f"- {r['settings']['rounds']} interleaved rounds of {r['settings']['duration']}, "
               f"{r['settings']['workers']} worker(s) per proxy, {r['settings']['conns']} connections; medians"
+              + (f"; the trivial upstream answers {r['settings']['body_bytes']} bytes"
+                 if r['settings'].get('body_bytes') else "")
               + (" (SMOKE run: not a measurement)" if SMOKE else ""), ""]
     goals = []
     for key, title in (("overhead", "1. Proxy overhead (trivial upstream)"), ("fixed_rate", "CPU at a fixed 5,000 req/s"),

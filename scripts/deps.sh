@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages Floodgate needs, when they are missing.
 #   scripts/deps.sh          build + test needs: cmake (pingora), redis-server, postgresql,
-#                            wrk + hey + curl (the scripted demo), docker-compose (compose check)
+#                            wrk + hey + curl (the scripted demo), docker-compose (compose check),
+#                            ss (iproute2: a test counts the TCP segments an answer arrives in)
 #   scripts/deps.sh bench    plus what the load tests compare against: nginx, haproxy, valgrind
 #                            (instruction counts), and (pip)
 #                            matplotlib and the seed's FastAPI stack
@@ -15,6 +16,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 have wrk || need+=(wrk)
 have hey || need+=(hey)
 have curl || need+=(curl)
+have ss || need+=(iproute2)
 have docker-compose || need+=(docker-compose)
 if [ "${1:-}" = bench ]; then
   have nginx || [ -x /usr/sbin/nginx ] || need+=(nginx)

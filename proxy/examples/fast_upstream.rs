@@ -3,7 +3,8 @@
 //! takes that long (requests are then in flight when a scenario kills the upstream). It reads
 //! each request body before answering, as an API does: hyper closes a keep-alive connection
 //! whose request body was left unread, which would make every proxy reconnect.
-//! Usage: fast_upstream <port> [threads] [delay ms]
+//! Usage: fast_upstream <port> [threads] [delay ms] [body bytes]
+//! (body bytes: 0, the default, answers `{"items":[],"next":null}`; N answers N bytes.)
 
 use std::convert::Infallible;
 
@@ -20,15 +21,19 @@ fn main() {
     let threads: usize = args.next().and_then(|t| t.parse().ok()).unwrap_or(1);
     let delay =
         std::time::Duration::from_millis(args.next().and_then(|d| d.parse().ok()).unwrap_or(0));
+    let body = match args.next().and_then(|n| n.parse().ok()).unwrap_or(0) {
+        0 => Bytes::from_static(b"{\"items\":[],\"next\":null}"),
+        n => Bytes::from(vec![b'x'; n]),
+    };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(serve(port, delay));
+        .block_on(serve(port, delay, body));
 }
 
-async fn serve(port: u16, delay: std::time::Duration) {
+async fn serve(port: u16, delay: std::time::Duration, body: Bytes) {
     let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
     let name = format!("upstream-{port}");
     loop {
@@ -36,10 +41,10 @@ async fn serve(port: u16, delay: std::time::Duration) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let name = name.clone();
+        let (name, body) = (name.clone(), body.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let name = name.clone();
+                let (name, body) = (name.clone(), body.clone());
                 async move {
                     // A broken body ends in the same answer; the proxy under test sees the close.
                     let _ = req.into_body().collect().await;
@@ -50,9 +55,7 @@ async fn serve(port: u16, delay: std::time::Duration) {
                         Response::builder()
                             .header("Content-Type", "application/json")
                             .header("X-Served-By", name)
-                            .body(Full::new(Bytes::from_static(
-                                b"{\"items\":[],\"next\":null}",
-                            )))
+                            .body(Full::new(body))
                             .expect("valid response"),
                     )
                 }

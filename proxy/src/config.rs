@@ -539,6 +539,9 @@ impl Default for FileConnections {
     }
 }
 
+/// The largest `buffers.client_write_bytes`: the buffer is allocated for every connection.
+pub const MAX_CLIENT_WRITE_BYTES: usize = 1 << 20;
+
 /// `buffers:`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -549,6 +552,12 @@ pub struct FileBuffers {
     pub max_header_bytes: usize,
     /// Most request headers. 431 beyond.
     pub max_headers: usize,
+    /// Bytes of a response with a known length gathered before writing them to the client, so
+    /// that a head and a body that fit go out in one write (nginx writes them with one
+    /// `writev`). pingora's own default is 1,460: a head and a body larger than that took two
+    /// writes and two TCP segments. 0: every write goes straight to the socket. Chunked and
+    /// close-delimited bodies are written through as they arrive, whatever this is.
+    pub client_write_bytes: usize,
 }
 
 impl Default for FileBuffers {
@@ -557,6 +566,7 @@ impl Default for FileBuffers {
             max_body_bytes: 1 << 20,
             max_header_bytes: 16 << 10,
             max_headers: 100,
+            client_write_bytes: 16 << 10,
         }
     }
 }
@@ -682,6 +692,8 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// The listeners' write buffer (restart-only).
+    pub client_write_bytes: usize,
     pub header_timeout: Duration,
     pub body_idle_timeout: Duration,
     /// Bytes per second, 0 = off.
@@ -771,6 +783,9 @@ impl GatewayConfig {
         if self.max_requests_per_connection != next.max_requests_per_connection {
             keys.push("slow_clients.max_requests_per_connection");
         }
+        if self.client_write_bytes != next.client_write_bytes {
+            keys.push("buffers.client_write_bytes");
+        }
         if self.shutdown_grace != next.shutdown_grace {
             keys.push("shutdown_grace");
         }
@@ -855,6 +870,11 @@ impl GatewayConfig {
             return Err("limits.table_slots: must be at least 64".into());
         }
         let (b, sc) = (f.buffers, f.slow_clients);
+        if b.client_write_bytes > MAX_CLIENT_WRITE_BYTES {
+            return Err(format!(
+                "buffers.client_write_bytes: at most {MAX_CLIENT_WRITE_BYTES} (it is allocated for every connection)"
+            ));
+        }
         Ok(GatewayConfig {
             backend_queue: BackendQueue {
                 max_concurrent: f.upstream.max_concurrent_per_backend,
@@ -874,6 +894,7 @@ impl GatewayConfig {
             max_body_bytes: b.max_body_bytes,
             max_header_bytes: b.max_header_bytes,
             max_headers: b.max_headers,
+            client_write_bytes: b.client_write_bytes,
             header_timeout: sc.header_timeout.0,
             body_idle_timeout: sc.body_idle_timeout.0,
             body_min_rate: sc.body_min_rate,
@@ -954,6 +975,22 @@ mod tests {
         assert_eq!(c.health.failures, 3);
         assert_eq!(c.backends[0].address.port, 9001);
         assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(c.client_write_bytes, 16 << 10);
+    }
+
+    #[test]
+    fn the_client_write_buffer_is_bounded_and_restart_only() {
+        let set = |n: usize| format!("{MINIMAL}buffers: {{client_write_bytes: {n}}}\n");
+        let unbuffered = GatewayConfig::parse(&set(0)).unwrap();
+        assert_eq!(unbuffered.client_write_bytes, 0);
+        let e = err(&set(MAX_CLIENT_WRITE_BYTES + 1));
+        assert!(e.contains("buffers.client_write_bytes"), "{e}");
+        let most = GatewayConfig::parse(&set(MAX_CLIENT_WRITE_BYTES)).unwrap();
+        assert_eq!(
+            unbuffered.restart_only_changes(&most),
+            ["buffers.client_write_bytes"]
+        );
+        assert!(most.restart_only_changes(&most).is_empty());
     }
 
     #[test]

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -107,8 +109,11 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
         counter,
         metrics: metrics.clone(),
     }));
+    // A head and a body that fit in the write buffer go out in one write (see
+    // `buffers.client_write_bytes`); pingora's own default buffer is one MSS.
+    let buffers = L4BufferSettings::default().write(config.client_write_bytes);
     for addr in &config.listen {
-        proxy_service.add_tcp(&addr.to_string());
+        proxy_service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
     }
     server.add_service(proxy_service);
 

@@ -352,3 +352,99 @@ fn dash_t_accepts_the_shipped_config_and_rejects_bad_ones() {
         assert!(out.contains("line"), "{what}: message has no line: {out}");
     }
 }
+
+/// Data segments the kernel has received on the TCP socket whose local address is `local`
+/// (`ss`'s `data_segs_in`, from the kernel's `tcp_info`; `ss` leaves it out while it is 0).
+fn data_segments_in(local: std::net::SocketAddr) -> u64 {
+    let out = Command::new("ss")
+        .args(["-tinH", "src", &local.to_string()])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .map(|n| n.parse::<u64>().unwrap())
+    };
+    assert!(
+        field("segs_in:").is_some(),
+        "no tcp_info for {local} in: {text}"
+    );
+    field("data_segs_in:").unwrap_or(0)
+}
+
+/// One GET on a kept-alive raw connection, read to the end of its body; the data segments it
+/// arrived in.
+async fn segments_of_one_answer(conn: &mut tokio::net::TcpStream, path: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let before = data_segments_in(conn.local_addr().unwrap());
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16384];
+    let complete = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_string)
+            })?
+            .trim()
+            .parse()
+            .ok()?;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        (body.len() >= length).then_some(())
+    };
+    while complete(&got).is_none() {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("the answer arrives")
+            .unwrap();
+        assert!(n > 0, "closed before the answer was complete");
+        got.extend_from_slice(&buf[..n]);
+    }
+    data_segments_in(conn.local_addr().unwrap()) - before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_and_body_that_fit_the_write_buffer_go_out_in_one_segment() {
+    // Segments per answer, small (the harness's 25-byte JSON) and 4,500 bytes (about GET /items
+    // on the demo's backend), by `buffers.client_write_bytes`: the default gathers both in one
+    // write; pingora's own default (1,460) wrote the larger one in two; 0 writes through.
+    let up = Upstream::start("a").await;
+    for (setting, small, large) in [("", 1, 1), ("1460", 1, 2), ("0", 2, 2)] {
+        let extra = match setting {
+            "" => String::new(),
+            n => format!("buffers: {{client_write_bytes: {n}}}\n"),
+        };
+        let gw = gateway_with(&up, &extra).await;
+        let mut conn = tcp_from("127.0.0.1", gw.port).await;
+        for (path, expected) in [
+            ("/items", small),
+            ("/big?bytes=4500", large),
+            ("/big?bytes=4500", large),
+        ] {
+            let segments = segments_of_one_answer(&mut conn, path).await;
+            assert_eq!(
+                segments, expected,
+                "{path} with client_write_bytes {setting:?}"
+            );
+        }
+        if setting.is_empty() {
+            // An answer larger than the buffer still arrives whole.
+            let body = client()
+                .get(gw.url("/big?bytes=100000"))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(body.len(), 100_000);
+        }
+    }
+}

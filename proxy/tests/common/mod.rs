@@ -39,7 +39,7 @@ pub struct UpstreamState {
 }
 
 /// A real HTTP upstream that says who it is. `/slow?ms=N` waits N ms before answering;
-/// `/drop` closes the connection without an answer.
+/// `/drop` closes the connection without an answer; `/big?bytes=N` answers N bytes.
 pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
@@ -174,18 +174,29 @@ async fn handle(
             state.max_body.fetch_max(len, Ordering::SeqCst);
         }
     }
-    if path == "/slow" {
-        let ms: u64 = query
+    let number = |key: &str, default: u64| {
+        query
             .as_deref()
-            .and_then(|q| q.strip_prefix("ms="))
+            .and_then(|q| q.strip_prefix(key))
             .and_then(|v| v.parse().ok())
-            .unwrap_or(1000);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+            .unwrap_or(default)
+    };
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_millis(number("ms=", 1000))).await;
     }
     state.inflight.fetch_sub(1, Ordering::SeqCst);
     if path == "/drop" {
         // hyper closes the connection when the service fails.
         return Err(std::io::Error::other("dropped without an answer"));
+    }
+    if path == "/big" {
+        return Ok(Response::builder()
+            .header("X-Served-By", name.as_str())
+            .body(Full::new(Bytes::from(vec![
+                b'x';
+                number("bytes=", 0) as usize
+            ])))
+            .unwrap());
     }
     Ok(Response::builder()
         .header("X-Served-By", name.as_str())

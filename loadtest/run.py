@@ -733,11 +733,11 @@ def write_report(r):
             p99 = min(res["nginx"]["p99"], res["haproxy"]["p99"])
             goals.append(("Scenario 1: Floodgate >= 1.0 x the faster of nginx and HAProxy in req/s, p99 <= theirs",
                           fg["rps"] >= best and fg["p99"] <= p99, f"{ratio(fg['rps'], best):.2f} x, p99 {fg['p99']:.2f} vs {p99:.2f} ms"))
+        lines += ["Where each proxy's CPU goes, microseconds per request (from /proc: user space, and the kernel "
+                  "work done on its behalf: syscalls, TCP, wake-ups): " + "; ".join(
+                      f"{t} {v['user_us']:.1f} user + {v['sys_us']:.1f} kernel" for t, v in res.items() if t != "direct")
+                  + ".", ""]
         if key == "fixed_rate":
-            lines += ["Where each proxy's CPU goes, microseconds per request (from /proc: user space, and the kernel "
-                      "work done on its behalf: syscalls, TCP, wake-ups): " + "; ".join(
-                          f"{t} {v['user_us']:.1f} user + {v['sys_us']:.1f} kernel" for t, v in res.items() if t != "direct")
-                      + ".", ""]
             lowest = min(res["nginx"]["cpu_per_10k"], res["haproxy"]["cpu_per_10k"])
             goals.append(("CPU per request at a fixed rate: Floodgate lowest", fg["cpu_per_10k"] <= lowest,
                           f"{fg['cpu_per_10k'] * 10:.3f} vs {lowest * 10:.3f} CPU s / 100k"))

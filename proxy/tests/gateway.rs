@@ -414,7 +414,10 @@ async fn segments_of_one_answer(conn: &mut tokio::net::TcpStream, path: &str) ->
 async fn a_head_and_body_that_fit_the_write_buffer_go_out_in_one_segment() {
     // Segments per answer, small (the harness's 25-byte JSON) and 4,500 bytes (about GET /items
     // on the demo's backend), by `buffers.client_write_bytes`: the default gathers both in one
-    // write; pingora's own default (1,460) wrote the larger one in two; 0 writes through.
+    // write; pingora's own default (1,460) wrote the larger one in two; 0 writes through. One
+    // write is always one segment on loopback; two writes can still be merged by the kernel
+    // (TCP autocorking, when the first is not yet sent), so the two-write settings must show
+    // two segments at least once in five answers, and the default never more than one.
     let up = Upstream::start("a").await;
     for (setting, small, large) in [("", 1, 1), ("1460", 1, 2), ("0", 2, 2)] {
         let extra = match setting {
@@ -423,15 +426,19 @@ async fn a_head_and_body_that_fit_the_write_buffer_go_out_in_one_segment() {
         };
         let gw = gateway_with(&up, &extra).await;
         let mut conn = tcp_from("127.0.0.1", gw.port).await;
-        for (path, expected) in [
-            ("/items", small),
-            ("/big?bytes=4500", large),
-            ("/big?bytes=4500", large),
-        ] {
-            let segments = segments_of_one_answer(&mut conn, path).await;
-            assert_eq!(
-                segments, expected,
-                "{path} with client_write_bytes {setting:?}"
+        for (path, expected) in [("/items", small), ("/big?bytes=4500", large)] {
+            let mut seen = Vec::new();
+            for _ in 0..5 {
+                seen.push(segments_of_one_answer(&mut conn, path).await);
+            }
+            let ok = if expected == 1 {
+                seen.iter().all(|&n| n == 1)
+            } else {
+                seen.iter().all(|&n| (1..=expected).contains(&n)) && seen.contains(&expected)
+            };
+            assert!(
+                ok,
+                "{path} with client_write_bytes {setting:?}: segments {seen:?}"
             );
         }
         if setting.is_empty() {

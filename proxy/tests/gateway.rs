@@ -198,13 +198,11 @@ async fn a_slow_backend_is_504_and_a_dropped_answer_is_502_both_json() {
         log.lines()
             .any(|l| l.contains("ERROR pingora_proxy] Fail to proxy") && l.contains(status))
     };
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !(logged(&gw.log(), "status: 504") && logged(&gw.log(), "status: 502"))
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let log = gw.log();
+    let log = after_answer(
+        || async { gw.log() },
+        |log| logged(log, "status: 504") && logged(log, "status: 502"),
+    )
+    .await;
     assert!(
         logged(&log, "status: 504") && logged(&log, "status: 502"),
         "{log}"

@@ -110,17 +110,10 @@ async fn a_reload_raises_the_log_level_as_well_as_lowering_it() {
     let c = client();
     // The access line is written after the answer: wait a little for the expected count.
     let access_lines_become = |n: usize| {
-        let gw = &gw;
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            loop {
-                let seen = gw.log().matches(" access] ").count();
-                if seen == n || Instant::now() > deadline {
-                    return seen;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        after_answer(
+            || async { gw.log().matches(" access] ").count() },
+            move |&seen| seen == n,
+        )
     };
     assert_eq!(c.get(gw.url("/items")).send().await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -345,14 +345,7 @@ impl GatewayProc {
     /// A series that is counted after its answer was sent (`logging`): its value once it
     /// reaches `expected`, or after 2 s.
     pub async fn metric_after_answer(&self, series: &str, expected: f64) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let v = self.metric(series).await;
-            if v == expected || Instant::now() > deadline {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        after_answer(|| self.metric(series), |v| *v == expected).await
     }
 
     /// `gateway_rejections_total` for one reason.
@@ -395,6 +388,23 @@ impl Drop for GatewayProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// What the gateway records just after an answer is sent (pingora's `logging` hook: counters,
+/// the access line, its error line): `probe`'s value once `done` accepts it, or its value
+/// after 2 s, polled every 20 ms.
+pub async fn after_answer<T, F: std::future::Future<Output = T>>(
+    mut probe: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let v = probe().await;
+        if done(&v) || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

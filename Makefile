@@ -21,6 +21,9 @@ test: unit-test demo-check check-deploy loadtest-smoke
 
 unit-test: deps
 	$(CARGO) test --workspace --all-targets
+	# The gateway's black-box tests again with the fast path off: pingora's path serves
+	# every request then (it serves bodies and the unusual ones always).
+	FLOODGATE_TEST_PATH=pingora $(CARGO) test -p floodgate-proxy --tests
 
 demo-check: deps
 	$(CARGO) build --bins

@@ -16,6 +16,7 @@
 //! [`reload`] (SIGHUP, file watching, DNS re-resolution).
 
 pub mod config;
+pub mod fast;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
@@ -91,6 +92,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
 
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(config.clone(), None)));
     let gateway = Gateway::new(snapshot.clone(), upstreams.clone(), metrics.clone());
+    let fast = Arc::new(gateway.clone());
     let mut http = pingora::proxy::HttpProxy::new(gateway, server.configuration.clone());
     http.handle_init_modules();
     let mut options = pingora::apps::HttpServerOptions::default();
@@ -99,6 +101,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
     let counter = ConnectionCounter::new(metrics.clone());
     let app = ConnectionTracked {
         inner: Arc::new(http),
+        fast: Some(fast),
         snapshot: snapshot.clone(),
         counter: counter.clone(),
         metrics: metrics.clone(),

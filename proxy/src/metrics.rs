@@ -166,6 +166,8 @@ pub struct Metrics {
     config_info: IntGaugeVec,
     pub dns_ok: IntCounter,
     pub dns_errors: IntCounter,
+    /// Requests by the HTTP/1 path that served them: [fast, pingora].
+    pub http1_path: [IntCounter; 2],
 }
 
 /// Handles for one backend's series, resolved when it joins the pool.
@@ -280,8 +282,17 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let http1_path = IntCounterVec::new(
+            Opts::new(
+                "gateway_http1_path_requests_total",
+                "Requests by the path that served them: \"fast\" (the gateway's own HTTP/1 path for plain GET/HEAD) or \"pingora\".",
+            ),
+            &["path"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http1_path.clone()),
             Box::new(config_loaded_at.clone()),
             Box::new(config_info.clone()),
             Box::new(dns.clone()),
@@ -321,6 +332,7 @@ impl Metrics {
             config_info,
             dns_ok: dns.with_label_values(&["success"]),
             dns_errors: dns.with_label_values(&["error"]),
+            http1_path: ["fast", "pingora"].map(|p| http1_path.with_label_values(&[p])),
         })
     }
 

@@ -41,7 +41,9 @@ use crate::upstreams::{state_of, Upstreams};
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// Shared by every request: the config snapshot, the pool, the metrics.
+/// Shared by every request: the config snapshot, the pool, the metrics. Cloned for the fast
+/// path ([`crate::fast`]), which shares all of it, the request-id sequence included.
+#[derive(Clone)]
 pub struct Gateway {
     /// The config in force and its limiter state; replaced as a whole by reload, read
     /// without locks.
@@ -50,7 +52,7 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Process-unique prefix of generated request ids.
     request_id_prefix: u32,
-    request_seq: AtomicU64,
+    request_seq: Arc<AtomicU64>,
 }
 
 impl Gateway {
@@ -69,18 +71,23 @@ impl Gateway {
             upstreams,
             metrics,
             request_id_prefix: seed,
-            request_seq: AtomicU64::new(0),
+            request_seq: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// 20 hex digits: the process prefix, then a sequence number. Written without the
     /// formatting machinery: this runs for every request that brings no id.
     fn new_request_id(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.new_request_id_bytes())
+            .expect("hex digits are a valid header value")
+    }
+
+    pub(crate) fn new_request_id_bytes(&self) -> [u8; 20] {
         let n = self.request_seq.fetch_add(1, Ordering::Relaxed);
         let mut id = [0u8; 20];
         hex_into(&mut id[..8], u64::from(self.request_id_prefix));
         hex_into(&mut id[8..], n);
-        HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
+        id
     }
 
     /// Answer the request with the rejection's status and JSON body, count it, and end it.
@@ -117,7 +124,7 @@ fn hex_into(out: &mut [u8], mut n: u64) {
 
 /// The text form of an IP address as a header value. IPv4 (nearly every request) is written
 /// by hand: `Display` through the formatting machinery showed in profiles.
-fn ip_header_value(ip: IpAddr) -> HeaderValue {
+pub(crate) fn ip_header_value(ip: IpAddr) -> HeaderValue {
     let IpAddr::V4(v4) = ip else {
         return HeaderValue::from_str(&ip.to_string()).expect("an address is a valid header value");
     };
@@ -201,11 +208,116 @@ fn ceil_secs(d: Duration) -> u64 {
     (d.as_micros().div_ceil(1_000_000) as u64).max(1)
 }
 
+/// A request refused by a rate limit: why, when to retry, and the `RateLimit` headers.
+pub(crate) struct Refusal {
+    pub reason: Rejection,
+    pub retry_after: u64,
+    pub headers: [(&'static str, String); 2],
+}
+
+/// The rate limits, for both request paths: the client's own first (an abuser is refused
+/// without using the shared budget), then this instance's ceiling. Ok: how long to hold the
+/// request first (`delay` limits).
+pub(crate) fn admit(
+    snap: &Snapshot,
+    client_ip: Option<IpAddr>,
+    path: &str,
+) -> std::result::Result<Duration, Refusal> {
+    let cfg = &snap.config;
+    let refused = |reason, gcra: &Gcra, retry_after| {
+        let secs = ceil_secs(retry_after);
+        Refusal {
+            reason,
+            retry_after: secs,
+            headers: rate_headers(gcra, secs),
+        }
+    };
+    let mut wait = Duration::ZERO;
+    let exempt = client_ip.is_some_and(|ip| cfg.exempt.iter().any(|n| n.contains(ip)));
+    if let (Some(ip), false) = (client_ip, exempt) {
+        if let Some(limiter) = snap.limits.per_ip_for(path) {
+            match limiter.check(limit_key(ip, cfg.ipv6_prefix)) {
+                Decision::Allow { wait: w, .. } => wait = wait.max(w),
+                Decision::Reject { retry_after } => {
+                    return Err(refused(Rejection::RateLimitIp, &limiter.gcra, retry_after));
+                }
+            }
+        }
+    }
+    if let Some(global) = &snap.limits.global {
+        match global.check() {
+            Decision::Allow { wait: w, .. } => wait = wait.max(w),
+            Decision::Reject { retry_after } => {
+                return Err(refused(
+                    Rejection::RateLimitGlobal,
+                    &global.gcra,
+                    retry_after,
+                ));
+            }
+        }
+    }
+    Ok(wait)
+}
+
+/// A finished request, as both request paths record it.
+pub(crate) struct Finished<'a> {
+    pub started: Instant,
+    /// The status the client got; 0 when none was written.
+    pub status: u16,
+    pub backend: Option<Backend>,
+    pub rejection: Option<Rejection>,
+    pub client_ip: Option<IpAddr>,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub request_id: &'a [u8],
+    pub error: Option<&'a str>,
+    /// Served by the fast path ([`crate::fast`]) rather than pingora's.
+    pub fast: bool,
+}
+
+impl Gateway {
+    /// Metrics and the access log for a finished request.
+    pub(crate) fn record(&self, snap: &Snapshot, done: &Finished) {
+        let status = done.status;
+        let elapsed = done.started.elapsed();
+        self.metrics.request_duration.observe(elapsed.as_secs_f64());
+        self.metrics.http1_path[usize::from(!done.fast)].inc();
+        let backend_label = match (&done.backend, done.rejection) {
+            (Some(b), None) => {
+                if status > 0 {
+                    state_of(b).metrics.requests[class_index(status)].inc();
+                }
+                state_of(b).label.as_str()
+            }
+            _ => {
+                if status > 0 {
+                    self.metrics.no_backend_response(status);
+                }
+                "-"
+            }
+        };
+        if snap.config.access_log {
+            log::info!(
+                target: "access",
+                "{} \"{} {}\" {} backend={} {:.3}ms id={}{}",
+                done.client_ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                done.method,
+                done.target,
+                status,
+                backend_label,
+                elapsed.as_secs_f64() * 1000.0,
+                String::from_utf8_lossy(done.request_id),
+                done.error.map(|e| format!(" error=\"{e}\"")).unwrap_or_default(),
+            );
+        }
+    }
+}
+
 /// Counts a request as in flight for exactly as long as its context lives.
 pub struct InflightGuard(prometheus::IntGauge);
 
 impl InflightGuard {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
+    pub(crate) fn new(gauge: &prometheus::IntGauge) -> Self {
         gauge.inc();
         InflightGuard(gauge.clone())
     }
@@ -322,44 +434,14 @@ impl ProxyHttp for Gateway {
             None => {}
         }
 
-        // Rate limits: the client's own first (an abuser is refused without using the
-        // shared budget), then this instance's ceiling.
-        let mut wait = Duration::ZERO;
-        let exempt = ctx
-            .client_ip
-            .is_some_and(|ip| cfg.exempt.iter().any(|n| n.contains(ip)));
-        if let (Some(ip), false) = (ctx.client_ip, exempt) {
-            if let Some(limiter) = snap.limits.per_ip_for(req.uri.path()) {
-                match limiter.check(limit_key(ip, cfg.ipv6_prefix)) {
-                    Decision::Allow { wait: w, .. } => wait = wait.max(w),
-                    Decision::Reject { retry_after } => {
-                        let secs = ceil_secs(retry_after);
-                        let headers = rate_headers(&limiter.gcra, secs);
-                        return self
-                            .reject(session, ctx, Rejection::RateLimitIp, Some(secs), &headers)
-                            .await;
-                    }
-                }
+        let wait = match admit(&snap, ctx.client_ip, req.uri.path()) {
+            Ok(wait) => wait,
+            Err(r) => {
+                return self
+                    .reject(session, ctx, r.reason, Some(r.retry_after), &r.headers)
+                    .await;
             }
-        }
-        if let Some(global) = &snap.limits.global {
-            match global.check() {
-                Decision::Allow { wait: w, .. } => wait = wait.max(w),
-                Decision::Reject { retry_after } => {
-                    let secs = ceil_secs(retry_after);
-                    let headers = rate_headers(&global.gcra, secs);
-                    return self
-                        .reject(
-                            session,
-                            ctx,
-                            Rejection::RateLimitGlobal,
-                            Some(secs),
-                            &headers,
-                        )
-                        .await;
-                }
-            }
-        }
+        };
 
         // Slow clients: bound the pause between body reads and the keep-alive idle time.
         session.set_read_timeout(Some(cfg.body_idle_timeout));
@@ -610,37 +692,22 @@ impl ProxyHttp for Gateway {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        let elapsed = ctx.started.elapsed();
-        self.metrics.request_duration.observe(elapsed.as_secs_f64());
-        let backend_label = match (&ctx.backend, ctx.rejection) {
-            (Some(b), None) => {
-                if status > 0 {
-                    state_of(b).metrics.requests[class_index(status)].inc();
-                }
-                state_of(b).label.as_str()
-            }
-            _ => {
-                if status > 0 {
-                    self.metrics.no_backend_response(status);
-                }
-                "-"
-            }
+        let req = session.req_header();
+        let target = req.uri.to_string();
+        let error = e.map(|e| e.to_string());
+        let done = Finished {
+            started: ctx.started,
+            status,
+            backend: ctx.backend.clone(),
+            rejection: ctx.rejection,
+            client_ip: ctx.client_ip,
+            method: req.method.as_str(),
+            target: &target,
+            request_id: ctx.request_id.as_bytes(),
+            error: error.as_deref(),
+            fast: false,
         };
-        if ctx.snap.config.access_log {
-            let req = session.req_header();
-            log::info!(
-                target: "access",
-                "{} \"{} {}\" {} backend={} {:.3}ms id={}{}",
-                ctx.client_ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-                req.method,
-                req.uri,
-                status,
-                backend_label,
-                elapsed.as_secs_f64() * 1000.0,
-                String::from_utf8_lossy(ctx.request_id.as_bytes()),
-                e.map(|e| format!(" error=\"{e}\"")).unwrap_or_default(),
-            );
-        }
+        self.record(&ctx.snap, &done);
     }
 }
 

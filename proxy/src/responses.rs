@@ -13,19 +13,68 @@ pub fn error_body(status: u16, message: &str) -> Bytes {
 /// A complete HTTP/1.1 error response as bytes, for a connection refused before any request
 /// was read; it closes the connection. 429 and 503 should carry `retry_after` (seconds).
 pub fn raw_error(status: u16, message: &str, retry_after: Option<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    raw_answer(
+        &mut out,
+        status,
+        message,
+        retry_after,
+        &RawExtras::default(),
+    );
+    out
+}
+
+/// What an answer written as bytes carries beyond the JSON error (the fast path's answers,
+/// which must look like the ones `send_json_error` writes through pingora).
+#[derive(Default)]
+pub struct RawExtras<'a> {
+    pub request_id: Option<&'a [u8]>,
+    pub headers: &'a [(&'static str, String)],
+    pub date: Option<&'a [u8]>,
+    /// Keep the connection open after this answer (`Connection: keep-alive`).
+    pub keep_alive: bool,
+}
+
+/// Append a complete HTTP/1.1 JSON error response to `out`.
+pub fn raw_answer(
+    out: &mut Vec<u8>,
+    status: u16,
+    message: &str,
+    retry_after: Option<u64>,
+    extras: &RawExtras,
+) {
     let body = error_body(status, message);
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Error");
-    let retry = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{retry}Connection: close\r\n\r\n",
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
-    )
-    .into_bytes();
+    );
+    if let Some(secs) = retry_after {
+        head += &format!("Retry-After: {secs}\r\n");
+    }
+    for (name, value) in extras.headers {
+        head += &format!("{name}: {value}\r\n");
+    }
+    out.extend_from_slice(head.as_bytes());
+    if let Some(id) = extras.request_id {
+        out.extend_from_slice(b"Cache-Control: no-store\r\nX-Request-Id: ");
+        out.extend_from_slice(id);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(date) = extras.date {
+        out.extend_from_slice(b"Date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(if extras.keep_alive {
+        b"Connection: keep-alive\r\n\r\n"
+    } else {
+        b"Connection: close\r\n\r\n"
+    });
     out.extend_from_slice(&body);
-    out
 }
 
 /// Write a complete JSON error response. 429 and 503 should carry `retry_after` (seconds);

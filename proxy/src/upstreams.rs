@@ -39,6 +39,8 @@ pub struct BackendState {
     pub metrics: BackendMetrics,
     /// Its concurrency cap and wait queue (HAProxy `maxconn` / `maxqueue`).
     pub gate: BackendGate,
+    /// Idle keep-alive connections of the fast path ([`crate::fast`]), most recent last.
+    pub idle: Mutex<Vec<crate::fast::Idle>>,
 }
 
 /// A per-backend cap on concurrent requests with a bounded, timed wait queue.
@@ -355,6 +357,7 @@ impl Upstreams {
                     passed_first_check: AtomicBool::new(false),
                     metrics,
                     gate: BackendGate::new(max_concurrent),
+                    idle: Mutex::new(Vec::new()),
                 })
             });
             state.gate.resize(max_concurrent);

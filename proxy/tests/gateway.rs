@@ -196,7 +196,7 @@ async fn a_slow_backend_is_504_and_a_dropped_answer_is_502_both_json() {
     // (written just after the answer: wait for it a little)
     let logged = |log: &str, status: &str| {
         log.lines()
-            .any(|l| l.contains("ERROR pingora_proxy] Fail to proxy") && l.contains(status))
+            .any(|l| l.contains("ERROR ") && l.contains("] Fail to proxy") && l.contains(status))
     };
     let log = after_answer(
         || async { gw.log() },
@@ -411,17 +411,26 @@ async fn segments_of_one_answer(conn: &mut tokio::net::TcpStream, path: &str) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_and_body_that_fit_the_write_buffer_go_out_in_one_segment() {
     // Segments per answer, small (the harness's 25-byte JSON) and 4,500 bytes (about GET /items
-    // on the demo's backend), by `buffers.client_write_bytes`: the default gathers both in one
-    // write; pingora's own default (1,460) wrote the larger one in two; 0 writes through. One
-    // write is always one segment on loopback; two writes can still be merged by the kernel
-    // (TCP autocorking, when the first is not yet sent), so the two-write settings must show
-    // two segments at least once in five answers, and the default never more than one.
+    // on the demo's backend). The fast path writes head and body in one write whatever the
+    // buffer. On pingora's path it depends on `buffers.client_write_bytes`: the default gathers
+    // both in one write; pingora's own default (1,460) wrote the larger one in two; 0 writes
+    // through. One write is always one segment on loopback; two writes can still be merged by
+    // the kernel (TCP autocorking, when the first is not yet sent), so the two-write settings
+    // must show two segments at least once in five answers, and the others never more than one.
     let up = Upstream::start("a").await;
-    for (setting, small, large) in [("", 1, 1), ("1460", 1, 2), ("0", 2, 2)] {
-        let extra = match setting {
+    let pingora = "fast_path: false\n";
+    for (setting, fast, small, large) in [
+        ("", true, 1, 1),
+        ("0", true, 1, 1),
+        ("", false, 1, 1),
+        ("1460", false, 1, 2),
+        ("0", false, 2, 2),
+    ] {
+        let mut extra = match setting {
             "" => String::new(),
             n => format!("buffers: {{client_write_bytes: {n}}}\n"),
         };
+        extra += if fast { "fast_path: true\n" } else { pingora };
         let gw = gateway_with(&up, &extra).await;
         let mut conn = tcp_from("127.0.0.1", gw.port).await;
         for (path, expected) in [("/items", small), ("/big?bytes=4500", large)] {
@@ -436,11 +445,11 @@ async fn a_head_and_body_that_fit_the_write_buffer_go_out_in_one_segment() {
             };
             assert!(
                 ok,
-                "{path} with client_write_bytes {setting:?}: segments {seen:?}"
+                "{path} with client_write_bytes {setting:?}, fast path {fast}: segments {seen:?}"
             );
         }
         if setting.is_empty() {
-            // An answer larger than the buffer still arrives whole.
+            // An answer larger than the buffer still arrives whole, on either path.
             let body = client()
                 .get(gw.url("/big?bytes=100000"))
                 .send()

@@ -49,7 +49,9 @@ use tokio::time::{Instant, Sleep};
 use super::proxy_protocol::{self, Source};
 use super::Snapshot;
 use crate::config::GatewayConfig;
+use crate::fast::Outcome;
 use crate::metrics::{Metrics, Rejection};
+use crate::proxy::Gateway;
 use crate::responses;
 
 const SHARDS: usize = 16;
@@ -266,6 +268,8 @@ impl ConnectionFilter for AcceptFilter {
 /// Wraps the proxy app: caps connections, applies the head deadline, counts open ones.
 pub struct ConnectionTracked<A> {
     pub inner: Arc<A>,
+    /// The fast path for plain requests ([`crate::fast`]); the rest go to `inner`.
+    pub fast: Option<Arc<Gateway>>,
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub counter: Arc<ConnectionCounter>,
     pub metrics: Arc<Metrics>,
@@ -321,14 +325,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
                 return None;
             }
         };
+        let fast = c.fast_path;
         drop(snap);
         let first_due = accepted + head_timeout;
-        let mut next: Option<Stream> = Some(Box::new(HeadDeadline::new(
-            stream,
-            head_timeout,
-            first_due,
-            self.metrics.clone(),
-        )));
+        let mut io = HeadDeadline::new(stream, head_timeout, first_due, self.metrics.clone());
+        if let (true, Some(gateway)) = (fast, self.fast.as_ref()) {
+            match gateway.serve_fast(&mut io, shutdown).await {
+                Outcome::Closed => return None,
+                Outcome::Pingora => {}
+            }
+        }
+        let mut next: Option<Stream> = Some(Box::new(io));
         while let Some(stream) = next {
             next = self.inner.process_new(stream, shutdown).await;
         }
@@ -364,6 +371,10 @@ pub struct HeadDeadline {
     received_any: bool,
     /// The deadline was missed (counted and answered once).
     timed_out: bool,
+    /// Bytes the fast path read and handed back ([`HeadDeadline::rewind`]), read again
+    /// before the socket; `rewound_at` of them already were.
+    rewound: Vec<u8>,
+    rewound_at: usize,
 }
 
 impl fmt::Debug for HeadDeadline {
@@ -397,7 +408,20 @@ impl HeadDeadline {
             tail_len: 0,
             received_any: false,
             timed_out: false,
+            rewound: Vec::new(),
+            rewound_at: 0,
         }
+    }
+
+    /// Put bytes already read (and seen by the head tracking) back in front of the socket's,
+    /// for pingora to read when the fast path hands it the connection.
+    pub fn rewind(&mut self, data: Vec<u8>) {
+        debug_assert!(
+            self.rewound_at >= self.rewound.len(),
+            "one rewind at a time"
+        );
+        self.rewound = data;
+        self.rewound_at = 0;
     }
 
     /// Track head boundaries in newly read bytes.
@@ -445,6 +469,16 @@ impl AsyncRead for HeadDeadline {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.rewound_at < this.rewound.len() {
+            let n = buf.remaining().min(this.rewound.len() - this.rewound_at);
+            buf.put_slice(&this.rewound[this.rewound_at..this.rewound_at + n]);
+            this.rewound_at += n;
+            if this.rewound_at == this.rewound.len() {
+                this.rewound = Vec::new();
+                this.rewound_at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         if this.in_head && Instant::now() >= this.due {
             return this.late(cx);
         }
@@ -649,6 +683,12 @@ impl GetSocketDigest for HeadDeadline {
 #[async_trait]
 impl Peek for HeadDeadline {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let rewound = &self.rewound[self.rewound_at..];
+        if !rewound.is_empty() {
+            let n = buf.len().min(rewound.len());
+            buf[..n].copy_from_slice(&rewound[..n]);
+            return Ok(true);
+        }
         self.inner.try_peek(buf).await
     }
 }

@@ -442,6 +442,13 @@ pub fn render(port: u16, metrics_port: u16, body: &str) -> String {
     if !body.contains("log_level:") {
         defaults.push_str("log_level: warn\n");
     }
+    // FLOODGATE_TEST_PATH=pingora: the whole suite with the fast path off (`make test` runs
+    // it both ways), so pingora's path stays tested for everything it still serves.
+    if !body.contains("fast_path:")
+        && std::env::var("FLOODGATE_TEST_PATH").is_ok_and(|v| v == "pingora")
+    {
+        defaults.push_str("fast_path: false\n");
+    }
     format!(
         "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\n{defaults}{body}"
     )

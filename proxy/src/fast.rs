@@ -1,0 +1,1037 @@
+//! The fast path: plain HTTP/1.1 `GET` and `HEAD` requests, proxied without pingora's HTTP/1
+//! session and proxy loop.
+//!
+//! pingora's path costs ~75k instructions per proxied request before the gateway adds
+//! anything (header maps kept twice and hashed on every lookup, the upstream request cloned,
+//! a task spawned per pooled connection, ~66 allocations): 0.64× nginx in requests/s on the
+//! project's machines. The same work written against the bytes (`httparse` over the
+//! connection's buffer, the upstream head assembled in one reused buffer, the answer's head
+//! and body in one write) is what `examples/lean_http1.rs` measured at 1.1× nginx.
+//!
+//! It serves only what it can serve exactly as the pingora path would, and hands everything
+//! else to pingora, on the same connection, with the bytes it had read put back
+//! ([`HeadDeadline::rewind`]): a request with a body or a `Connection`, `Upgrade`, `Expect`,
+//! `TE` or framing header, HTTP/1.0, any other method, an absolute-form target, a head over the
+//! size caps (pingora's path answers 431), a head `httparse` refuses (pingora answers 400),
+//! a repeated `X-Forwarded-For` or `X-Request-Id`. From there on pingora serves the
+//! connection. What the pingora path does per request (`proxy.rs`) is done here by the same
+//! functions: client identity, request id, rate limits, backend selection and its queue,
+//! retries, the same JSON errors, metrics and access log.
+//!
+//! Upstream connections are kept per backend ([`Idle`], at most `upstream.keepalive_pool`
+//! each) and checked on reuse rather than watched by a task while idle: one older than
+//! `timeouts.idle` is closed, and a reused one that fails before any answer byte arrived is
+//! retried once on a new connection (pingora's rule for a stale pooled connection).
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use pingora::lb::Backend;
+use pingora::protocols::http::date::get_cached_date;
+use pingora::protocols::GetSocketDigest;
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::limits::client::client_ip;
+use crate::limits::connections::HeadDeadline;
+use crate::limits::Snapshot;
+use crate::metrics::Rejection;
+use crate::proxy::{admit, ip_header_value, Finished, Gateway, InflightGuard};
+use crate::responses::{raw_answer, RawExtras};
+use crate::upstreams::{state_of, BackendState};
+
+/// Most headers a request or answer may have on this path (pingora's own limit is 256;
+/// `buffers.max_headers` is checked separately and a request over either goes to pingora).
+const MAX_HEADERS: usize = 128;
+/// Largest upstream answer head read before it is refused as a 502.
+const MAX_ANSWER_HEAD: usize = 64 * 1024;
+/// The piece size of a body relayed in pieces (bounded buffering).
+const RELAY_BYTES: usize = 16 * 1024;
+
+/// An idle keep-alive connection to a backend.
+pub struct Idle {
+    conn: UpConn,
+    since: Instant,
+}
+
+/// A connection to a backend and the buffer its answers are read into (kept with it, so a
+/// request allocates neither).
+struct UpConn {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// How the fast path left a connection.
+pub enum Outcome {
+    /// Closed, or to be closed: nothing more to do.
+    Closed,
+    /// The next request is pingora's; its bytes were put back.
+    Pingora,
+}
+
+/// A request the fast path will serve, parsed from the head at the start of the buffer.
+struct Plan {
+    head_len: usize,
+    method: Range<usize>,
+    target: Range<usize>,
+    is_head: bool,
+    client_ip: IpAddr,
+    /// Where the request id is in the upstream head.
+    request_id: Range<usize>,
+}
+
+enum Parsed {
+    Plan(Plan),
+    Partial,
+    Pingora,
+}
+
+/// Why an exchange with a backend failed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum UpstreamError {
+    ConnectRefused,
+    ConnectTimeout,
+    WriteTimeout,
+    ReadTimeout,
+    /// Closed or reset before a whole answer head arrived.
+    Closed,
+    Invalid,
+}
+
+impl UpstreamError {
+    fn answer(self) -> (u16, &'static str) {
+        match self {
+            UpstreamError::ConnectTimeout
+            | UpstreamError::WriteTimeout
+            | UpstreamError::ReadTimeout => (504, "the backend did not answer in time"),
+            _ => (502, "the backend failed to answer"),
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            UpstreamError::ConnectRefused => "connect failed",
+            UpstreamError::ConnectTimeout => "connect timed out",
+            UpstreamError::WriteTimeout => "writing the request timed out",
+            UpstreamError::ReadTimeout => "reading the answer timed out",
+            UpstreamError::Closed => "connection closed before a whole answer",
+            UpstreamError::Invalid => "invalid answer",
+        }
+    }
+}
+
+fn eq(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+fn offset(buf: &[u8], part: &str) -> Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Reads more bytes into `buf`; false when the peer closed or the read failed.
+async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> bool {
+    if buf.capacity() - buf.len() < 2048 {
+        buf.reserve(4096);
+    }
+    matches!(r.read_buf(buf).await, Ok(n) if n > 0)
+}
+
+/// Like [`read_more`], failing with a timeout after `limit`.
+async fn read_upstream(
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> Result<(), UpstreamError> {
+    match tokio::time::timeout(limit, read_more(tcp, buf)).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(UpstreamError::Closed),
+        Err(_) => Err(UpstreamError::ReadTimeout),
+    }
+}
+
+/// How an answer's body is delimited (RFC 9112 section 6.3).
+#[derive(Clone, Copy, PartialEq)]
+enum Framing {
+    None,
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// Where a chunked body ends in `data` (raw chunked bytes), if it does; `Err` if malformed.
+/// `state` carries the position across calls: bytes of the current chunk still to skip.
+struct Chunks {
+    /// Data bytes (plus CRLF) of the current chunk not yet seen.
+    skip: usize,
+    /// In the trailer section after the last chunk.
+    trailer: bool,
+    /// Bytes of `pending` (an incomplete size or trailer line) kept from the last call.
+    line: Vec<u8>,
+}
+
+impl Chunks {
+    fn new() -> Self {
+        Chunks {
+            skip: 0,
+            trailer: false,
+            line: Vec::new(),
+        }
+    }
+
+    /// Feed the next bytes; Ok(Some(n)): the body ends after `n` bytes of `data`.
+    fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ()> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len() - i);
+                self.skip -= n;
+                i += n;
+                continue;
+            }
+            // A line: a chunk size, or a trailer line.
+            let Some(nl) = data[i..].iter().position(|&b| b == b'\n') else {
+                self.line.extend_from_slice(&data[i..]);
+                if self.line.len() > 4096 {
+                    return Err(());
+                }
+                return Ok(None);
+            };
+            self.line.extend_from_slice(&data[i..i + nl]);
+            i += nl + 1;
+            let line = std::mem::take(&mut self.line);
+            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            if self.trailer {
+                if line.is_empty() {
+                    return Ok(Some(i));
+                }
+                continue;
+            }
+            let digits = line.split(|&b| b == b';').next().unwrap_or(b"");
+            let text = std::str::from_utf8(digits).map_err(|_| ())?.trim();
+            let size = usize::from_str_radix(text, 16).map_err(|_| ())?;
+            if size == 0 {
+                self.trailer = true;
+            } else {
+                self.skip = size.checked_add(2).ok_or(())?;
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Gateway {
+    /// Serve the connection's requests while they fit the fast path.
+    pub async fn serve_fast(&self, io: &mut HeadDeadline, shutdown: &ShutdownWatch) -> Outcome {
+        let Some(peer) = io
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+        else {
+            return Outcome::Pingora;
+        };
+        let hop = ip_header_value(peer);
+        let mut shutdown = shutdown.clone();
+        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        let mut upstream_head: Vec<u8> = Vec::with_capacity(1024);
+        let mut answer: Vec<u8> = Vec::with_capacity(4096);
+        let mut served = 0usize;
+        loop {
+            if buf.is_empty() {
+                let got = if served == 0 {
+                    // The head deadline (HeadDeadline) bounds the first request's wait.
+                    read_more(io, &mut buf).await
+                } else {
+                    let idle = self.snapshot.load().config.keepalive_timeout;
+                    tokio::select! {
+                        biased;
+                        r = tokio::time::timeout(idle, read_more(io, &mut buf)) => r.unwrap_or(false),
+                        _ = shutdown.changed() => false,
+                    }
+                };
+                if !got {
+                    return Outcome::Closed;
+                }
+            }
+            let snap = self.snapshot.load_full();
+            let plan = loop {
+                match self.parse(&buf, peer, hop.as_bytes(), &snap, &mut upstream_head) {
+                    Parsed::Plan(p) => break p,
+                    Parsed::Pingora => {
+                        io.rewind(std::mem::take(&mut buf));
+                        return Outcome::Pingora;
+                    }
+                    Parsed::Partial => {
+                        if buf.len() > snap.config.max_header_bytes + 1024
+                            || !read_more(io, &mut buf).await
+                        {
+                            if buf.is_empty() {
+                                return Outcome::Closed;
+                            }
+                            io.rewind(std::mem::take(&mut buf));
+                            return Outcome::Pingora;
+                        }
+                    }
+                }
+            };
+            served += 1;
+            let last = served >= snap.config.max_requests_per_connection || *shutdown.borrow();
+            let keep = self
+                .one(io, &buf, &plan, &snap, &upstream_head, &mut answer, last)
+                .await;
+            if !keep || last {
+                return Outcome::Closed;
+            }
+            buf.drain(..plan.head_len);
+        }
+    }
+
+    /// Parse the head at the start of `buf`; when the fast path takes it, write the upstream
+    /// head into `out`.
+    fn parse(
+        &self,
+        buf: &[u8],
+        peer: IpAddr,
+        hop: &[u8],
+        snap: &Snapshot,
+        out: &mut Vec<u8>,
+    ) -> Parsed {
+        let cfg = &snap.config;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Parsed::Partial,
+            Err(_) => return Parsed::Pingora,
+        };
+        let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+            return Parsed::Pingora;
+        };
+        let is_head = method == "HEAD";
+        if !(method == "GET" || is_head) || !target.starts_with('/') {
+            return Parsed::Pingora;
+        }
+        // The same measure as the pingora path's 431 check.
+        let head_bytes = method.len()
+            + target.len()
+            + 12
+            + req
+                .headers
+                .iter()
+                .map(|h| h.name.len() + h.value.len() + 4)
+                .sum::<usize>();
+        if req.headers.len() > cfg.max_headers || head_bytes > cfg.max_header_bytes {
+            return Parsed::Pingora;
+        }
+        let mut forwarded_for: Option<&[u8]> = None;
+        let mut request_id: Option<&[u8]> = None;
+        for h in req.headers.iter() {
+            let n = h.name;
+            if eq(n, "x-forwarded-for") {
+                if forwarded_for.replace(h.value).is_some() {
+                    return Parsed::Pingora;
+                }
+            } else if eq(n, "x-request-id") {
+                if request_id.replace(h.value).is_some() {
+                    return Parsed::Pingora;
+                }
+            } else if eq(n, "content-length")
+                || eq(n, "transfer-encoding")
+                || eq(n, "connection")
+                || eq(n, "upgrade")
+                || eq(n, "expect")
+                || eq(n, "te")
+                || eq(n, "trailer")
+                || eq(n, "keep-alive")
+                || eq(n, "proxy-connection")
+            {
+                return Parsed::Pingora;
+            }
+        }
+        let client = client_ip(peer, forwarded_for, &cfg.trusted_proxies);
+
+        // The upstream head: the client's lines as they came, less the four the gateway
+        // sets, then those four.
+        out.clear();
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for h in req.headers.iter() {
+            let n = h.name;
+            if !(eq(n, "x-forwarded-for")
+                || eq(n, "x-real-ip")
+                || eq(n, "x-forwarded-proto")
+                || eq(n, "x-request-id"))
+            {
+                push_header(out, n.as_bytes(), h.value);
+            }
+        }
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        if let Some(prev) = forwarded_for.filter(|v| !v.is_empty()) {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(hop);
+        out.extend_from_slice(b"\r\n");
+        if client == peer {
+            push_header(out, b"X-Real-IP", hop);
+        } else {
+            push_header(out, b"X-Real-IP", ip_header_value(client).as_bytes());
+        }
+        push_header(out, b"X-Forwarded-Proto", b"http");
+        out.extend_from_slice(b"X-Request-Id: ");
+        let id_start = out.len();
+        match request_id {
+            Some(v) if !v.is_empty() && v.len() <= 200 => out.extend_from_slice(v),
+            _ => out.extend_from_slice(&self.new_request_id_bytes()),
+        }
+        let request_id = id_start..out.len();
+        out.extend_from_slice(b"\r\n\r\n");
+        Parsed::Plan(Plan {
+            head_len,
+            method: offset(buf, method),
+            target: offset(buf, target),
+            is_head,
+            client_ip: client,
+            request_id,
+        })
+    }
+
+    /// One request, from its parsed head to the end of its answer. Returns whether the
+    /// client connection may serve another request.
+    #[allow(clippy::too_many_arguments)]
+    async fn one(
+        &self,
+        io: &mut HeadDeadline,
+        buf: &[u8],
+        plan: &Plan,
+        snap: &Snapshot,
+        upstream_head: &[u8],
+        answer: &mut Vec<u8>,
+        last: bool,
+    ) -> bool {
+        let _inflight = InflightGuard::new(&self.metrics.inflight_requests);
+        let started = Instant::now();
+        let request_id = &upstream_head[plan.request_id.clone()];
+        let mut done = Finished {
+            started,
+            status: 0,
+            backend: None,
+            rejection: None,
+            client_ip: Some(plan.client_ip),
+            method: std::str::from_utf8(&buf[plan.method.clone()]).unwrap_or("-"),
+            target: std::str::from_utf8(&buf[plan.target.clone()]).unwrap_or("-"),
+            request_id,
+            error: None,
+            fast: true,
+        };
+        let target = done.target;
+        let path = target.split('?').next().unwrap_or(target);
+        let wait = match admit(snap, Some(plan.client_ip), path) {
+            Ok(wait) => wait,
+            Err(r) => {
+                let (keep, _) = self
+                    .refuse(
+                        io,
+                        answer,
+                        r.reason,
+                        Some(r.retry_after),
+                        &r.headers,
+                        request_id,
+                        last,
+                        &mut done,
+                    )
+                    .await;
+                self.record(snap, &done);
+                return keep;
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let (keep, error) = self
+            .forward(io, plan, snap, upstream_head, answer, last, &mut done)
+            .await;
+        let error_text;
+        if let Some((code, e)) = error {
+            error_text = format!("{}, status: {code}", e.text());
+            done.error = Some(&error_text);
+            if done.rejection.is_none() {
+                log::error!(
+                    "Fail to proxy: {}, status: {code}, backend: {}, id={}",
+                    e.text(),
+                    done.backend
+                        .as_ref()
+                        .map_or("-", |b| state_of(b).label.as_str()),
+                    String::from_utf8_lossy(request_id),
+                );
+            }
+        }
+        self.record(snap, &done);
+        keep
+    }
+
+    /// Send the request to a backend (retrying as the pingora path does) and relay its
+    /// answer; answer an error itself when no backend answered. Returns whether the client
+    /// connection stays open and the backend error, if any.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward<'a>(
+        &self,
+        io: &mut HeadDeadline,
+        plan: &Plan,
+        snap: &Snapshot,
+        upstream_head: &[u8],
+        answer: &mut Vec<u8>,
+        last: bool,
+        done: &mut Finished<'a>,
+    ) -> (bool, Option<(u16, UpstreamError)>) {
+        let cfg = &snap.config;
+        let t = cfg.timeouts;
+        let request_id = &upstream_head[plan.request_id.clone()];
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut fresh_only = false;
+        let mut backend_holder: Option<Backend>;
+        loop {
+            let Some(backend) = self.upstreams.select(&tried) else {
+                return self
+                    .refuse(
+                        io,
+                        answer,
+                        Rejection::NoHealthyBackend,
+                        None,
+                        &[],
+                        request_id,
+                        last,
+                        done,
+                    )
+                    .await;
+            };
+            let addr = *backend.as_inet().expect("backends are inet addresses");
+            backend_holder = Some(backend);
+            let backend = backend_holder.as_ref().expect("just set");
+            let state = state_of(backend);
+            let _slot = match state.gate.enter(&cfg.backend_queue).await {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    return self
+                        .refuse(io, answer, reason, None, &[], request_id, last, done)
+                        .await;
+                }
+            };
+            let pooled = if fresh_only {
+                None
+            } else {
+                take_idle(state, t.idle)
+            };
+            let reused = pooled.is_some();
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => match connect(addr, t.connect).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        state.metrics.connect_failures.inc();
+                        tried.push(addr);
+                        // Nothing was sent: another backend is safe for every method.
+                        if tried.len() <= cfg.connect_retries {
+                            self.metrics.retries_connect.inc();
+                            continue;
+                        }
+                        done.backend = backend_holder.clone();
+                        return self.backend_failed(io, answer, e, request_id, done).await;
+                    }
+                },
+            };
+            let head = send_and_read_head(&mut conn, upstream_head, answer, t.write, t.read).await;
+            let head = match head {
+                Ok(h) => h,
+                Err((e, got_bytes)) => {
+                    // GET and HEAD are idempotent: retried on another backend when configured,
+                    // else a stale pooled connection once on a new one.
+                    let retry = if cfg.retry_idempotent {
+                        tried.push(addr);
+                        true
+                    } else if reused && !got_bytes && !fresh_only {
+                        fresh_only = true;
+                        true
+                    } else {
+                        false
+                    };
+                    if retry {
+                        self.metrics.retries_after_send.inc();
+                        continue;
+                    }
+                    done.backend = backend_holder.clone();
+                    return self.backend_failed(io, answer, e, request_id, done).await;
+                }
+            };
+            done.backend = backend_holder.clone();
+            return self
+                .relay(
+                    io, plan, conn, head, state, request_id, answer, last, done, t.read,
+                )
+                .await;
+        }
+    }
+
+    /// The backend's answer to the client: its head (hop-by-hop headers replaced, the request
+    /// id added), then its body as it was framed.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay<'a>(
+        &self,
+        io: &mut HeadDeadline,
+        plan: &Plan,
+        mut conn: UpConn,
+        head: AnswerHead,
+        state: &BackendState,
+        request_id: &[u8],
+        answer: &mut Vec<u8>,
+        last: bool,
+        done: &mut Finished<'a>,
+        read_timeout: Duration,
+    ) -> (bool, Option<(u16, UpstreamError)>) {
+        let framing = if plan.is_head || head.status == 204 || head.status == 304 {
+            Framing::None
+        } else {
+            head.framing
+        };
+        let keep_client = !last && framing != Framing::UntilClose;
+        // `answer` holds the rewritten status line and headers (`send_and_read_head`).
+        push_header(answer, b"X-Request-Id", request_id);
+        push_header(answer, b"Date", get_cached_date().as_bytes());
+        answer.extend_from_slice(if keep_client {
+            b"Connection: keep-alive\r\n\r\n"
+        } else {
+            b"Connection: close\r\n\r\n"
+        });
+        done.status = head.status;
+        let start = head.len;
+        // A body that fits the relay buffer is gathered whole and goes out with the head in
+        // one write (as pingora's path does with `buffers.client_write_bytes`).
+        if let Framing::Length(n) = framing {
+            while conn.buf.len() - start < n && n <= RELAY_BYTES {
+                if let Err(e) = read_upstream(&mut conn.tcp, &mut conn.buf, read_timeout).await {
+                    return self.backend_failed(io, answer, e, request_id, done).await;
+                }
+            }
+        }
+        let have = conn.buf.len() - start;
+        let mut upstream_reusable = head.keep_alive;
+        let sent = match framing {
+            Framing::None => {
+                upstream_reusable &= have == 0;
+                write_client(io, answer).await
+            }
+            Framing::Length(n) if have >= n => {
+                upstream_reusable &= have == n;
+                answer.extend_from_slice(&conn.buf[start..start + n]);
+                write_client(io, answer).await
+            }
+            _ => {
+                let mut body = conn.buf.split_off(start);
+                let r = self
+                    .stream_body(io, &mut conn.tcp, answer, &mut body, framing, read_timeout)
+                    .await;
+                match r {
+                    Ok(clean) => {
+                        upstream_reusable &= clean;
+                        true
+                    }
+                    Err(Some(e)) => {
+                        // The head is out: all the client can learn is a cut answer.
+                        return (false, Some((head.status, e)));
+                    }
+                    Err(None) => false,
+                }
+            }
+        };
+        if upstream_reusable && framing != Framing::UntilClose {
+            put_idle(state, conn, self.snapshot.load().config.keepalive_pool);
+        }
+        (sent && keep_client, None)
+    }
+
+    /// Relay a body that is not whole in the buffer: the head and what arrived, then the
+    /// rest as it comes. Ok(true) when it ended exactly (the connection can be reused);
+    /// Err(Some) when the backend failed, Err(None) when the client did.
+    async fn stream_body(
+        &self,
+        io: &mut HeadDeadline,
+        tcp: &mut TcpStream,
+        answer: &mut Vec<u8>,
+        body: &mut Vec<u8>,
+        framing: Framing,
+        read_timeout: Duration,
+    ) -> Result<bool, Option<UpstreamError>> {
+        let mut chunks = Chunks::new();
+        let mut left = match framing {
+            Framing::Length(n) => n,
+            _ => usize::MAX,
+        };
+        // The first piece goes with the head.
+        let mut piece = std::mem::take(body);
+        let mut first = true;
+        loop {
+            let mut end = false;
+            let mut exact = true;
+            match framing {
+                Framing::Length(_) => {
+                    let n = piece.len().min(left);
+                    exact = piece.len() <= left;
+                    piece.truncate(n);
+                    left -= n;
+                    end = left == 0;
+                }
+                Framing::Chunked => match chunks.feed(&piece) {
+                    Ok(Some(n)) => {
+                        exact = n == piece.len();
+                        piece.truncate(n);
+                        end = true;
+                    }
+                    Ok(None) => {}
+                    Err(()) => return Err(Some(UpstreamError::Invalid)),
+                },
+                _ => {}
+            }
+            let ok = if first {
+                answer.extend_from_slice(&piece);
+                first = false;
+                write_client(io, answer).await
+            } else {
+                write_client(io, &piece).await
+            };
+            if !ok {
+                return Err(None);
+            }
+            if end {
+                return Ok(exact);
+            }
+            piece.clear();
+            piece.reserve(RELAY_BYTES);
+            match tokio::time::timeout(read_timeout, tcp.read_buf(&mut piece)).await {
+                Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(false),
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(Some(UpstreamError::Closed)),
+                Ok(Ok(_)) => {}
+                Err(_) => return Err(Some(UpstreamError::ReadTimeout)),
+            }
+        }
+    }
+
+    /// The gateway's own refusal (rate limit, no backend, backend queue), counted with its
+    /// reason; `retry_after` defaults to 1 s for a 429 or 503.
+    #[allow(clippy::too_many_arguments)]
+    async fn refuse<'a>(
+        &self,
+        io: &mut HeadDeadline,
+        answer: &mut Vec<u8>,
+        reason: Rejection,
+        retry_after: Option<u64>,
+        headers: &[(&'static str, String)],
+        request_id: &[u8],
+        last: bool,
+        done: &mut Finished<'a>,
+    ) -> (bool, Option<(u16, UpstreamError)>) {
+        self.metrics.reject(reason);
+        done.rejection = Some(reason);
+        done.status = reason.status();
+        let retry_after = retry_after.or_else(|| matches!(reason.status(), 429 | 503).then_some(1));
+        // As through pingora (`send_json_error`): a 503 keeps a bodyless request's connection.
+        let keep = !last && (reason.status() < 500 || reason.status() == 503);
+        let ok = self
+            .answer_error(
+                io,
+                answer,
+                reason.status(),
+                reason.message(),
+                retry_after,
+                headers,
+                request_id,
+                keep,
+            )
+            .await;
+        (ok && keep, None)
+    }
+
+    /// A backend that did not answer: 502 or 504, the connection closed after it.
+    async fn backend_failed<'a>(
+        &self,
+        io: &mut HeadDeadline,
+        answer: &mut Vec<u8>,
+        e: UpstreamError,
+        request_id: &[u8],
+        done: &mut Finished<'a>,
+    ) -> (bool, Option<(u16, UpstreamError)>) {
+        let (code, message) = e.answer();
+        done.status = code;
+        self.answer_error(io, answer, code, message, None, &[], request_id, false)
+            .await;
+        (false, Some((code, e)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn answer_error(
+        &self,
+        io: &mut HeadDeadline,
+        answer: &mut Vec<u8>,
+        status: u16,
+        message: &str,
+        retry_after: Option<u64>,
+        headers: &[(&'static str, String)],
+        request_id: &[u8],
+        keep_alive: bool,
+    ) -> bool {
+        answer.clear();
+        let date = get_cached_date();
+        let extras = RawExtras {
+            request_id: Some(request_id),
+            headers,
+            date: Some(date.as_bytes()),
+            keep_alive,
+        };
+        raw_answer(answer, status, message, retry_after, &extras);
+        write_client(io, answer).await
+    }
+}
+
+/// What the fast path needs of an answer head.
+struct AnswerHead {
+    status: u16,
+    /// The length of the head as received; the body bytes that came with it follow.
+    len: usize,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+async fn connect(addr: SocketAddr, limit: Duration) -> Result<UpConn, UpstreamError> {
+    match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(UpConn {
+                tcp,
+                buf: Vec::with_capacity(RELAY_BYTES),
+            })
+        }
+        Ok(Err(_)) => Err(UpstreamError::ConnectRefused),
+        Err(_) => Err(UpstreamError::ConnectTimeout),
+    }
+}
+
+fn take_idle(state: &BackendState, max_idle: Duration) -> Option<UpConn> {
+    let mut idle = state.idle.lock().expect("idle pool");
+    while let Some(c) = idle.pop() {
+        if c.since.elapsed() < max_idle {
+            return Some(c.conn);
+        }
+    }
+    None
+}
+
+fn put_idle(state: &BackendState, conn: UpConn, cap: usize) {
+    let mut idle = state.idle.lock().expect("idle pool");
+    if idle.len() >= cap {
+        // The oldest goes (it is the likeliest to have been closed by the backend).
+        idle.remove(0);
+    }
+    idle.push(Idle {
+        conn,
+        since: Instant::now(),
+    });
+}
+
+async fn write_client(io: &mut HeadDeadline, data: &[u8]) -> bool {
+    io.write_all(data).await.is_ok() && io.flush().await.is_ok()
+}
+
+/// Write the request head, read the answer's head (skipping 1xx interim answers). On
+/// success `answer` holds the head as the client gets it, less its end (the gateway's
+/// headers and the blank line), and `conn.buf` the head as received (`AnswerHead::len` bytes)
+/// and the body bytes that came with it. The error says whether any answer byte arrived.
+async fn send_and_read_head(
+    conn: &mut UpConn,
+    head: &[u8],
+    answer: &mut Vec<u8>,
+    write_timeout: Duration,
+    read_timeout: Duration,
+) -> Result<AnswerHead, (UpstreamError, bool)> {
+    match tokio::time::timeout(write_timeout, conn.tcp.write_all(head)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err((UpstreamError::Closed, false)),
+        Err(_) => return Err((UpstreamError::WriteTimeout, false)),
+    }
+    let buf = &mut conn.buf;
+    buf.clear();
+    loop {
+        let parsed = {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut headers);
+            match res.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    Some((len, rewrite_answer_head(&res, answer)))
+                }
+                Ok(httparse::Status::Partial) => None,
+                Err(_) => return Err((UpstreamError::Invalid, true)),
+            }
+        };
+        match parsed {
+            Some((len, Ok(Some(mut head)))) => {
+                head.len = len;
+                return Ok(head);
+            }
+            // An interim 1xx: dropped (as nginx does), the final answer follows.
+            Some((len, Ok(None))) => {
+                buf.drain(..len);
+                continue;
+            }
+            Some((_, Err(()))) => return Err((UpstreamError::Invalid, true)),
+            None => {
+                if buf.len() > MAX_ANSWER_HEAD {
+                    return Err((UpstreamError::Invalid, true));
+                }
+                let before = buf.is_empty();
+                if let Err(e) = read_upstream(&mut conn.tcp, buf, read_timeout).await {
+                    return Err((e, !before));
+                }
+            }
+        }
+    }
+}
+
+/// From a parsed answer head: None for an interim answer (dropped), else what the client
+/// gets of the head, less its end, written to `out` (`AnswerHead::len` is the caller's).
+fn rewrite_answer_head(
+    res: &httparse::Response,
+    out: &mut Vec<u8>,
+) -> Result<Option<AnswerHead>, ()> {
+    let status = res.code.ok_or(())?;
+    if (100..200).contains(&status) {
+        if status == 101 {
+            return Err(());
+        }
+        return Ok(None);
+    }
+    let mut framing = Framing::UntilClose;
+    let mut keep_alive = res.version == Some(1);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
+    out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in res.headers.iter() {
+        let n = h.name;
+        if eq(n, "transfer-encoding") {
+            let chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            framing = if chunked {
+                Framing::Chunked
+            } else {
+                Framing::UntilClose
+            };
+        } else if eq(n, "content-length") {
+            let n: usize = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or(())?;
+            match framing {
+                Framing::Length(m) if m != n => return Err(()),
+                Framing::Chunked => {}
+                _ => framing = Framing::Length(n),
+            }
+        } else if eq(n, "connection") {
+            if h.value
+                .split(|&b| b == b',')
+                .any(|v| v.trim_ascii().eq_ignore_ascii_case(b"close"))
+            {
+                keep_alive = false;
+            }
+            continue;
+        }
+        if eq(n, "keep-alive")
+            || eq(n, "proxy-connection")
+            || eq(n, "x-request-id")
+            || eq(n, "date")
+        {
+            continue;
+        }
+        push_header(out, n.as_bytes(), h.value);
+    }
+    Ok(Some(AnswerHead {
+        status,
+        len: 0,
+        framing,
+        keep_alive,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_end_where_the_last_chunk_and_trailers_end() {
+        let body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\n";
+        // Whole, then byte by byte: the same end.
+        assert_eq!(Chunks::new().feed(body), Ok(Some(body.len())));
+        let mut c = Chunks::new();
+        let ends: Vec<_> = body.iter().map(|b| c.feed(&[*b])).collect();
+        assert!(ends[..body.len() - 1].iter().all(|e| *e == Ok(None)));
+        assert_eq!(ends[body.len() - 1], Ok(Some(1)));
+        // Bytes after the end are not the body's.
+        let mut more = body.to_vec();
+        more.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(Chunks::new().feed(&more), Ok(Some(body.len())));
+        assert_eq!(Chunks::new().feed(b"zz\r\n"), Err(()));
+    }
+
+    #[test]
+    fn answer_heads_are_rewritten_for_the_client() {
+        let parse = |raw: &[u8]| {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut res = httparse::Response::new(&mut headers);
+            let httparse::Status::Complete(len) = res.parse(raw).unwrap() else {
+                panic!("a whole head")
+            };
+            let mut out = Vec::new();
+            rewrite_answer_head(&res, &mut out).map(|h| h.map(|h| (h, out, len)))
+        };
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\nDate: x\r\nX-Request-Id: theirs\r\nX-A: b\r\n\r\nhi";
+        let (head, out, len) = parse(raw).unwrap().unwrap();
+        assert_eq!(head.status, 200);
+        assert!(head.framing == Framing::Length(2));
+        assert!(!head.keep_alive);
+        assert_eq!(
+            &out[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n"
+        );
+        assert_eq!(&raw[len..], b"hi");
+        let (head, _, _) = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(head.framing == Framing::Chunked && head.keep_alive);
+        let (head, _, _) = parse(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
+        assert!(head.framing == Framing::UntilClose && !head.keep_alive);
+        // Interim answers are dropped; conflicting lengths and 101 are refused.
+        assert!(parse(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+            .unwrap()
+            .is_none());
+        assert!(
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n").is_err()
+        );
+        assert!(parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").is_err());
+    }
+}

@@ -1,0 +1,308 @@
+//! The fast path (proxy/src/fast.rs): which requests it serves, what it hands to pingora on the
+//! same connection, and answers of every framing relayed as the backend framed them. The rest
+//! of the suite runs through it too (and again with it off: `FLOODGATE_TEST_PATH=pingora`).
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const FAST: &str = "gateway_http1_path_requests_total{path=\"fast\"}";
+const PINGORA: &str = "gateway_http1_path_requests_total{path=\"pingora\"}";
+
+/// Read one answer from `conn` (after `pending` bytes already read): its head, its body.
+/// Content-Length and chunked bodies; `head_only` for an answer to HEAD.
+async fn read_answer(
+    conn: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    head_only: bool,
+) -> (String, Vec<u8>) {
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_string();
+            let lower = head.to_ascii_lowercase();
+            let rest = pending[end + 4..].to_vec();
+            let length = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map(|v| v.trim().parse::<usize>().unwrap());
+            let chunked = lower.contains("transfer-encoding: chunked");
+            let body_end = if head_only {
+                Some(0)
+            } else if let Some(n) = length {
+                (rest.len() >= n).then_some(n)
+            } else if chunked {
+                rest.windows(5)
+                    .position(|w| w == b"0\r\n\r\n")
+                    .map(|p| p + 5)
+            } else {
+                None
+            };
+            if let Some(n) = body_end {
+                let body = rest[..n].to_vec();
+                *pending = rest[n..].to_vec();
+                return (head, body);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole answer; got {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_requests_take_the_fast_path_and_the_rest_go_to_pingora_on_the_same_connection() {
+    let (up, gw) = upstream_and_gateway("fast_path: true\n").await;
+    let mut conn = tcp_from("127.0.0.1", gw.port).await;
+    let mut pending = Vec::new();
+    // A GET, then a HEAD: the fast path.
+    conn.write_all(b"GET /items?x=1 HTTP/1.1\r\nHost: t\r\nX-Request-Id: first\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut conn, &mut pending, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("X-Request-Id: first"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: keep-alive"),
+        "{head}"
+    );
+    assert_eq!(body, b"{\"served_by\":\"a\"}");
+    assert_eq!(up.header("x-request-id").as_deref(), Some("first"));
+    assert_eq!(up.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(up.header("x-real-ip").as_deref(), Some("127.0.0.1"));
+    assert_eq!(up.header("x-forwarded-proto").as_deref(), Some("http"));
+    conn.write_all(b"HEAD /items HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut conn, &mut pending, true).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.is_empty());
+    assert_eq!(gw.metric_after_answer(FAST, 2.0).await, 2.0);
+    assert_eq!(gw.metric(PINGORA).await, 0.0);
+
+    // A POST whose body came in the same write as its head: the fast path hands both, already
+    // read, to pingora, which answers it and then serves the connection's next request.
+    // (Pipelining after that is pingora's business: off by default, as before.)
+    for request in [
+        "POST /items HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",
+        "GET /items HTTP/1.1\r\nHost: t\r\n\r\n",
+    ] {
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let (head, body) = read_answer(&mut conn, &mut pending, false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"{\"served_by\":\"a\"}");
+    }
+    assert_eq!(up.requests(), 4);
+    assert_eq!(gw.metric_after_answer(PINGORA, 2.0).await, 2.0);
+    assert_eq!(gw.metric(FAST).await, 2.0);
+
+    // Requests the fast path leaves to pingora on a new connection: HTTP/1.0, Connection,
+    // another method, an absolute-form target. All answered 200 and counted as pingora's.
+    for request in [
+        "GET /items HTTP/1.0\r\nHost: t\r\n\r\n",
+        "GET /items HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        "DELETE /items/1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        "GET http://t/items HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    ] {
+        let mut c = tcp_from("127.0.0.1", gw.port).await;
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let (head, _) = read_answer(&mut c, &mut got, false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{request:?}: {head}");
+    }
+    assert_eq!(gw.metric_after_answer(PINGORA, 6.0).await, 6.0);
+    assert_eq!(gw.metric(FAST).await, 2.0);
+}
+
+/// A backend written by hand, for framings the test upstream (hyper) never sends: it answers
+/// `/ready` with 200 and everything else with `answer(path)`, then closes the connection
+/// when `close` says so (without saying `Connection: close`: a backend that drops idle
+/// connections). Counts the connections that carried a request other than a health check.
+async fn raw_backend(answer: fn(&str) -> Vec<u8>, close: bool) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut first = true;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    if first && path != "/ready" {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    first = false;
+                    let out = if path == "/ready" {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec()
+                    } else {
+                        answer(&path)
+                    };
+                    // Written in two pieces, so bodies arrive after their heads.
+                    let half = out.len() / 2;
+                    if s.write_all(&out[..half]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    if s.write_all(&out[half..]).await.is_err() {
+                        return;
+                    }
+                    if path == "/until-close" || (close && path != "/ready") {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// A gateway with the fast path on in front of one hand-written backend, the backend up.
+async fn gateway_before(addr: &str) -> GatewayProc {
+    let gw = GatewayProc::start(&format!(
+        "fast_path: true\nupstream:\n  backends:\n    - \"{addr}\"\n{HEALTH}"
+    ))
+    .await;
+    gw.wait_backends_up(1).await;
+    gw
+}
+
+fn framed(path: &str) -> Vec<u8> {
+    match path {
+        "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_vec(),
+        "/until-close" => b"HTTP/1.0 200 OK\r\nX-Kind: close\r\n\r\nuntil the end".to_vec(),
+        "/interim" => b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal".to_vec(),
+        "/empty" => b"HTTP/1.1 204 No Content\r\nX-Kind: empty\r\n\r\n".to_vec(),
+        _ => format!("HTTP/1.1 200 OK\r\nContent-Length: 9000\r\n\r\n{}", "y".repeat(9000)).into_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_of_every_framing_arrive_as_the_backend_framed_them() {
+    let (addr, _) = raw_backend(framed, false).await;
+    let gw = gateway_before(&addr).await;
+    let mut conn = tcp_from("127.0.0.1", gw.port).await;
+    let mut pending = Vec::new();
+    let mut ask = async |path: &str| {
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        read_answer(&mut conn, &mut pending, false).await
+    };
+    let (head, body) = ask("/chunked").await;
+    assert!(
+        head.contains("X-Kind: chunked") && head.contains("Transfer-Encoding: chunked"),
+        "{head}"
+    );
+    assert_eq!(body, b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+    let (head, body) = ask("/interim").await;
+    assert!(
+        head.starts_with("HTTP/1.1 200") && !head.contains("Link"),
+        "{head}"
+    );
+    assert_eq!(body, b"final");
+    let (head, body) = ask("/big").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body.len(), 9000);
+    // 204 has no body: the next answer on the connection is read cleanly after it.
+    conn.write_all(b"GET /empty HTTP/1.1\r\nHost: t\r\n\r\nGET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut conn, &mut pending, true).await;
+    assert!(
+        head.starts_with("HTTP/1.1 204") && head.contains("X-Kind: empty"),
+        "{head}"
+    );
+    assert!(body.is_empty());
+    let (_, body) = read_answer(&mut conn, &mut pending, false).await;
+    assert_eq!(body.len(), 9000);
+    // A body delimited by the backend closing: relayed whole, then the client's connection
+    // closes too (its end is the only end the client can see).
+    conn.write_all(b"GET /until-close HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = pending.clone();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut all))
+        .await
+        .expect("closed after the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("X-Kind: close"),
+        "{text}"
+    );
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(text.ends_with("\r\n\r\nuntil the end"), "{text}");
+    assert_eq!(gw.metric_after_answer(FAST, 6.0).await, 6.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_backend_closed_is_retried_once_on_a_new_one() {
+    // The backend closes every connection after its answer, without saying so: each pooled
+    // connection is dead when the next request takes it. Every request still gets its 200.
+    let (addr, connections) = raw_backend(framed, true).await;
+    let gw = gateway_before(&addr).await;
+    let before = connections.load(Ordering::SeqCst);
+    let mut conn = tcp_from("127.0.0.1", gw.port).await;
+    let mut pending = Vec::new();
+    for _ in 0..5 {
+        conn.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_answer(&mut conn, &mut pending, false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body.len(), 9000);
+        // Let the backend's close arrive before the next request takes the connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst) - before,
+        5,
+        "one new connection per request"
+    );
+    assert_eq!(
+        gw.metric_after_answer(
+            "gateway_upstream_retries_total{reason=\"error_after_send\"}",
+            4.0
+        )
+        .await,
+        4.0,
+        "the first request found no pooled connection; the other four a dead one"
+    );
+    assert_eq!(
+        gw.metric("gateway_requests_total{backend=\"none\",code=\"5xx\"}")
+            .await,
+        0.0
+    );
+}

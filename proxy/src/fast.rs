@@ -269,15 +269,15 @@ impl Gateway {
                         io.rewind(std::mem::take(&mut buf));
                         return Outcome::Pingora;
                     }
+                    // A head over the caps: pingora's path reads the rest and answers 431.
+                    Parsed::Partial if buf.len() > snap.config.max_header_bytes + 1024 => {
+                        io.rewind(std::mem::take(&mut buf));
+                        return Outcome::Pingora;
+                    }
+                    // The client went away, or missed the head deadline (already answered).
                     Parsed::Partial => {
-                        if buf.len() > snap.config.max_header_bytes + 1024
-                            || !read_more(io, &mut buf).await
-                        {
-                            if buf.is_empty() {
-                                return Outcome::Closed;
-                            }
-                            io.rewind(std::mem::take(&mut buf));
-                            return Outcome::Pingora;
+                        if !read_more(io, &mut buf).await {
+                            return Outcome::Closed;
                         }
                     }
                 }
@@ -554,13 +554,15 @@ impl Gateway {
             let head = match head {
                 Ok(h) => h,
                 Err((e, got_bytes)) => {
-                    // GET and HEAD are idempotent: retried on another backend when configured,
-                    // else a stale pooled connection once on a new one.
-                    let retry = if cfg.retry_idempotent {
-                        tried.push(addr);
-                        true
-                    } else if reused && !got_bytes && !fresh_only {
+                    // A pooled connection the backend had closed: once more on a new connection
+                    // to the same backend (pingora's rule), which does not count against it.
+                    // Else GET and HEAD, idempotent, go to another backend when configured.
+                    let retry = if reused && !got_bytes && !fresh_only {
                         fresh_only = true;
+                        true
+                    } else if cfg.retry_idempotent {
+                        tried.push(addr);
+                        fresh_only = false;
                         true
                     } else {
                         false
@@ -824,10 +826,14 @@ async fn connect(addr: SocketAddr, limit: Duration) -> Result<UpConn, UpstreamEr
     }
 }
 
+/// The most recently idle connection that is still open. One the backend closed (or wrote
+/// to unasked) is known from the readiness the runtime already has, without a syscall unless
+/// it became readable: such a connection is dropped here rather than found dead by a request.
 fn take_idle(state: &BackendState, max_idle: Duration) -> Option<UpConn> {
     let mut idle = state.idle.lock().expect("idle pool");
     while let Some(c) = idle.pop() {
-        if c.since.elapsed() < max_idle {
+        let open = matches!(c.conn.tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        if open && c.since.elapsed() < max_idle {
             return Some(c.conn);
         }
     }
@@ -835,6 +841,9 @@ fn take_idle(state: &BackendState, max_idle: Duration) -> Option<UpConn> {
 }
 
 fn put_idle(state: &BackendState, conn: UpConn, cap: usize) {
+    if cap == 0 {
+        return;
+    }
     let mut idle = state.idle.lock().expect("idle pool");
     if idle.len() >= cap {
         // The oldest goes (it is the likeliest to have been closed by the backend).
@@ -943,6 +952,11 @@ fn rewrite_answer_head(
                 Framing::UntilClose
             };
         } else if eq(n, "content-length") {
+            // With a Transfer-Encoding as well, the length is ignored and not forwarded
+            // (RFC 9112 section 6.3).
+            if res.headers.iter().any(|h| eq(h.name, "transfer-encoding")) {
+                continue;
+            }
             let n: usize = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
@@ -1023,6 +1037,16 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(head.framing == Framing::Chunked && head.keep_alive);
+        // A length beside a Transfer-Encoding is ignored and not passed on.
+        let (head, out, _) =
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(head.framing == Framing::Chunked);
+        assert_eq!(
+            &out[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+        );
         let (head, _, _) = parse(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
         assert!(head.framing == Framing::UntilClose && !head.keep_alive);
         // Interim answers are dropped; conflicting lengths and 101 are refused.

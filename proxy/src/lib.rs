@@ -5,8 +5,10 @@
 //!
 //! 1. [`limits::connections`]: every accepted connection is counted while it is open and
 //!    refused over the per-IP or total cap; its request heads have a deadline.
-//! 2. [`proxy::Gateway::request_filter`]: client identity, request id, size caps, rate
-//!    limits ([`limits`]).
+//! 2. [`fast`]: plain HTTP/1.1 `GET`/`HEAD` requests are proxied by the gateway's own HTTP/1
+//!    path; everything else is handed to pingora's, where
+//!    [`proxy::Gateway::request_filter`] does client identity, request id, size caps, rate
+//!    limits ([`limits`]); both paths share those functions.
 //! 3. [`upstreams`]: weighted round robin over backends that passed their health checks;
 //!    a failed connect is retried on another backend.
 //! 4. [`responses`]: every error the gateway answers itself is a short JSON body.

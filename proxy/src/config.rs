@@ -186,6 +186,9 @@ pub struct FileConfig {
     pub listen: NonEmpty<HostPort>,
     /// Worker threads of the proxy service (like nginx `worker_processes`).
     pub workers: AtLeastOne,
+    /// false: each worker thread serves its own connections on its own runtime, as nginx's
+    /// workers do; true: tokio's work-stealing scheduler moves tasks between workers.
+    pub work_stealing: bool,
     /// Where `/metrics` is served; kept off the proxy listener so clients cannot scrape it.
     pub metrics_listen: Option<HostPort>,
     /// Log level for the process (overridden by `RUST_LOG` when that is set).
@@ -222,6 +225,7 @@ impl Default for FileConfig {
         FileConfig {
             listen: NonEmpty(vec!["0.0.0.0:8000".parse().expect("valid default")]),
             workers: AtLeastOne(2),
+            work_stealing: false,
             metrics_listen: Some("127.0.0.1:9100".parse().expect("valid default")),
             log_level: LogLevel::Info,
             access_log: true,
@@ -669,6 +673,8 @@ impl<'de> Deserialize<'de> for Cidr {
 pub struct GatewayConfig {
     pub listen: Vec<HostPort>,
     pub workers: usize,
+    /// Restart-only.
+    pub work_stealing: bool,
     pub metrics_listen: Option<HostPort>,
     pub log_level: LogLevel,
     pub access_log: bool,
@@ -780,6 +786,9 @@ impl GatewayConfig {
         }
         if self.workers != next.workers {
             keys.push("workers");
+        }
+        if self.work_stealing != next.work_stealing {
+            keys.push("work_stealing");
         }
         if self.metrics_listen != next.metrics_listen {
             keys.push("metrics_listen");
@@ -911,6 +920,7 @@ impl GatewayConfig {
             fast_path: f.fast_path,
             listen: f.listen.0,
             workers: f.workers.0,
+            work_stealing: f.work_stealing,
             metrics_listen: f.metrics_listen,
             log_level: f.log_level,
             access_log: f.access_log,
@@ -984,6 +994,15 @@ mod tests {
         assert_eq!(c.backends[0].address.port, 9001);
         assert_eq!(c.shutdown_grace, Duration::from_secs(5));
         assert_eq!(c.client_write_bytes, 16 << 10);
+        assert!(c.fast_path);
+        assert!(!c.work_stealing);
+        let stealing = GatewayConfig::parse(&format!("{MINIMAL}work_stealing: true\n")).unwrap();
+        assert_eq!(c.restart_only_changes(&stealing), ["work_stealing"]);
+        let slow = GatewayConfig::parse(&format!("{MINIMAL}fast_path: false\n")).unwrap();
+        assert!(
+            c.restart_only_changes(&slow).is_empty(),
+            "fast_path reloads"
+        );
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
 
     let mut conf = ServerConf {
         threads: config.workers,
+        work_stealing: config.work_stealing,
         upstream_keepalive_pool_size: config.keepalive_pool,
         // pingora sleeps this long after SIGTERM; the drain watcher below exits as soon as
         // the last in-flight request finished, so this is only the upper bound.

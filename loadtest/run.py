@@ -754,7 +754,8 @@ def write_report(r):
             lines.append(f"| {t} | {v['instructions']:,.0f} | {ratio(v['instructions'], ins['nginx']['instructions']):.2f} |")
         if BARE_PINGORA in ins:
             lines += ["", f"Floodgate / pingora's example: {ratio(ins['floodgate']['instructions'], ins[BARE_PINGORA]['instructions']):.2f} "
-                      "(what Floodgate's limits, caps, deadline, forwarding headers and metrics add to pingora's own work)."]
+                      "(plain GETs take Floodgate's own HTTP/1 path, proxy/src/fast.rs, with every protection on; "
+                      "pingora's example runs pingora's HTTP/1 session and proxy loop, with none)."]
         lines.append("")
     if "seed_backend" in r:
         b = r["seed_backend"]

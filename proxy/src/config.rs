@@ -214,9 +214,9 @@ pub struct FileConfig {
     pub buffers: FileBuffers,
     /// Slow-client defences.
     pub slow_clients: FileSlowClients,
-    /// Serve plain HTTP/1.1 `GET`/`HEAD` requests without a body on the gateway's own
-    /// HTTP/1 path instead of pingora's (same limits, answers, metrics and logs; ~2× the
-    /// requests per CPU second). Everything else always goes through pingora's path.
+    /// Serve plain HTTP/1.1 requests (no body or a Content-Length one) on the gateway's own
+    /// HTTP/1 path instead of pingora's (same limits, answers, metrics and logs; about half
+    /// the CPU per request). Everything else always goes through pingora's path.
     pub fast_path: bool,
 }
 

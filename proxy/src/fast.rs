@@ -1,5 +1,5 @@
-//! The fast path: plain HTTP/1.1 `GET` and `HEAD` requests, proxied without pingora's HTTP/1
-//! session and proxy loop.
+//! The fast path: plain HTTP/1.1 requests (no body, or a `Content-Length` one), proxied
+//! without pingora's HTTP/1 session and proxy loop.
 //!
 //! pingora's path costs ~75k instructions per proxied request before the gateway adds
 //! anything (header maps kept twice and hashed on every lookup, the upstream request cloned,
@@ -10,10 +10,13 @@
 //!
 //! It serves only what it can serve exactly as the pingora path would, and hands everything
 //! else to pingora, on the same connection, with the bytes it had read put back
-//! ([`HeadDeadline::rewind`]): a request with a body or a `Connection`, `Upgrade`, `Expect`,
-//! `TE` or framing header, HTTP/1.0, any other method, an absolute-form target, a head over the
-//! size caps (pingora's path answers 431), a head `httparse` refuses (pingora answers 400),
-//! a repeated `X-Forwarded-For` or `X-Request-Id`. From there on pingora serves the
+//! ([`HeadDeadline::rewind`]): a request with a `Connection`, `Upgrade`, `Expect`, `TE` or
+//! `Transfer-Encoding` header, HTTP/1.0, a method other than GET, HEAD, POST, PUT, PATCH,
+//! DELETE, OPTIONS, an absolute-form target, a head over the size caps (pingora's path answers
+//! 431) or a body over the cap (413), a head `httparse` refuses or a malformed
+//! `Content-Length` (400), a repeated `X-Forwarded-For` or `X-Request-Id`. A `Content-Length`
+//! body is read whole before anything is sent (the same slow-body rules as pingora's path) and
+//! goes out with its head in one write; only idempotent methods are sent again after a failure. From there on pingora serves the
 //! connection. What the pingora path does per request (`proxy.rs`) is done here by the same
 //! functions: client identity, request id, rate limits, backend selection and its queue,
 //! retries, the same JSON errors, metrics and access log.
@@ -77,6 +80,10 @@ struct Plan {
     method: Range<usize>,
     target: Range<usize>,
     is_head: bool,
+    /// GET, HEAD, PUT, DELETE, OPTIONS: may be sent again after a failure.
+    idempotent: bool,
+    /// The Content-Length body that follows the head (0: none).
+    body_len: usize,
     client_ip: IpAddr,
     /// Where the request id is in the upstream head.
     request_id: Range<usize>,
@@ -285,12 +292,20 @@ impl Gateway {
             served += 1;
             let last = served >= snap.config.max_requests_per_connection || *shutdown.borrow();
             let keep = self
-                .one(io, &buf, &plan, &snap, &upstream_head, &mut answer, last)
+                .one(
+                    io,
+                    &mut buf,
+                    &plan,
+                    &snap,
+                    &mut upstream_head,
+                    &mut answer,
+                    last,
+                )
                 .await;
             if !keep || last {
                 return Outcome::Closed;
             }
-            buf.drain(..plan.head_len);
+            buf.drain(..plan.head_len + plan.body_len);
         }
     }
 
@@ -316,7 +331,8 @@ impl Gateway {
             return Parsed::Pingora;
         };
         let is_head = method == "HEAD";
-        if !(method == "GET" || is_head) || !target.starts_with('/') {
+        let idempotent = matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS");
+        if !(idempotent || method == "POST" || method == "PATCH") || !target.starts_with('/') {
             return Parsed::Pingora;
         }
         // The same measure as the pingora path's 431 check.
@@ -333,9 +349,20 @@ impl Gateway {
         }
         let mut forwarded_for: Option<&[u8]> = None;
         let mut request_id: Option<&[u8]> = None;
+        let mut body_len: Option<usize> = None;
         for h in req.headers.iter() {
             let n = h.name;
-            if eq(n, "x-forwarded-for") {
+            if eq(n, "content-length") {
+                // Digits only, once, within the cap; anything else is pingora's (400 or 413).
+                let len = (!h.value.is_empty() && h.value.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                    .flatten()
+                    .filter(|&len| len <= cfg.max_body_bytes);
+                match (len, body_len) {
+                    (Some(len), None) => body_len = Some(len),
+                    _ => return Parsed::Pingora,
+                }
+            } else if eq(n, "x-forwarded-for") {
                 if forwarded_for.replace(h.value).is_some() {
                     return Parsed::Pingora;
                 }
@@ -343,8 +370,7 @@ impl Gateway {
                 if request_id.replace(h.value).is_some() {
                     return Parsed::Pingora;
                 }
-            } else if eq(n, "content-length")
-                || eq(n, "transfer-encoding")
+            } else if eq(n, "transfer-encoding")
                 || eq(n, "connection")
                 || eq(n, "upgrade")
                 || eq(n, "expect")
@@ -398,6 +424,8 @@ impl Gateway {
         out.extend_from_slice(b"\r\n\r\n");
         Parsed::Plan(Plan {
             head_len,
+            idempotent,
+            body_len: body_len.unwrap_or(0),
             method: offset(buf, method),
             target: offset(buf, target),
             is_head,
@@ -412,54 +440,78 @@ impl Gateway {
     async fn one(
         &self,
         io: &mut HeadDeadline,
-        buf: &[u8],
+        buf: &mut Vec<u8>,
         plan: &Plan,
         snap: &Snapshot,
-        upstream_head: &[u8],
+        upstream_head: &mut Vec<u8>,
         answer: &mut Vec<u8>,
         last: bool,
     ) -> bool {
         let _inflight = InflightGuard::new(&self.metrics.inflight_requests);
         let started = Instant::now();
-        let request_id = &upstream_head[plan.request_id.clone()];
-        let mut done = Finished {
-            started,
-            status: 0,
-            backend: None,
-            rejection: None,
-            client_ip: Some(plan.client_ip),
-            method: std::str::from_utf8(&buf[plan.method.clone()]).unwrap_or("-"),
-            target: std::str::from_utf8(&buf[plan.target.clone()]).unwrap_or("-"),
-            request_id,
-            error: None,
-            fast: true,
+        let admitted = {
+            let target = std::str::from_utf8(&buf[plan.target.clone()]).unwrap_or("/");
+            admit(
+                snap,
+                Some(plan.client_ip),
+                target.split('?').next().unwrap_or(target),
+            )
         };
-        let target = done.target;
-        let path = target.split('?').next().unwrap_or(target);
-        let wait = match admit(snap, Some(plan.client_ip), path) {
-            Ok(wait) => wait,
-            Err(r) => {
-                let (keep, _) = self
-                    .refuse(
-                        io,
-                        answer,
-                        r.reason,
-                        Some(r.retry_after),
-                        &r.headers,
-                        request_id,
-                        last,
-                        &mut done,
-                    )
-                    .await;
-                self.record(snap, &done);
-                return keep;
+        // Refused before its body was read: the connection closes after the answer, as on
+        // pingora's path (the unread body would be taken for the next request).
+        let refused = match admitted {
+            Ok(wait) => {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                None
             }
+            Err(r) => Some((
+                r.reason,
+                Some(r.retry_after),
+                r.headers,
+                last || plan.body_len > 0,
+            )),
         };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        let refused = match refused {
+            Some(r) => Some(r),
+            None if plan.body_len > 0 => match read_body(io, buf, plan, snap).await {
+                Ok(()) => {
+                    let body = &buf[plan.head_len..plan.head_len + plan.body_len];
+                    upstream_head.extend_from_slice(body);
+                    None
+                }
+                Err(Some(reason)) => Some((reason, None, Default::default(), true)),
+                // The client went away mid-body: nobody to answer, nothing sent on.
+                Err(None) => {
+                    let done =
+                        finished(plan, buf, &upstream_head[plan.request_id.clone()], started);
+                    self.record(snap, &done);
+                    return false;
+                }
+            },
+            None => None,
+        };
+        let request_id = &upstream_head[plan.request_id.clone()];
+        let mut done = finished(plan, buf, request_id, started);
+        if let Some((reason, retry_after, headers, close)) = refused {
+            let (keep, _) = self
+                .refuse(
+                    io,
+                    answer,
+                    reason,
+                    retry_after,
+                    &headers,
+                    request_id,
+                    close,
+                    &mut done,
+                )
+                .await;
+            self.record(snap, &done);
+            return keep;
         }
         let (keep, error) = self
-            .forward(io, plan, snap, upstream_head, answer, last, &mut done)
+            .forward(io, plan, snap, &upstream_head[..], answer, last, &mut done)
             .await;
         let error_text;
         if let Some((code, e)) = error {
@@ -556,8 +608,11 @@ impl Gateway {
                 Err((e, got_bytes)) => {
                     // A pooled connection the backend had closed: once more on a new connection
                     // to the same backend (pingora's rule), which does not count against it.
-                    // Else GET and HEAD, idempotent, go to another backend when configured.
-                    let retry = if reused && !got_bytes && !fresh_only {
+                    // Else an idempotent one goes to another backend when configured.
+                    let retry = if !plan.idempotent {
+                        // Sent: it may have been acted on (pingora's path does not retry it).
+                        false
+                    } else if reused && !got_bytes && !fresh_only {
                         fresh_only = true;
                         true
                     } else if cfg.retry_idempotent {
@@ -801,6 +856,59 @@ impl Gateway {
         raw_answer(answer, status, message, retry_after, &extras);
         write_client(io, answer).await
     }
+}
+
+/// A request's record, before its outcome is known.
+fn finished<'a>(
+    plan: &Plan,
+    buf: &'a [u8],
+    request_id: &'a [u8],
+    started: Instant,
+) -> Finished<'a> {
+    Finished {
+        started,
+        status: 0,
+        backend: None,
+        rejection: None,
+        client_ip: Some(plan.client_ip),
+        method: std::str::from_utf8(&buf[plan.method.clone()]).unwrap_or("-"),
+        target: std::str::from_utf8(&buf[plan.target.clone()]).unwrap_or("-"),
+        request_id,
+        error: None,
+        fast: true,
+    }
+}
+
+/// Read a request's Content-Length body into `buf` after its head, under the same rules as
+/// pingora's path (`request_body_filter`): each read within `slow_clients.body_idle_timeout`
+/// (else 408 `client_timeout`), and an unfinished body keeping up with `body_min_rate` after
+/// its grace (else 408 `body_too_slow`). Err(None): the client went away.
+async fn read_body(
+    io: &mut HeadDeadline,
+    buf: &mut Vec<u8>,
+    plan: &Plan,
+    snap: &Snapshot,
+) -> Result<(), Option<Rejection>> {
+    let cfg = &snap.config;
+    let want = plan.head_len + plan.body_len;
+    let started = Instant::now();
+    while buf.len() < want {
+        if cfg.body_min_rate > 0 {
+            let got = (buf.len() - plan.head_len) as f64;
+            let allowed =
+                cfg.body_min_rate_grace + Duration::from_secs_f64(got / cfg.body_min_rate as f64);
+            if started.elapsed() > allowed {
+                return Err(Some(Rejection::BodyTooSlow));
+            }
+        }
+        buf.reserve((want - buf.len()).min(RELAY_BYTES * 4));
+        match tokio::time::timeout(cfg.body_idle_timeout, io.read_buf(buf)).await {
+            Err(_) => return Err(Some(Rejection::ClientTimeout)),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(None),
+            Ok(Ok(_)) => {}
+        }
+    }
+    Ok(())
 }
 
 /// What the fast path needs of an answer head.

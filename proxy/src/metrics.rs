@@ -285,7 +285,7 @@ impl Metrics {
         let http1_path = IntCounterVec::new(
             Opts::new(
                 "gateway_http1_path_requests_total",
-                "Requests by the path that served them: \"fast\" (the gateway's own HTTP/1 path for plain GET/HEAD) or \"pingora\".",
+                "Requests by the path that served them: \"fast\" (the gateway's own HTTP/1 path for plain requests) or \"pingora\".",
             ),
             &["path"],
         )

@@ -380,9 +380,15 @@ impl Gateway {
         let mut forwarded_for: Option<&[u8]> = None;
         let mut request_id: Option<&[u8]> = None;
         let mut body_len: Option<usize> = None;
+        let mut host = false;
         for h in req.headers.iter() {
             let n = h.name;
-            if eq(n, "content-length") {
+            if eq(n, "host") {
+                // Two are refused by pingora's path (400).
+                if std::mem::replace(&mut host, true) {
+                    return Parsed::Pingora;
+                }
+            } else if eq(n, "content-length") {
                 // Digits only, once, within the cap; anything else is pingora's (400 or 413).
                 let len = (!h.value.is_empty() && h.value.iter().all(u8::is_ascii_digit))
                     .then(|| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())

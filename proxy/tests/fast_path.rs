@@ -145,6 +145,15 @@ async fn plain_requests_take_the_fast_path_and_the_rest_go_to_pingora_on_the_sam
     }
     assert_eq!(gw.metric_after_answer(PINGORA, 6.0).await, 6.0);
     assert_eq!(gw.metric(FAST).await, 4.0);
+    // Two Host headers: refused by pingora's path, as before the fast path existed.
+    let mut c = tcp_from("127.0.0.1", gw.port).await;
+    c.write_all(b"GET /items HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let (head, _) = read_answer(&mut c, &mut got, false).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(up.requests(), 6 + 4, "the upstream never saw it");
 }
 
 /// What the hand-written backend does with its connections, never saying `Connection: close`.

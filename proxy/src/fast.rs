@@ -557,9 +557,7 @@ impl Gateway {
                 log::error!(
                     "Fail to proxy: {}, status: {code}, backend: {}, id={}",
                     e.text(),
-                    done.backend
-                        .as_ref()
-                        .map_or("-", |b| state_of(b).label.as_str()),
+                    done.backend.as_ref().map_or("-", |b| b.label.as_str()),
                     String::from_utf8_lossy(request_id),
                 );
             }
@@ -587,9 +585,10 @@ impl Gateway {
         let request_id = &upstream_head[plan.request_id.clone()];
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut fresh_only = false;
-        let mut backend_holder: Option<Backend>;
+        // The backend to try again on a new connection (a stale pooled one failed).
+        let mut again: Option<Backend> = None;
         loop {
-            let Some(backend) = self.upstreams.select(&tried) else {
+            let Some(backend) = again.take().or_else(|| self.upstreams.select(&tried)) else {
                 return self
                     .refuse(
                         io,
@@ -604,9 +603,7 @@ impl Gateway {
                     .await;
             };
             let addr = *backend.as_inet().expect("backends are inet addresses");
-            backend_holder = Some(backend);
-            let backend = backend_holder.as_ref().expect("just set");
-            let state = state_of(backend);
+            let state = state_of(&backend).clone();
             let _slot = match state.gate.enter(&cfg.backend_queue).await {
                 Ok(slot) => slot,
                 Err(reason) => {
@@ -618,7 +615,7 @@ impl Gateway {
             let pooled = if fresh_only {
                 None
             } else {
-                take_idle(state, t.idle)
+                take_idle(&state, t.idle)
             };
             let reused = pooled.is_some();
             let mut conn = match pooled {
@@ -633,7 +630,7 @@ impl Gateway {
                             self.metrics.retries_connect.inc();
                             continue;
                         }
-                        done.backend = backend_holder.clone();
+                        done.backend = Some(state);
                         return self.backend_failed(io, answer, e, request_id, done).await;
                     }
                 },
@@ -650,6 +647,7 @@ impl Gateway {
                         false
                     } else if reused && !got_bytes && !fresh_only {
                         fresh_only = true;
+                        again = Some(backend);
                         true
                     } else if cfg.retry_idempotent {
                         tried.push(addr);
@@ -662,14 +660,14 @@ impl Gateway {
                         self.metrics.retries_after_send.inc();
                         continue;
                     }
-                    done.backend = backend_holder.clone();
+                    done.backend = Some(state);
                     return self.backend_failed(io, answer, e, request_id, done).await;
                 }
             };
-            done.backend = backend_holder.clone();
+            done.backend = Some(state.clone());
             return self
                 .relay(
-                    io, plan, conn, head, state, request_id, answer, last, done, t.read,
+                    io, plan, conn, head, &state, request_id, answer, last, done, t.read,
                 )
                 .await;
         }
@@ -1105,11 +1103,10 @@ fn rewrite_answer_head(
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
                 .ok_or(())?;
-            match framing {
-                Framing::Length(m) if m != n => return Err(()),
-                Framing::Chunked => {}
-                _ => framing = Framing::Length(n),
+            if matches!(framing, Framing::Length(m) if m != n) {
+                return Err(());
             }
+            framing = Framing::Length(n);
         } else if eq(n, "connection") {
             if h.value
                 .split(|&b| b == b',')

@@ -35,7 +35,7 @@ use crate::limits::rate::{Decision, Gcra};
 use crate::limits::Snapshot;
 use crate::metrics::{class_index, Metrics, Rejection};
 use crate::responses;
-use crate::upstreams::{state_of, Upstreams};
+use crate::upstreams::{state_of, BackendState, Upstreams};
 
 /// Header names looked up on every request, parsed once (a `&str` key is parsed per lookup).
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -264,7 +264,8 @@ pub(crate) struct Finished<'a> {
     pub started: Instant,
     /// The status the client got; 0 when none was written.
     pub status: u16,
-    pub backend: Option<Backend>,
+    /// The backend that served it (or last failed it).
+    pub backend: Option<Arc<BackendState>>,
     pub rejection: Option<Rejection>,
     pub client_ip: Option<IpAddr>,
     pub method: &'a str,
@@ -285,9 +286,9 @@ impl Gateway {
         let backend_label = match (&done.backend, done.rejection) {
             (Some(b), None) => {
                 if status > 0 {
-                    state_of(b).metrics.requests[class_index(status)].inc();
+                    b.metrics.requests[class_index(status)].inc();
                 }
-                state_of(b).label.as_str()
+                b.label.as_str()
             }
             _ => {
                 if status > 0 {
@@ -698,7 +699,7 @@ impl ProxyHttp for Gateway {
         let done = Finished {
             started: ctx.started,
             status,
-            backend: ctx.backend.clone(),
+            backend: ctx.backend.as_ref().map(|b| state_of(b).clone()),
             rejection: ctx.rejection,
             client_ip: ctx.client_ip,
             method: req.method.as_str(),

@@ -14,17 +14,19 @@
 //! `Transfer-Encoding` header, HTTP/1.0, a method other than GET, HEAD, POST, PUT, PATCH,
 //! DELETE, OPTIONS, an absolute-form target, a head over the size caps (pingora's path answers
 //! 431) or a body over the cap (413), a head `httparse` refuses or a malformed
-//! `Content-Length` (400), a repeated `X-Forwarded-For` or `X-Request-Id`. A `Content-Length`
-//! body is read whole before anything is sent (the same slow-body rules as pingora's path) and
-//! goes out with its head in one write; only idempotent methods are sent again after a failure. From there on pingora serves the
-//! connection. What the pingora path does per request (`proxy.rs`) is done here by the same
-//! functions: client identity, request id, rate limits, backend selection and its queue,
-//! retries, the same JSON errors, metrics and access log.
+//! `Content-Length` (400), a repeated `Host`, `X-Forwarded-For` or `X-Request-Id`. From there
+//! on pingora serves the connection. A `Content-Length` body is read whole before anything is
+//! sent (the same slow-body rules as pingora's path) and goes out with its head in one write;
+//! only idempotent methods are sent again after a failure. What the pingora path does per
+//! request (`proxy.rs`) is done here by the same functions: client identity, request id,
+//! header-size measure, rate limits, backend selection and its queue, the same JSON errors and
+//! connection rule after them, metrics and access log.
 //!
 //! Upstream connections are kept per backend ([`Idle`], at most `upstream.keepalive_pool`
-//! each) and checked on reuse rather than watched by a task while idle: one older than
-//! `timeouts.idle` is closed, and a reused one that fails before any answer byte arrived is
-//! retried once on a new connection (pingora's rule for a stale pooled connection).
+//! each) and checked when taken rather than watched by a task while idle: one the backend
+//! closed or older than `timeouts.idle` is dropped, and a reused one that fails before any
+//! answer byte arrived is retried once on a new connection to the same backend (pingora's
+//! rule for a stale pooled connection).
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -41,8 +43,10 @@ use crate::limits::client::client_ip;
 use crate::limits::connections::HeadDeadline;
 use crate::limits::Snapshot;
 use crate::metrics::Rejection;
-use crate::proxy::{admit, ip_header_value, Finished, Gateway, InflightGuard};
-use crate::responses::{raw_answer, RawExtras};
+use crate::proxy::{
+    admit, head_size, ip_header_value, usable_request_id, Finished, Gateway, InflightGuard,
+};
+use crate::responses::{keeps_connection, raw_answer, RawExtras};
 use crate::upstreams::{state_of, BackendState};
 
 /// Most headers a request or answer may have on this path (pingora's own limit is 256;
@@ -175,14 +179,14 @@ enum Framing {
     UntilClose,
 }
 
-/// Where a chunked body ends in `data` (raw chunked bytes), if it does; `Err` if malformed.
-/// `state` carries the position across calls: bytes of the current chunk still to skip.
+/// Finds where a chunked body ends in raw chunked bytes fed piece by piece; the position is
+/// carried across calls.
 struct Chunks {
     /// Data bytes (plus CRLF) of the current chunk not yet seen.
     skip: usize,
     /// In the trailer section after the last chunk.
     trailer: bool,
-    /// Bytes of `pending` (an incomplete size or trailer line) kept from the last call.
+    /// An incomplete size or trailer line kept from the last call.
     line: Vec<u8>,
 }
 
@@ -365,15 +369,11 @@ impl Gateway {
         if !(idempotent || method == "POST" || method == "PATCH") || !target.starts_with('/') {
             return Parsed::Pingora;
         }
-        // The same measure as the pingora path's 431 check.
-        let head_bytes = method.len()
-            + target.len()
-            + 12
-            + req
-                .headers
-                .iter()
-                .map(|h| h.name.len() + h.value.len() + 4)
-                .sum::<usize>();
+        let head_bytes = head_size(
+            method.len(),
+            target.len(),
+            req.headers.iter().map(|h| (h.name.len(), h.value.len())),
+        );
         if req.headers.len() > cfg.max_headers || head_bytes > cfg.max_header_bytes {
             return Parsed::Pingora;
         }
@@ -453,7 +453,7 @@ impl Gateway {
         out.extend_from_slice(b"X-Request-Id: ");
         let id_start = out.len();
         match request_id {
-            Some(v) if !v.is_empty() && v.len() <= 200 => out.extend_from_slice(v),
+            Some(v) if usable_request_id(v) => out.extend_from_slice(v),
             _ => out.extend_from_slice(&self.new_request_id_bytes()),
         }
         let request_id = id_start..out.len();
@@ -493,44 +493,36 @@ impl Gateway {
                 target.split('?').next().unwrap_or(target),
             )
         };
-        // Refused before its body was read: the connection closes after the answer, as on
-        // pingora's path (the unread body would be taken for the next request).
+        // A refusal and whether its request body is left unread.
         let refused = match admitted {
+            Err(r) => Some((r.reason, Some(r.retry_after), r.headers, plan.body_len > 0)),
             Ok(wait) => {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
-                None
-            }
-            Err(r) => Some((
-                r.reason,
-                Some(r.retry_after),
-                r.headers,
-                last || plan.body_len > 0,
-            )),
-        };
-        let refused = match refused {
-            Some(r) => Some(r),
-            None if plan.body_len > 0 => match read_body(io, buf, plan, snap).await {
-                Ok(()) => {
-                    let body = &buf[plan.head_len..plan.head_len + plan.body_len];
-                    upstream_head.extend_from_slice(body);
+                if plan.body_len == 0 {
                     None
+                } else {
+                    match read_body(io, buf, plan, snap).await {
+                        Ok(()) => {
+                            let body = &buf[plan.head_len..plan.head_len + plan.body_len];
+                            upstream_head.extend_from_slice(body);
+                            None
+                        }
+                        Err(Some(reason)) => Some((reason, None, Default::default(), true)),
+                        // The client went away mid-body: nobody to answer, nothing sent on.
+                        Err(None) => {
+                            let id = &upstream_head[plan.request_id.clone()];
+                            self.record(snap, &finished(plan, buf, id, started));
+                            return false;
+                        }
+                    }
                 }
-                Err(Some(reason)) => Some((reason, None, Default::default(), true)),
-                // The client went away mid-body: nobody to answer, nothing sent on.
-                Err(None) => {
-                    let done =
-                        finished(plan, buf, &upstream_head[plan.request_id.clone()], started);
-                    self.record(snap, &done);
-                    return false;
-                }
-            },
-            None => None,
+            }
         };
         let request_id = &upstream_head[plan.request_id.clone()];
         let mut done = finished(plan, buf, request_id, started);
-        if let Some((reason, retry_after, headers, close)) = refused {
+        if let Some((reason, retry_after, headers, unread_body)) = refused {
             let (keep, _) = self
                 .refuse(
                     io,
@@ -539,7 +531,7 @@ impl Gateway {
                     retry_after,
                     &headers,
                     request_id,
-                    close,
+                    last || unread_body,
                     &mut done,
                 )
                 .await;
@@ -551,16 +543,15 @@ impl Gateway {
             .await;
         let error_text;
         if let Some((code, e)) = error {
+            // The backend's failure (the gateway's own refusals carry no error): logged.
             error_text = format!("{}, status: {code}", e.text());
             done.error = Some(&error_text);
-            if done.rejection.is_none() {
-                log::error!(
-                    "Fail to proxy: {}, status: {code}, backend: {}, id={}",
-                    e.text(),
-                    done.backend.as_ref().map_or("-", |b| b.label.as_str()),
-                    String::from_utf8_lossy(request_id),
-                );
-            }
+            log::error!(
+                "Fail to proxy: {}, status: {code}, backend: {}, id={}",
+                e.text(),
+                done.backend.as_ref().map_or("-", |b| b.label.as_str()),
+                String::from_utf8_lossy(request_id),
+            );
         }
         self.record(snap, &done);
         keep
@@ -744,7 +735,8 @@ impl Gateway {
                 }
             }
         };
-        if upstream_reusable && framing != Framing::UntilClose {
+        // (A body delimited by the close never leaves it reusable.)
+        if upstream_reusable {
             put_idle(state, conn, self.snapshot.load().config.keepalive_pool);
         }
         (sent && keep_client, None)
@@ -816,8 +808,9 @@ impl Gateway {
         }
     }
 
-    /// The gateway's own refusal (rate limit, no backend, backend queue), counted with its
-    /// reason; `retry_after` defaults to 1 s for a 429 or 503.
+    /// The gateway's own refusal (rate limit, slow body, no backend, backend queue), counted
+    /// with its reason; `retry_after` defaults to 1 s for a 429 or 503. `close`: the
+    /// connection cannot serve another request (its last, or a body left unread).
     #[allow(clippy::too_many_arguments)]
     async fn refuse<'a>(
         &self,
@@ -827,15 +820,14 @@ impl Gateway {
         retry_after: Option<u64>,
         headers: &[(&'static str, String)],
         request_id: &[u8],
-        last: bool,
+        close: bool,
         done: &mut Finished<'a>,
     ) -> (bool, Option<(u16, UpstreamError)>) {
         self.metrics.reject(reason);
         done.rejection = Some(reason);
         done.status = reason.status();
         let retry_after = retry_after.or_else(|| matches!(reason.status(), 429 | 503).then_some(1));
-        // As through pingora (`send_json_error`): a 503 keeps a bodyless request's connection.
-        let keep = !last && (reason.status() < 500 || reason.status() == 503);
+        let keep = keeps_connection(reason.status(), close);
         let ok = self
             .answer_error(
                 io,

@@ -5,8 +5,8 @@
 //!
 //! 1. [`limits::connections`]: every accepted connection is counted while it is open and
 //!    refused over the per-IP or total cap; its request heads have a deadline.
-//! 2. [`fast`]: plain HTTP/1.1 `GET`/`HEAD` requests are proxied by the gateway's own HTTP/1
-//!    path; everything else is handed to pingora's, where
+//! 2. [`fast`]: plain HTTP/1.1 requests (no body or a `Content-Length` one) are proxied by
+//!    the gateway's own HTTP/1 path; everything else is handed to pingora's, where
 //!    [`proxy::Gateway::request_filter`] does client identity, request id, size caps, rate
 //!    limits ([`limits`]); both paths share those functions.
 //! 3. [`upstreams`]: weighted round robin over backends that passed their health checks;
@@ -104,7 +104,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
     let counter = ConnectionCounter::new(metrics.clone());
     let app = ConnectionTracked {
         inner: Arc::new(http),
-        fast: Some(fast),
+        fast,
         snapshot: snapshot.clone(),
         counter: counter.clone(),
         metrics: metrics.clone(),

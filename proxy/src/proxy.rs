@@ -154,12 +154,27 @@ pub(crate) fn ip_header_value(ip: IpAddr) -> HeaderValue {
 /// Request-head size: the request line plus every header line.
 fn head_bytes(req: &RequestHeader) -> usize {
     let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len());
-    let line = req.method.as_str().len() + target + 12;
-    req.headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum::<usize>()
-        + line
+    head_size(
+        req.method.as_str().len(),
+        target,
+        req.headers.iter().map(|(k, v)| (k.as_str().len(), v.len())),
+    )
+}
+
+/// The measure of `buffers.max_header_bytes`, on both request paths: the request line and
+/// every header line, from their lengths (method, target, then name and value per header).
+pub(crate) fn head_size(
+    method: usize,
+    target: usize,
+    headers: impl Iterator<Item = (usize, usize)>,
+) -> usize {
+    method + target + 12 + headers.map(|(name, value)| name + value + 4).sum::<usize>()
+}
+
+/// A client's `X-Request-Id` is kept when it is neither empty nor over 200 bytes; otherwise
+/// the gateway makes one (both request paths).
+pub(crate) fn usable_request_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= 200
 }
 
 /// Framing nginx refuses: Transfer-Encoding other than chunked (501), or together with a
@@ -394,7 +409,7 @@ impl ProxyHttp for Gateway {
         let cfg = &snap.config;
         let req = session.req_header();
         ctx.request_id = match req.headers.get(&X_REQUEST_ID) {
-            Some(v) if !v.is_empty() && v.len() <= 200 => v.clone(),
+            Some(v) if usable_request_id(v.as_bytes()) => v.clone(),
             _ => self.new_request_id(),
         };
         // Who is asking: the socket peer, or X-Forwarded-For when the peer is trusted.

@@ -77,6 +77,13 @@ pub fn raw_answer(
     out.extend_from_slice(&body);
 }
 
+/// Whether the connection stays open after the gateway's own error answer (both request
+/// paths): only when no request body is left unread, and not after a 5xx other than 503. A
+/// client told to slow down should not pay a reconnect too (nginx keeps it as well).
+pub fn keeps_connection(status: u16, unread_body: bool) -> bool {
+    !unread_body && (status < 500 || status == 503)
+}
+
 /// Write a complete JSON error response. 429 and 503 should carry `retry_after` (seconds);
 /// `extra` adds headers such as `RateLimit`.
 pub async fn send_json_error(
@@ -101,15 +108,13 @@ pub async fn send_json_error(
     for (name, value) in extra {
         resp.insert_header(*name, value.as_str())?;
     }
-    // Keep the connection when the request carried no body (nothing left unread): a client
-    // told to slow down should not pay a reconnect too (nginx keeps it as well).
     let req = session.req_header();
     let has_body = req.headers.contains_key(http::header::TRANSFER_ENCODING)
         || req
             .headers
             .get(http::header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
-    if has_body || status >= 500 && status != 503 {
+    if !keeps_connection(status, has_body) {
         session.set_keepalive(None);
     }
     session.write_response_header(Box::new(resp), false).await?;

@@ -268,8 +268,9 @@ impl ConnectionFilter for AcceptFilter {
 /// Wraps the proxy app: caps connections, applies the head deadline, counts open ones.
 pub struct ConnectionTracked<A> {
     pub inner: Arc<A>,
-    /// The fast path for plain requests ([`crate::fast`]); the rest go to `inner`.
-    pub fast: Option<Arc<Gateway>>,
+    /// The fast path for plain requests ([`crate::fast`], when `fast_path` is on); the rest
+    /// go to `inner`.
+    pub fast: Arc<Gateway>,
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub counter: Arc<ConnectionCounter>,
     pub metrics: Arc<Metrics>,
@@ -329,8 +330,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
         drop(snap);
         let first_due = accepted + head_timeout;
         let mut io = HeadDeadline::new(stream, head_timeout, first_due, self.metrics.clone());
-        if let (true, Some(gateway)) = (fast, self.fast.as_ref()) {
-            match gateway.serve_fast(&mut io, shutdown).await {
+        if fast {
+            match self.fast.serve_fast(&mut io, shutdown).await {
                 Outcome::Closed => return None,
                 Outcome::Pingora => {}
             }

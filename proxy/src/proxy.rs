@@ -405,6 +405,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // A request pipelined behind this one is served after it, in order (as nginx and the
+        // fast path do); pingora's default closes the connection and drops it.
+        session.set_pipelining_enabled(true);
         let snap = ctx.snap.clone();
         let cfg = &snap.config;
         let req = session.req_header();

@@ -113,8 +113,7 @@ async fn plain_requests_take_the_fast_path_and_the_rest_go_to_pingora_on_the_sam
 
     // A chunked body whose first chunk came in the same write as its head: the fast path
     // hands both, already read, to pingora, which answers it and then serves the
-    // connection's next request. (Pipelining after that is pingora's business: off by
-    // default, as before.)
+    // connection's next request (pipelined ones: the last test).
     for request in [
         "POST /items HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         "GET /items HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -343,5 +342,44 @@ async fn pooled_connections_the_backend_closed_are_not_used_and_a_race_is_retrie
         let retried = "gateway_upstream_retries_total{reason=\"error_after_send\"}";
         assert_eq!(gw.metric_after_answer(retried, retries).await, retries);
         assert_eq!(gw.metric(FAST).await, 5.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_on_both_paths() {
+    // Four requests in one write: a plain GET, a chunked POST, a GET with a Connection header
+    // and a plain GET. With the fast path on, it serves the first and hands the rest, already
+    // read, to pingora, which serves the connection from there; with it off, pingora serves
+    // all four. Either way each is answered, in order.
+    for (config, fast, pingora) in [
+        ("fast_path: true\n", 1.0, 3.0),
+        ("fast_path: false\n", 0.0, 4.0),
+    ] {
+        let (up, gw) = upstream_and_gateway(config).await;
+        let mut conn = tcp_from("127.0.0.1", gw.port).await;
+        conn.write_all(
+            b"GET /items HTTP/1.1\r\nHost: t\r\nX-Request-Id: p1\r\n\r\n\
+              POST /items HTTP/1.1\r\nHost: t\r\nX-Request-Id: p2\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+              GET /items HTTP/1.1\r\nHost: t\r\nX-Request-Id: p3\r\nConnection: keep-alive\r\n\r\n\
+              GET /items HTTP/1.1\r\nHost: t\r\nX-Request-Id: p4\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut pending = Vec::new();
+        for id in ["p1", "p2", "p3", "p4"] {
+            let (head, body) = read_answer(&mut conn, &mut pending, false).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{config}{id}: {head}");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains(&format!("x-request-id: {id}")),
+                "{config}answers in request order: expected {id}, got {head}"
+            );
+            assert_eq!(body, b"{\"served_by\":\"a\"}");
+        }
+        assert!(pending.is_empty());
+        assert_eq!(up.requests(), 4);
+        assert_eq!(up.state.bodies.load(Ordering::SeqCst), 1);
+        assert_eq!(gw.metric_after_answer(PINGORA, pingora).await, pingora);
+        assert_eq!(gw.metric(FAST).await, fast);
     }
 }

@@ -59,7 +59,13 @@ pub struct Settings {
     /// Largest accepted request body, in bytes (413 beyond).
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 65536)]
     pub max_body_bytes: usize,
-    /// SIGTERM: readiness fails, then in-flight requests get this long to finish.
+    /// SIGTERM: `/ready` fails at once and the instance keeps accepting and serving this long,
+    /// so health checkers see it fail and stop routing to it before its listener closes. The
+    /// default is a little over the gateway's health check (2s interval x 3 failures + 1s
+    /// timeout).
+    #[arg(long, env = "SHUTDOWN_DRAIN_DELAY", default_value = "8s", value_parser = duration)]
+    pub shutdown_drain_delay: Duration,
+    /// After the drain delay the listener closes and in-flight requests get this long.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
     /// Readiness fails when in-flight requests reach this share of MAX_IN_FLIGHT.

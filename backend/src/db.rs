@@ -34,6 +34,10 @@ pub enum DbError {
     /// The database cannot be reached (down, pool exhausted, timed out): 503.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
+    /// The database refused the value itself (a constraint, a character or length it cannot
+    /// store): the client's input, 422. Validation should have caught it first.
+    #[error("database refused the value: {0}")]
+    Rejected(sqlx::Error),
     /// Anything else: a bug or a broken schema, 500.
     #[error("database error: {0}")]
     Other(sqlx::Error),
@@ -58,6 +62,8 @@ impl From<sqlx::Error> for DbError {
                     || code == "6"
                 {
                     DbError::Unavailable(e)
+                } else if refused_value(d.as_ref(), &code) {
+                    DbError::Rejected(e)
                 } else {
                     DbError::Other(e)
                 }
@@ -65,6 +71,18 @@ impl From<sqlx::Error> for DbError {
             _ => DbError::Other(e),
         }
     }
+}
+
+/// A refusal of the data rather than a failure of the database: a constraint (unique,
+/// foreign key, not null, check), PostgreSQL class 22 (data exception: a character not in
+/// the repertoire, a string too long) and 23 (integrity), SQLite TOOBIG (18), CONSTRAINT
+/// (19 and its extended codes) and MISMATCH (20).
+fn refused_value(d: &dyn sqlx::error::DatabaseError, code: &str) -> bool {
+    use sqlx::error::ErrorKind;
+    let sqlite_primary = code.parse::<u32>().ok().map(|c| c & 0xff);
+    !matches!(d.kind(), ErrorKind::Other)
+        || (code.len() == 5 && (code.starts_with("22") || code.starts_with("23")))
+        || matches!(sqlite_primary, Some(18..=20))
 }
 
 /// The connection pool of whichever engine is configured.
@@ -135,11 +153,18 @@ impl Db {
         }
     }
 
-    /// Apply the migrations in `migrations/<engine>/`.
+    /// Apply the migrations in `migrations/<engine>/`. Any number of instances may do this at
+    /// once: sqlx takes an advisory lock on PostgreSQL, and on SQLite (where it takes none)
+    /// an exclusive `flock` on a file beside the database serialises them.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         match self {
             Db::Postgres(p) => sqlx::migrate!("../migrations/postgres").run(p).await,
-            Db::Sqlite(p) => sqlx::migrate!("../migrations/sqlite").run(p).await,
+            Db::Sqlite(p) => {
+                let _lock = MigrationLock::take(p.connect_options().get_filename())
+                    .await
+                    .map_err(|e| sqlx::migrate::MigrateError::Execute(sqlx::Error::Io(e)))?;
+                sqlx::migrate!("../migrations/sqlite").run(p).await
+            }
         }
     }
 
@@ -229,6 +254,34 @@ impl Db {
 
     pub async fn close(&self) {
         with_pool!(self, p => p.close().await)
+    }
+}
+
+/// An exclusive `flock` on `<database>.migrate.lock`, held while migrations run and released
+/// when dropped (or when the process dies: the kernel drops it with the descriptor).
+struct MigrationLock {
+    _held: Option<std::fs::File>,
+}
+
+impl MigrationLock {
+    async fn take(db_file: &Path) -> std::io::Result<MigrationLock> {
+        let name = db_file.as_os_str();
+        if name.is_empty() || name == ":memory:" {
+            return Ok(MigrationLock { _held: None }); // private to this process
+        }
+        let mut path = db_file.as_os_str().to_owned();
+        path.push(".migrate.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        // std's File::lock is flock(LOCK_EX) on Unix: blocks until granted.
+        tokio::task::spawn_blocking(move || {
+            file.lock().map(|()| MigrationLock { _held: Some(file) })
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 }
 

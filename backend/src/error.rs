@@ -27,8 +27,6 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("server is at its in-flight limit; retry shortly")]
     Overloaded,
-    #[error("server is shutting down")]
-    ShuttingDown,
     #[error("database unavailable; retry shortly")]
     DatabaseUnavailable,
     #[error("internal error")]
@@ -74,9 +72,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Overloaded | ApiError::ShuttingDown | ApiError::DatabaseUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Overloaded | ApiError::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -94,9 +90,7 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::Overloaded | ApiError::DatabaseUnavailable | ApiError::ShuttingDown => {
-                Some(1)
-            }
+            ApiError::Overloaded | ApiError::DatabaseUnavailable => Some(1),
             ApiError::TooManyRequests { retry_after, .. } => Some(*retry_after),
             ApiError::Vendor(v) => {
                 use crate::vendor::VendorError::*;
@@ -110,6 +104,14 @@ impl ApiError {
             }
             _ => None,
         }
+    }
+
+    /// A failure of this instance itself (its code or schema), as opposed to a refusal of
+    /// the client's input, a shed (503), or a shared dependency's failure (the vendor, with
+    /// its own breaker): the only errors the readiness error window counts, so that no
+    /// client can take an instance out of rotation by what it sends.
+    pub fn is_own_failure(&self) -> bool {
+        matches!(self, ApiError::Internal)
     }
 
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
@@ -159,6 +161,10 @@ impl From<DbError> for ApiError {
             DbError::Unavailable(e) => {
                 log::warn!("database unavailable: {e}");
                 ApiError::DatabaseUnavailable
+            }
+            DbError::Rejected(e) => {
+                log::warn!("database refused a value that passed validation: {e}");
+                ApiError::invalid("body", "contains a value the database cannot store")
             }
             DbError::Other(e) => {
                 log::error!("database error: {e}");

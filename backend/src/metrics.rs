@@ -11,7 +11,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub inflight: IntGauge,
-    /// Requests refused before any work, by reason (in_flight_cap, shutting_down, ...).
+    /// Requests refused before any work, by reason (in_flight_cap, ...).
     pub shed: IntCounterVec,
     /// Database pool connections by state (used, idle).
     pub db_pool: IntGaugeVec,

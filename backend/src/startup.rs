@@ -139,8 +139,11 @@ impl Server {
         self.listener.local_addr().expect("bound listener")
     }
 
-    /// Serve until `shutdown` resolves; then readiness fails, the listener closes, and
-    /// in-flight requests get `shutdown_grace` to finish.
+    /// Serve until `shutdown` resolves. Then: `/ready` fails at once while the instance
+    /// keeps accepting and serving for `shutdown_drain_delay` (long enough for the gateway's
+    /// health checks, or a kubelet's, to see it fail and stop routing); then it takes what is
+    /// already queued, closes the listener, and in-flight requests get `shutdown_grace` to
+    /// finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server { listener, app } = self;
         let checker = tokio::spawn(
@@ -153,7 +156,6 @@ impl Server {
             .header_read_timeout(app.settings.header_read_timeout)
             .keep_alive(true);
         let graceful = GracefulShutdown::new();
-        tokio::pin!(shutdown);
         log::info!(
             "{} listening on {} ({} storage, max in flight {})",
             app.settings.instance_id(),
@@ -164,32 +166,36 @@ impl Server {
             app.db.engine(),
             app.settings.max_in_flight
         );
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, _) = match accepted {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off, keep serving.
-                            log::warn!("accept failed: {e}");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let app = app.clone();
-                    let svc = service_fn(move |req| routes::handle(app.clone(), req));
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                }
-                _ = &mut shutdown => break,
+        let serve = |stream: tokio::net::TcpStream| {
+            let _ = stream.set_nodelay(true);
+            let app = app.clone();
+            let svc = service_fn(move |req| routes::handle(app.clone(), req));
+            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        };
+        accept_until(&listener, shutdown, &serve).await;
+        app.readiness.shutting_down.store(true, Ordering::Release);
+        let drain = app.settings.shutdown_drain_delay;
+        log::info!("shutting down: /ready fails; still serving for {drain:?}");
+        accept_until(&listener, tokio::time::sleep(drain), &serve).await;
+        // Connections the kernel already completed are served, not reset with the listener.
+        while let Some(accepted) = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match listener.poll_accept(cx) {
+                std::task::Poll::Ready(r) => Some(r),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+        {
+            match accepted {
+                Ok((stream, _)) => serve(stream),
+                Err(_) => break,
             }
         }
-        app.readiness.shutting_down.store(true, Ordering::Release);
         drop(listener);
-        log::info!("shutting down: waiting for in-flight requests");
+        log::info!("listener closed: waiting for in-flight requests");
         if tokio::time::timeout(app.settings.shutdown_grace, graceful.shutdown())
             .await
             .is_err()
@@ -198,6 +204,28 @@ impl Server {
         }
         checker.abort();
         app.db.close().await;
+    }
+}
+
+/// Accept connections and hand each to `serve` until `until` resolves.
+async fn accept_until(
+    listener: &TcpListener,
+    until: impl Future<Output = ()>,
+    serve: &impl Fn(tokio::net::TcpStream),
+) {
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => serve(stream),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    log::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut until => return,
+        }
     }
 }
 

@@ -152,6 +152,18 @@ async fn exercise_items_api(app: &TestApp) {
         Some("name"),
     )
     .await;
+    // Text a database cannot store (PostgreSQL refuses NUL; SQLite's length() stops at it).
+    for (body, field) in [
+        (json!({"name": "\u{0}"}), "name"),
+        (json!({"name": "a\u{0}b"}), "name"),
+        (
+            json!({"name": "ok", "description": "d\u{0}"}),
+            "description",
+        ),
+    ] {
+        let r = c.post(app.url("/items")).json(&body).send().await.unwrap();
+        expect_error(r, 422, Some(field)).await;
+    }
     for (path, status, field) in [
         ("/items?limit=0", 422, Some("limit")),
         ("/items?limit=501", 422, Some("limit")),
@@ -225,6 +237,73 @@ async fn items_api_on_postgres() {
     let pg = PgServer::start();
     let app = spawn_app(test_settings(Some(pg.url()))).await;
     exercise_items_api(&app).await;
+}
+
+/// Thirty NUL names from one client, concurrently (batched together on PostgreSQL): 422 each,
+/// naming the field, and readiness stays 200 (they were 500s, and thirty of them failed
+/// readiness through the error-rate window on every instance).
+async fn nul_names_are_refused_and_readiness_holds(app: &TestApp) {
+    let c = reqwest::Client::new();
+    let mut posts = Vec::new();
+    for i in 0..30 {
+        let (c, url) = (c.clone(), app.url("/items"));
+        let name = if i % 2 == 0 {
+            "\u{0}".to_string()
+        } else {
+            format!("x{i}\u{0}")
+        };
+        posts.push(tokio::spawn(async move {
+            c.post(url)
+                .json(&json!({ "name": name }))
+                .send()
+                .await
+                .unwrap()
+        }));
+    }
+    for p in posts {
+        expect_error(p.await.unwrap(), 422, Some("name")).await;
+    }
+    let ready = c.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+    let m = metrics_text(app).await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "backend_requests_total{method=\"POST\",route=\"create_item\",status=\"422\"}"
+        ),
+        30.0
+    );
+}
+
+/// A value the database refuses, should one pass validation, is the client's 422, not 500.
+async fn database_refusals_are_client_errors(url: Option<String>) {
+    use floodgate_backend::db::{Db, DbError};
+    use floodgate_backend::error::ApiError;
+    let dir = tempfile::tempdir().unwrap();
+    let url = url.unwrap_or_else(|| format!("sqlite://{}/r.db", dir.path().display()));
+    let db = Db::connect(&test_settings(Some(url)).db()).unwrap();
+    db.migrate().await.unwrap();
+    for (name, description) in [("\u{0}", None), ("n".repeat(201).leak() as &str, None)] {
+        let e = db.create_item(name, description).await.unwrap_err();
+        assert!(matches!(e, DbError::Rejected(_)), "{e:?}");
+        assert_eq!(ApiError::from(e).status(), 422);
+    }
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_names_are_422_and_readiness_holds_on_sqlite() {
+    let app = spawn_app(test_settings(None)).await;
+    nul_names_are_refused_and_readiness_holds(&app).await;
+    database_refusals_are_client_errors(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_names_are_422_and_readiness_holds_on_postgres() {
+    let pg = PgServer::start();
+    let app = spawn_app(test_settings(Some(pg.url()))).await;
+    nul_names_are_refused_and_readiness_holds(&app).await;
+    database_refusals_are_client_errors(Some(pg.url())).await;
 }
 
 /// Concurrent POSTs are group-committed on PostgreSQL: with the table locked they pile up,
@@ -326,14 +405,7 @@ async fn in_flight_cap_sheds_exactly_the_extra_request() {
     assert_eq!(health.status(), 200, "liveness must answer at the cap");
     let ready = c.get(app.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 503, "readiness fails near the cap");
-    let metrics = c
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&app).await;
     assert!(
         metrics.contains("backend_shed_total{reason=\"in_flight_cap\"} 1"),
         "{metrics}"
@@ -411,6 +483,7 @@ async fn graceful_shutdown_lets_the_in_flight_request_complete() {
     let pg = PgServer::start();
     let mut settings = test_settings(Some(pg.url()));
     settings.db_acquire_timeout = Duration::from_secs(30);
+    settings.shutdown_drain_delay = Duration::from_millis(800);
     let mut app = spawn_app(settings).await;
     let mut lock = lock_items(&pg).await;
     let url = app.url("/items");
@@ -418,8 +491,17 @@ async fn graceful_shutdown_lets_the_in_flight_request_complete() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     app.shutdown();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // New connections are refused once shutdown began.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Readiness fails first while new connections are still served (the drain delay), so a
+    // health checker can see it fail before the listener closes.
+    let ready = reqwest::get(app.url("/ready")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(
+        reqwest::get(app.url("/health")).await.unwrap().status(),
+        200
+    );
+    // After the drain delay, new connections are refused.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(reqwest::get(app.url("/health")).await.is_err());
     sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
     let r = inflight.await.unwrap().expect("in-flight request answered");

@@ -135,15 +135,8 @@ pub async fn handle(
     // The gateway's request id: echoed, and named in the log line of a failed request, so a
     // failure can be followed from the gateway's access log to this instance's log.
     let request_id = req.headers().get(&X_REQUEST_ID).cloned();
-    let mut resp = if route.is_probe() {
+    let result = if route.is_probe() {
         dispatch(&app, route, req).await
-    } else if app
-        .readiness
-        .shutting_down
-        .load(std::sync::atomic::Ordering::Acquire)
-    {
-        app.metrics.shed.with_label_values(&["shutting_down"]).inc();
-        Err(ApiError::ShuttingDown)
     } else {
         match app.admission.try_enter() {
             Some(_permit) => {
@@ -157,8 +150,9 @@ pub async fn handle(
                 Err(ApiError::Overloaded)
             }
         }
-    }
-    .unwrap_or_else(ApiError::into_response);
+    };
+    let own_failure = matches!(&result, Err(e) if e.is_own_failure());
+    let mut resp = result.unwrap_or_else(ApiError::into_response);
 
     let status = resp.status();
     resp.headers_mut()
@@ -166,11 +160,9 @@ pub async fn handle(
     if let Some(id) = &request_id {
         resp.headers_mut().insert(X_REQUEST_ID, id.clone());
     }
-    // A failure of this instance. 503s are sheds (in-flight cap, shutdown, database or vendor
-    // down): the admission control working, counted in metrics; logging one line each would
-    // flood the log under overload.
-    let failed = status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE;
-    if failed {
+    // Logged: 500/502/504. 503s are sheds (in-flight cap, database or vendor down): the
+    // admission control working, counted in metrics; a line each would flood the log.
+    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
         log::warn!(
             target: "request",
             "{method} {} -> {} request_id={}",
@@ -181,8 +173,11 @@ pub async fn handle(
                 .map_or("-".into(), |id| String::from_utf8_lossy(id.as_bytes()))
         );
     }
+    // The readiness error window counts only this instance's own failures
+    // (`ApiError::is_own_failure`), never a status a client's input or a shared dependency
+    // produced: a client must not be able to take the instance out of rotation.
     if !route.is_probe() {
-        app.readiness.errors.record(failed);
+        app.readiness.errors.record(own_failure);
     }
     app.metrics
         .requests

@@ -145,3 +145,13 @@ impl Drop for MockVendor {
 pub async fn get_json(c: &reqwest::Client, url: &str) -> serde_json::Value {
     c.get(url).send().await.unwrap().json().await.unwrap()
 }
+
+/// The instance's `/metrics` text.
+pub async fn metrics_text(app: &TestApp) -> String {
+    reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}

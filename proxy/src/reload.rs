@@ -19,9 +19,9 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::config::GatewayConfig;
-use crate::limits::Snapshot;
 use crate::metrics::Metrics;
-use crate::upstreams::Upstreams;
+use crate::state::Snapshot;
+use crate::upstream::Upstreams;
 
 /// Applies config changes, one at a time.
 pub struct Reloader {

@@ -1,16 +1,10 @@
-//! The gateway's protections, each a config value with a documented default:
+//! The rate limiter mechanisms (what to limit is decided in [`crate::policy::admit`]):
 //!
 //! - [`rate`]: request rate limits (per client IP, per path prefix, global), GCRA.
-//! - [`client`]: who the client is (trusted proxies, IPv6 prefixes).
-//! - [`connections`]: open-connection caps and the request-head deadline (slowloris).
-//! - [`proxy_protocol`]: the client address an L4 balancer hands over (PROXY protocol).
 //!
 //! [`Limits`] holds the limiter state built from one config; a reload keeps the state of
 //! every limiter whose settings did not change.
 
-pub mod client;
-pub mod connections;
-pub mod proxy_protocol;
 pub mod rate;
 
 use std::sync::Arc;
@@ -71,18 +65,5 @@ impl Limits {
             }
         }
         self.per_ip.as_ref()
-    }
-}
-
-/// The config in force and the state built from it, swapped as one by reload.
-pub struct Snapshot {
-    pub config: GatewayConfig,
-    pub limits: Limits,
-}
-
-impl Snapshot {
-    pub fn new(config: GatewayConfig, previous: Option<&Snapshot>) -> Self {
-        let limits = Limits::build(&config, previous.map(|p| &p.limits));
-        Snapshot { config, limits }
     }
 }

@@ -370,6 +370,8 @@ pub struct FileTimeouts {
     pub write: PositiveDuration,
     /// Idle upstream keep-alive connections are closed after this.
     pub idle: PositiveDuration,
+    /// An upgraded (WebSocket) connection with no bytes either way for this long is closed.
+    pub websocket_idle: PositiveDuration,
 }
 
 impl Default for FileTimeouts {
@@ -379,6 +381,7 @@ impl Default for FileTimeouts {
             read: PositiveDuration(Duration::from_secs(30)),
             write: PositiveDuration(Duration::from_secs(30)),
             idle: PositiveDuration(Duration::from_secs(60)),
+            websocket_idle: PositiveDuration(Duration::from_secs(300)),
         }
     }
 }
@@ -774,6 +777,7 @@ pub struct Timeouts {
     pub read: Duration,
     pub write: Duration,
     pub idle: Duration,
+    pub websocket_idle: Duration,
 }
 
 impl GatewayConfig {
@@ -943,6 +947,7 @@ impl GatewayConfig {
                 read: t.read.0,
                 write: t.write.0,
                 idle: t.idle.0,
+                websocket_idle: t.websocket_idle.0,
             },
         })
     }

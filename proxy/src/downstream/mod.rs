@@ -1,0 +1,10 @@
+//! The client side of a connection, before any engine: the PROXY protocol header, the
+//! connection caps and the accept filter ([`connections`]), the head deadline and the
+//! rewind buffer ([`stream`]), and the dispatch to an engine ([`dispatch`]).
+
+pub mod connections;
+pub mod dispatch;
+pub mod proxy_protocol;
+pub mod stream;
+
+pub use stream::ClientStream;

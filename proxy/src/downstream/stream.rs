@@ -1,0 +1,393 @@
+//! The client connection as every engine reads it: a stream with a deadline for each
+//! request head, bytes the own engine read put back for pingora's, and pingora's own empty
+//! error answers replaced by the gateway's JSON ones.
+//!
+//! The head deadline: pingora's own header timeout restarts on every read, so a client
+//! sending one byte a second would never hit it; this one runs from the first byte of a
+//! request head (from accept for the first request) to the blank line that ends it. The own
+//! engine also bounds a head whose bytes came pipelined behind the last request
+//! ([`crate::h1`]).
+//!
+//! pingora answers a head it cannot parse, and a CONNECT request, itself with an empty 400
+//! or 405 before any `ProxyHttp` hook runs; that exact answer
+//! ([`pingora_compat::canned_error_answer`]) is recognised as it is written and the
+//! gateway's JSON answer written in its place, counted (`malformed_request`,
+//! `connect_method`).
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType,
+};
+use pingora::protocols::{SocketDigest, TimingDigest};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::answers::ErrorAnswer;
+use crate::metrics::Metrics;
+use crate::pingora_compat;
+use crate::policy::Rejection;
+
+/// A stream that fails reads once a request head has taken longer than its deadline, and
+/// turns pingora's own empty error answers into the gateway's JSON ones.
+pub struct ClientStream {
+    inner: Stream,
+    metrics: Arc<Metrics>,
+    /// The gateway's answer being written in place of pingora's, how much of it is out, and
+    /// the length of pingora's write it stands for.
+    replacing: Option<(Vec<u8>, usize, usize)>,
+    timeout: Duration,
+    /// When the head being received must be complete.
+    due: Instant,
+    /// Armed only when a read inside a head has to wait for more bytes, so a head that
+    /// arrives whole (nearly every request of a well-behaved client) costs no timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    in_head: bool,
+    /// A response was written since the last head ended: the next bytes start a new head.
+    responded: bool,
+    /// The last bytes of the head so far, to find "\r\n\r\n" across reads.
+    tail: [u8; 3],
+    tail_len: usize,
+    /// Some byte arrived on this connection: a late head gets an answer.
+    received_any: bool,
+    /// The deadline was missed (counted and answered once).
+    timed_out: bool,
+    /// Bytes the own engine read and handed back ([`ClientStream::rewind`]), read again
+    /// before the socket; `rewound_at` of them already were.
+    rewound: Vec<u8>,
+    rewound_at: usize,
+}
+
+impl fmt::Debug for ClientStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientStream")
+            .field("inner", &self.inner)
+            .field("in_head", &self.in_head)
+            .finish()
+    }
+}
+
+impl ClientStream {
+    /// `first_due`: when the first head must be complete (accept + timeout, like nginx's
+    /// client_header_timeout; a PROXY protocol header counts against it too).
+    pub fn new(
+        inner: Stream,
+        timeout: Duration,
+        first_due: Instant,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ClientStream {
+            inner,
+            metrics,
+            replacing: None,
+            timeout,
+            due: first_due,
+            timer: None,
+            in_head: true,
+            responded: false,
+            tail: [0; 3],
+            tail_len: 0,
+            received_any: false,
+            timed_out: false,
+            rewound: Vec::new(),
+            rewound_at: 0,
+        }
+    }
+
+    /// Put bytes already read (and seen by the head tracking) back in front of the socket's,
+    /// for pingora to read when the fast path hands it the connection.
+    pub fn rewind(&mut self, data: Vec<u8>) {
+        debug_assert!(
+            self.rewound_at >= self.rewound.len(),
+            "one rewind at a time"
+        );
+        self.rewound = data;
+        self.rewound_at = 0;
+    }
+
+    /// Track head boundaries in newly read bytes.
+    fn observe(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.received_any = true;
+        if !self.in_head && self.responded {
+            self.in_head = true;
+            self.responded = false;
+            self.tail_len = 0;
+            self.due = Instant::now() + self.timeout;
+        }
+        if !self.in_head {
+            return;
+        }
+        // The blank line may straddle two reads: check the seam, then the new bytes.
+        let mut seam = [0u8; 6];
+        let n = self.tail_len;
+        let m = data.len().min(3);
+        seam[..n].copy_from_slice(&self.tail[..n]);
+        seam[n..n + m].copy_from_slice(&data[..m]);
+        let end = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n");
+        if end(&seam[..n + m]) || end(data) {
+            self.in_head = false;
+            self.tail_len = 0;
+            return;
+        }
+        let joined = &seam[..n + m];
+        let last = if data.len() >= 3 {
+            &data[data.len() - 3..]
+        } else {
+            &joined[joined.len().saturating_sub(3)..]
+        };
+        self.tail[..last.len()].copy_from_slice(last);
+        self.tail_len = last.len();
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.rewound_at < this.rewound.len() {
+            let n = buf.remaining().min(this.rewound.len() - this.rewound_at);
+            buf.put_slice(&this.rewound[this.rewound_at..this.rewound_at + n]);
+            this.rewound_at += n;
+            if this.rewound_at == this.rewound.len() {
+                this.rewound = Vec::new();
+                this.rewound_at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if this.in_head && Instant::now() >= this.due {
+            return this.late(cx);
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        match &r {
+            Poll::Ready(Ok(())) => this.observe(&buf.filled()[before..]),
+            Poll::Pending if this.in_head => {
+                // Waiting for the rest of a head: be woken at its deadline.
+                let due = this.due;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                if timer.deadline() != due {
+                    timer.as_mut().reset(due);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return this.late(cx);
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+impl ClientStream {
+    /// The head missed its deadline: counted, answered 408 if any of it had arrived (one write
+    /// attempt, best effort; a connection that never sent a byte, such as a browser's
+    /// pre-connect, is closed without one, as nginx does), and the read fails, so pingora
+    /// closes the connection.
+    fn late(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.timed_out {
+            self.timed_out = true;
+            let reason = Rejection::HeaderTimeout;
+            self.metrics.reject(reason);
+            if self.received_any {
+                let answer =
+                    ErrorAnswer::closing(reason.status(), reason.message(), None).to_bytes();
+                let inner = Pin::new(&mut self.inner);
+                if let Poll::Ready(Ok(_)) = inner.poll_write(cx, &answer) {
+                    let _ = Pin::new(&mut self.inner).poll_flush(cx);
+                }
+            }
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "request head not received within slow_clients.header_timeout",
+        )))
+    }
+
+    /// When `data` (one whole write) is pingora's own answer to a head it rejected, write the
+    /// gateway's answer in its place, counted; `None` for every other write. Done when all of
+    /// it is out (pingora's `write_all` offers the same bytes again after `Pending`).
+    fn poll_replacing(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.replacing.is_none() {
+            let reason = pingora_compat::canned_error_answer(data)?;
+            self.metrics.reject(reason);
+            let answer = ErrorAnswer::closing(reason.status(), reason.message(), None).to_bytes();
+            self.replacing = Some((answer, 0, data.len()));
+        }
+        let (answer, written, len) = self.replacing.as_mut()?;
+        while *written < answer.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &answer[*written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => *written += n,
+                other => return Some(other),
+            }
+        }
+        let len = *len;
+        self.replacing = None;
+        self.responded = true;
+        Some(Poll::Ready(Ok(len)))
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(replaced) = this.poll_replacing(cx, data) {
+            return replaced;
+        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.responded = true;
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.responded = true;
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for ClientStream {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for ClientStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for ClientStream {}
+
+impl GetTimingDigest for ClientStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for ClientStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for ClientStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, d: SocketDigest) {
+        self.inner.set_socket_digest(d)
+    }
+}
+
+#[async_trait]
+impl Peek for ClientStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let rewound = &self.rewound[self.rewound_at..];
+        if !rewound.is_empty() {
+            let n = buf.len().min(rewound.len());
+            buf[..n].copy_from_slice(&rewound[..n]);
+            return Ok(true);
+        }
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// pingora's canned 400 written through the wrapper reaches the client as the gateway's
+    /// JSON answer, whole, even when the socket takes it in pieces; counted once.
+    #[tokio::test]
+    async fn a_canned_answer_is_replaced_whole_across_partial_writes() {
+        let canned = "HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nDate: Mon, 23 Nov 2026 15:40:40 GMT\r\n\
+                      Content-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n";
+        let reason = Rejection::MalformedRequest;
+        let answer = ErrorAnswer::closing(reason.status(), reason.message(), None).to_bytes();
+        let (first, rest) = answer.split_at(20);
+        let (second, third) = rest.split_at(30);
+        let mock = tokio_test::io::Builder::new()
+            .write(first)
+            .wait(Duration::from_millis(10))
+            .write(second)
+            .write(third)
+            .write(b"after")
+            .build();
+        let metrics = Metrics::new();
+        let mut s = ClientStream::new(
+            Box::new(mock),
+            Duration::from_secs(10),
+            Instant::now() + Duration::from_secs(10),
+            metrics.clone(),
+        );
+        s.write_all(canned.as_bytes()).await.unwrap();
+        // Later writes pass through untouched (the mock checks every byte).
+        s.write_all(b"after").await.unwrap();
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains("gateway_rejections_total{reason=\"malformed_request\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,336 @@
+//! One proxied exchange, for every engine: choose a backend (the pool's balancing, the
+//! backend's concurrency gate), send the buffered request on a pooled or new connection,
+//! retry as [`retry::decide`] says, and relay the answer to a [`Downstream`], which is the
+//! only part an engine writes: the own HTTP/1 engine writes bytes to its socket, pingora's
+//! writes through its session.
+//!
+//! Once any part of an answer went to the client, a backend failure cuts the client
+//! connection ([`outcome::after_failure`]); before, it is answered 502/504.
+
+pub mod answer;
+pub mod request;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use pingora::lb::Backend;
+
+use crate::answers::ErrorAnswer;
+use crate::policy::framing::AnswerBody;
+use crate::policy::outcome::{self, AfterFailure, UpstreamError};
+use crate::policy::retry::{self, Attempts, Failure, Retry};
+use crate::policy::Rejection;
+use crate::state::{Gateway, Snapshot};
+use crate::upstream::conn::{self, UpConn, RELAY_BYTES};
+use crate::upstream::{state_of, BackendState};
+use answer::{AnswerHead, ChunkDecoder};
+
+/// Where an answer goes: an engine's client side.
+#[allow(async_fn_in_trait)]
+pub trait Downstream {
+    /// The buffer the answer's status line and header lines are written into.
+    fn lines(&mut self) -> &mut Vec<u8>;
+    /// The answer's head is in `lines()`; `keep_alive`: the client connection may serve
+    /// another request after this answer. False when the client is gone.
+    async fn head(&mut self, head: &AnswerHead, keep_alive: bool) -> bool;
+    /// Body data, decoded; `end`: the last of it.
+    async fn body(&mut self, data: &[u8], end: bool) -> bool;
+    /// The gateway's own answer, when nothing of a backend's was sent.
+    async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool;
+    /// Some byte of an answer was written to the client.
+    fn started(&self) -> bool;
+}
+
+/// The request as the backend gets it.
+pub struct Request<'a> {
+    /// Head and body ([`request::write_upstream_request`]).
+    pub bytes: &'a [u8],
+    pub request_id: &'a [u8],
+    /// GET, HEAD, PUT, DELETE, OPTIONS: may be sent again after a failure.
+    pub idempotent: bool,
+    pub head_request: bool,
+    /// The client connection closes after this request anyway.
+    pub last: bool,
+}
+
+/// How the exchange ended.
+#[derive(Default)]
+pub struct Outcome {
+    /// The status the client got; 0 when none (or the answer was cut).
+    pub status: u16,
+    pub backend: Option<Arc<BackendState>>,
+    pub rejection: Option<Rejection>,
+    pub error: Option<UpstreamError>,
+    /// The client connection may serve another request.
+    pub keep_alive: bool,
+    /// An answer was begun and cut: the client connection must be closed without an end.
+    pub cut: bool,
+}
+
+impl Gateway {
+    /// Proxy one buffered request to a backend and relay the answer to `down`.
+    pub async fn forward<D: Downstream>(
+        &self,
+        snap: &Snapshot,
+        req: &Request<'_>,
+        down: &mut D,
+    ) -> Outcome {
+        let cfg = &snap.config;
+        let t = cfg.timeouts;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempts = Attempts::default();
+        let mut fresh_only = false;
+        let mut again: Option<Backend> = None;
+        let mut out = Outcome::default();
+        loop {
+            let Some(backend) = again.take().or_else(|| self.upstreams.select(&tried)) else {
+                return self
+                    .refuse(req, down, Rejection::NoHealthyBackend, out)
+                    .await;
+            };
+            let addr = *backend.as_inet().expect("backends are inet addresses");
+            let state = state_of(&backend).clone();
+            let _slot = match state.gate.enter(&cfg.backend_queue).await {
+                Ok(slot) => slot,
+                Err(reason) => return self.refuse(req, down, reason, out).await,
+            };
+            let pooled = if fresh_only {
+                None
+            } else {
+                conn::take_idle(&state, t.idle)
+            };
+            let reused = pooled.is_some();
+            fresh_only = false;
+            out.backend = Some(state.clone());
+            let mut c = match pooled {
+                Some(c) => c,
+                None => match conn::connect(addr, t.connect).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        state.metrics.connect_failures.inc();
+                        tried.push(addr);
+                        if retry::decide(cfg, req.idempotent, Failure::Connect, &mut attempts)
+                            == Retry::AnotherBackend
+                        {
+                            self.metrics.retries_connect.inc();
+                            continue;
+                        }
+                        return self.failed(req, down, e, out).await;
+                    }
+                },
+            };
+            let head = conn::exchange_head(
+                &mut c,
+                req.bytes,
+                req.head_request,
+                down.lines(),
+                t.write,
+                t.read,
+            )
+            .await;
+            let head = match head {
+                Ok(h) => h,
+                Err((e, answered)) => {
+                    let failure = Failure::AfterSend { reused, answered };
+                    match retry::decide(cfg, req.idempotent, failure, &mut attempts) {
+                        Retry::SameBackendNewConnection => {
+                            fresh_only = true;
+                            again = Some(backend);
+                        }
+                        Retry::AnotherBackend => tried.push(addr),
+                        Retry::No => return self.failed(req, down, e, out).await,
+                    }
+                    self.metrics.retries_after_send.inc();
+                    continue;
+                }
+            };
+            return self.relay(req, down, c, head, &state, t.read, out).await;
+        }
+    }
+
+    /// The gateway's own refusal (no backend, backend queue), counted with its reason.
+    async fn refuse<D: Downstream>(
+        &self,
+        req: &Request<'_>,
+        down: &mut D,
+        reason: Rejection,
+        mut out: Outcome,
+    ) -> Outcome {
+        self.metrics.reject(reason);
+        out.rejection = Some(reason);
+        let status = reason.status();
+        let keep_alive = outcome::keep_alive_after_error(status, false, req.last);
+        let answer = ErrorAnswer {
+            status,
+            message: reason.message(),
+            retry_after: outcome::retry_after(status, None),
+            request_id: Some(req.request_id),
+            headers: &[],
+            keep_alive,
+        };
+        let ok = down.error(&answer).await;
+        out.status = status;
+        out.keep_alive = ok && keep_alive;
+        out
+    }
+
+    /// A backend failed: answered 502/504 when nothing was sent yet, else cut.
+    async fn failed<D: Downstream>(
+        &self,
+        req: &Request<'_>,
+        down: &mut D,
+        e: UpstreamError,
+        mut out: Outcome,
+    ) -> Outcome {
+        out.error = Some(e);
+        out.keep_alive = false;
+        match outcome::after_failure(e, down.started()) {
+            AfterFailure::Cut => out.cut = true,
+            AfterFailure::Answer { status, message } => {
+                let answer = ErrorAnswer {
+                    status,
+                    message,
+                    retry_after: outcome::retry_after(status, None),
+                    request_id: Some(req.request_id),
+                    headers: &[],
+                    keep_alive: false,
+                };
+                down.error(&answer).await;
+                out.status = status;
+            }
+        }
+        out
+    }
+
+    /// The backend's answer to the client: its head, then its body as it was framed, in
+    /// pieces of at most [`RELAY_BYTES`]. A body that fits in one piece goes with the head.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay<D: Downstream>(
+        &self,
+        req: &Request<'_>,
+        down: &mut D,
+        mut c: UpConn,
+        head: AnswerHead,
+        state: &BackendState,
+        read_timeout: std::time::Duration,
+        mut out: Outcome,
+    ) -> Outcome {
+        let keep_client = !req.last && head.body != AnswerBody::UntilClose;
+        let start = head.len;
+        // A length-delimited body that fits one piece is gathered whole first, so that the
+        // head and body leave in one write.
+        if let AnswerBody::Length(n) = head.body {
+            while ((c.buf.len() - start) as u64) < n && n <= RELAY_BYTES as u64 {
+                if let Err(e) = conn::read_upstream(&mut c.tcp, &mut c.buf, read_timeout).await {
+                    return self.failed(req, down, e, out).await;
+                }
+            }
+        }
+        if !down.head(&head, keep_client).await {
+            out.status = head.status;
+            return out;
+        }
+        out.status = head.status;
+        let mut reusable = head.keep_alive;
+        // The connection's buffer: its head, then the body bytes that came with it; later
+        // pieces are read into it from the start.
+        let mut piece = std::mem::take(&mut c.buf);
+        let mut at = start;
+        let mut decoded = Vec::new();
+        let mut decoder = ChunkDecoder::default();
+        let mut left = match head.body {
+            AnswerBody::Length(n) => n,
+            _ => u64::MAX,
+        };
+        loop {
+            let cur = &piece[at..];
+            let (data, end): (&[u8], bool) = match head.body {
+                AnswerBody::None => {
+                    reusable &= cur.is_empty();
+                    (&[], true)
+                }
+                AnswerBody::Length(_) => {
+                    let n = (cur.len() as u64).min(left) as usize;
+                    left -= n as u64;
+                    reusable &= left > 0 || cur.len() == n;
+                    (&cur[..n], left == 0)
+                }
+                AnswerBody::Chunked => {
+                    decoded.clear();
+                    match decoder.feed(cur, &mut decoded) {
+                        Ok(Some(n)) => {
+                            reusable &= n == cur.len();
+                            (&decoded, true)
+                        }
+                        Ok(None) => (&decoded, false),
+                        Err(_) => return self.failed(req, down, UpstreamError::Invalid, out).await,
+                    }
+                }
+                AnswerBody::UntilClose => {
+                    reusable = false;
+                    (cur, false)
+                }
+            };
+            if (!data.is_empty() || end) && !down.body(data, end).await {
+                // The client is gone: nothing more to do.
+                out.status = head.status;
+                return out;
+            }
+            if end {
+                break;
+            }
+            piece.clear();
+            at = 0;
+            match conn::read_upstream(&mut c.tcp, &mut piece, read_timeout).await {
+                Ok(()) => {}
+                Err(UpstreamError::Closed) if head.body == AnswerBody::UntilClose => {
+                    if !down.body(&[], true).await {
+                        return out;
+                    }
+                    break;
+                }
+                Err(e) => return self.failed(req, down, e, out).await,
+            }
+        }
+        c.buf = piece;
+        if reusable {
+            conn::put_idle(state, c, self.upstreams.keepalive_pool);
+        }
+        out.keep_alive = keep_client;
+        out
+    }
+}
+
+impl Gateway {
+    /// Record a forwarded request: its outcome into `done`, the backend's failure logged
+    /// (the gateway's own refusals are counted, not logged), then metrics and access log.
+    pub fn finish(
+        &self,
+        snap: &Snapshot,
+        done: crate::policy::record::Finished<'_>,
+        out: &Outcome,
+    ) {
+        let text = out.error.map(|e| {
+            if out.cut {
+                format!("{}, answer cut after its head", e.text())
+            } else {
+                format!("{}, status: {}", e.text(), out.status)
+            }
+        });
+        let done = crate::policy::record::Finished {
+            status: out.status,
+            backend: out.backend.clone(),
+            rejection: out.rejection,
+            error: text.as_deref(),
+            ..done
+        };
+        if let Some(text) = &text {
+            log::error!(
+                "Fail to proxy: {text}, backend: {}, id={}",
+                done.backend.as_ref().map_or("-", |b| b.label.as_str()),
+                String::from_utf8_lossy(done.request_id),
+            );
+        }
+        crate::policy::record::record(&self.metrics, snap.config.access_log, &done);
+    }
+}

@@ -1,0 +1,93 @@
+//! The own engine's side of an answer: bytes written to the client socket. A head is
+//! staged and goes out with the first body piece (one write for a small answer); a chunked
+//! body is chunked again as it is relayed, so only framing the gateway checked reaches the
+//! client.
+
+use pingora::protocols::http::date::get_cached_date;
+use tokio::io::AsyncWriteExt;
+
+use crate::answers::ErrorAnswer;
+use crate::downstream::ClientStream;
+use crate::forward::answer::AnswerHead;
+use crate::forward::Downstream;
+use crate::policy::framing::AnswerBody;
+
+pub struct RawDownstream<'a> {
+    pub io: &'a mut ClientStream,
+    /// The staged head (then head and first piece), reused across requests.
+    pub out: &'a mut Vec<u8>,
+    pub request_id: &'a [u8],
+    chunked: bool,
+    written: bool,
+}
+
+impl<'a> RawDownstream<'a> {
+    pub fn new(io: &'a mut ClientStream, out: &'a mut Vec<u8>, request_id: &'a [u8]) -> Self {
+        RawDownstream {
+            io,
+            out,
+            request_id,
+            chunked: false,
+            written: false,
+        }
+    }
+
+    async fn flush_out(&mut self) -> bool {
+        self.written = true;
+        let ok = self.io.write_all(self.out).await.is_ok() && self.io.flush().await.is_ok();
+        self.out.clear();
+        ok
+    }
+}
+
+fn push(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+impl Downstream for RawDownstream<'_> {
+    fn lines(&mut self) -> &mut Vec<u8> {
+        self.out
+    }
+
+    async fn head(&mut self, head: &AnswerHead, keep_alive: bool) -> bool {
+        self.chunked = head.body == AnswerBody::Chunked;
+        push(self.out, b"X-Request-Id", self.request_id);
+        push(self.out, b"Date", get_cached_date().as_bytes());
+        self.out.extend_from_slice(if keep_alive {
+            b"Connection: keep-alive\r\n\r\n"
+        } else {
+            b"Connection: close\r\n\r\n"
+        });
+        true
+    }
+
+    async fn body(&mut self, data: &[u8], end: bool) -> bool {
+        if self.chunked {
+            if !data.is_empty() {
+                self.out
+                    .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                self.out.extend_from_slice(data);
+                self.out.extend_from_slice(b"\r\n");
+            }
+            if end {
+                self.out.extend_from_slice(b"0\r\n\r\n");
+            }
+        } else {
+            self.out.extend_from_slice(data);
+        }
+        self.flush_out().await
+    }
+
+    fn started(&self) -> bool {
+        self.written
+    }
+
+    async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool {
+        self.out.clear();
+        answer.write_to(self.out, Some(get_cached_date().as_bytes()));
+        self.flush_out().await
+    }
+}

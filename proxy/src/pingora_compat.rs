@@ -1,0 +1,103 @@
+//! Everything that depends on pingora's internals, checked against pingora 0.9.1. Each item
+//! is pinned by a test here or named below; re-check them on every pingora upgrade.
+//!
+//! - [`canned_error_answer`]: the exact bytes of pingora's own empty 400/405 answers
+//!   (`pingora_core::protocols::http::error_resp`), replaced by the gateway's JSON ones
+//!   (`downstream::stream`; test `only_pingoras_own_empty_answers_are_replaced`).
+//! - `logging::client_failed_before_its_head`: the text of pingora's log line for a client that
+//!   failed before its head (`logging`; test there).
+//! - [`raw_request_lines`]: the request head as received, which pingora keeps
+//!   (`get_headers_raw_bytes`): pingora drops a `Content-Length` beside a
+//!   `Transfer-Encoding` (RFC 9112), and the policy must see every line to refuse it.
+//! - Pipelining: pingora closes a connection with a pipelined request unless
+//!   `set_pipelining_enabled(true)` (`pingora_h1`; test `pipelined_requests_are_answered_in_order`).
+//! - A request body read in `request_filter` is not read again by the proxy loop; bodies are
+//!   therefore forwarded by the gateway's own exchange (`forward`), never by pingora's.
+
+use pingora::proxy::Session;
+
+use crate::policy::Rejection;
+
+/// pingora answers a head it cannot parse (400) and a CONNECT request (405) itself, before
+/// any hook, with a fixed empty response (`pingora_core::protocols::http::error_resp`):
+/// status line, `Server: Pingora`, `Date`, `Content-Length: 0`, `Cache-Control: private,
+/// no-store`, `Connection: close`. Only that exact shape, written whole, is recognised: it has
+/// no body and closes the connection, so answering differently cannot break any framing. A
+/// proxied answer does not have it (the gateway adds `X-Request-Id` to every one, after the
+/// backend's headers); a backend that sent exactly this shape would have its empty 400 or
+/// 405 delivered with the gateway's JSON body instead.
+pub fn canned_error_answer(data: &[u8]) -> Option<Rejection> {
+    const ANSWERS: [(&[u8], Rejection); 2] = [
+        (
+            b"HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nDate: ",
+            Rejection::MalformedRequest,
+        ),
+        (
+            b"HTTP/1.1 405 Method Not Allowed\r\nServer: Pingora\r\nDate: ",
+            Rejection::ConnectMethod,
+        ),
+    ];
+    const TAIL: &[u8] =
+        b"\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n";
+    // Every write of every response passes here: two bytes of the status code rule out
+    // nearly all of them.
+    if data.len() > 256 || data.get(9..11) != Some(b"40") || !data.ends_with(TAIL) {
+        return None;
+    }
+    ANSWERS
+        .iter()
+        .find(|(head, _)| data.starts_with(head))
+        .map(|&(_, reason)| reason)
+}
+
+/// The request head's lines as the client sent them (name, value), for the policy's checks;
+/// None when pingora did not keep them.
+pub fn raw_request_lines(session: &Session, mut each: impl FnMut(&[u8], &[u8])) -> bool {
+    let pingora::protocols::http::ServerSession::H1(h1) = session.as_ref() else {
+        return false;
+    };
+    let raw = h1.get_headers_raw_bytes();
+    let mut headers = [httparse::EMPTY_HEADER; 256];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(&raw), Ok(httparse::Status::Complete(_))) {
+        return false;
+    }
+    for h in req.headers.iter() {
+        each(h.name.as_bytes(), h.value);
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_pingoras_own_empty_answers_are_replaced() {
+        let tail =
+            "Content-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n";
+        let date = "Date: Mon, 23 Nov 2026 15:40:40 GMT\r\n";
+        let canned = |status: &str| format!("HTTP/1.1 {status}\r\nServer: Pingora\r\n{date}{tail}");
+        let answer = |s: String| canned_error_answer(s.as_bytes());
+        assert_eq!(
+            answer(canned("400 Bad Request")),
+            Some(Rejection::MalformedRequest)
+        );
+        assert_eq!(
+            answer(canned("405 Method Not Allowed")),
+            Some(Rejection::ConnectMethod)
+        );
+        // Other statuses pingora answers itself go through `fail_to_proxy` already.
+        assert_eq!(answer(canned("502 Bad Gateway")), None);
+        // A backend's 400, even from a pingora server, passed through: it has our request id.
+        let proxied = format!(
+            "HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\n{date}Content-Length: 0\r\nCache-Control: private, no-store\r\nX-Request-Id: 1\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(answer(proxied), None);
+        assert_eq!(answer(format!("{}{{}}", canned("400 Bad Request"))), None);
+        assert_eq!(
+            answer(format!("HTTP/1.1 400 Bad Request\r\n{date}{tail}")),
+            None
+        );
+    }
+}

@@ -1,0 +1,602 @@
+//! pingora's HTTP/1 engine: `impl ProxyHttp`, each phase a few lines calling the policy.
+//!
+//! pingora parses the head and writes the answer; the gateway does the rest. In
+//! `request_filter` a request gets the same checks as on the own engine, its body is read
+//! whole (nginx's `proxy_request_buffering on`), and the exchange with a backend is
+//! [`Gateway::forward`], the same one the own engine uses, with pingora's session as the
+//! [`Downstream`]. pingora's own proxy loop (the phases after `request_filter`) serves only
+//! upgrades (WebSocket), where the connection becomes a tunnel.
+//!
+//! | phase                      | what happens here                                        |
+//! |----------------------------|----------------------------------------------------------|
+//! | `request_filter`           | checks, identity, limits, body, [`Gateway::forward`]     |
+//! | `upstream_peer`            | upgrades: a backend from the pool, its slot              |
+//! | `upstream_request_filter`  | upgrades: forwarding headers                             |
+//! | `fail_to_connect`, `error_while_proxy` | upgrades: [`retry::decide`]                 |
+//! | `response_filter`          | upgrades: echo `X-Request-Id`                            |
+//! | `fail_to_proxy`            | the answer to a failure, or the cut                      |
+//! | `logging`                  | [`record`] (once)                                        |
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::lb::Backend;
+use pingora::modules::http::HttpModules;
+use pingora::prelude::{HttpPeer, RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::Peer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::answers::ErrorAnswer;
+use crate::forward::answer::AnswerHead;
+use crate::forward::request::write_upstream_request;
+use crate::forward::{Downstream, Outcome, Request};
+use crate::pingora_compat;
+use crate::policy::framing::{AnswerBody, RequestBody};
+use crate::policy::identity::{client_ip, replaced_by_gateway, usable_request_id, Forwarding};
+use crate::policy::outcome::{self, UpstreamError};
+use crate::policy::record::{record, Engine, Finished, InflightGuard};
+use crate::policy::retry::{self, Attempts, Failure, Retry};
+use crate::policy::{admit, body, request, Rejection};
+use crate::state::{Gateway, Snapshot};
+use crate::upstream::state_of;
+
+/// Per-request state shared across the phases.
+pub struct RequestCtx {
+    /// The config this request runs under, from its start to its end.
+    snap: Arc<Snapshot>,
+    started: Instant,
+    client_ip: Option<IpAddr>,
+    request_id: Vec<u8>,
+    rejection: Option<Rejection>,
+    /// Recorded already (metrics and access log written by the forward path).
+    recorded: bool,
+    /// An answer was begun and cut: nothing more may be written.
+    cut: bool,
+    /// Upgrades only: the forwarding headers, the backend, the retry state.
+    forwarding: Option<Forwarding>,
+    backend: Option<Backend>,
+    tried: Vec<SocketAddr>,
+    attempts: Attempts,
+    again: Option<Backend>,
+    backend_slot: Option<OwnedSemaphorePermit>,
+    _inflight: InflightGuard,
+}
+
+/// A request's header lines as received (pingora keeps them: see [`pingora_compat`]).
+type Lines = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn lines_of(session: &Session) -> Lines {
+    let mut lines = Vec::new();
+    if !pingora_compat::raw_request_lines(session, |n, v| lines.push((n.to_vec(), v.to_vec()))) {
+        for (n, v) in session.req_header().headers.iter() {
+            lines.push((n.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
+        }
+    }
+    lines
+}
+
+fn values<'a>(lines: &'a Lines, name: &'a str) -> impl DoubleEndedIterator<Item = &'a [u8]> + 'a {
+    lines
+        .iter()
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// pingora's errors as the policy knows them.
+fn upstream_error(e: &Error) -> UpstreamError {
+    match e.etype() {
+        ErrorType::ConnectTimedout => UpstreamError::ConnectTimeout,
+        ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+            UpstreamError::ConnectRefused
+        }
+        ErrorType::ReadTimedout => UpstreamError::ReadTimeout,
+        ErrorType::WriteTimedout => UpstreamError::WriteTimeout,
+        ErrorType::InvalidHTTPHeader | ErrorType::H1Error | ErrorType::InvalidH2 => {
+            UpstreamError::Invalid
+        }
+        _ => UpstreamError::Closed,
+    }
+}
+
+/// The answer through pingora's session.
+struct SessionDownstream<'a> {
+    session: &'a mut Session,
+    lines: Vec<u8>,
+    request_id: &'a [u8],
+    started: bool,
+}
+
+impl Downstream for SessionDownstream<'_> {
+    fn lines(&mut self) -> &mut Vec<u8> {
+        &mut self.lines
+    }
+
+    async fn head(&mut self, head: &AnswerHead, keep_alive: bool) -> bool {
+        let mut resp = match ResponseHeader::build(head.status, None) {
+            Ok(r) => r,
+            Err(_) => return false,
+        };
+        // The status line first, then `Name: value` lines, as `forward::answer` wrote them.
+        for line in self.lines.split(|&b| b == b'\n').skip(1) {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let name = String::from_utf8_lossy(&line[..colon]).into_owned();
+            if resp
+                .append_header(name, line[colon + 1..].trim_ascii())
+                .is_err()
+            {
+                return false;
+            }
+        }
+        if resp.insert_header("X-Request-Id", self.request_id).is_err() {
+            return false;
+        }
+        if !keep_alive {
+            self.session.set_keepalive(None);
+        }
+        self.started = true;
+        let end = head.body == AnswerBody::None;
+        self.session
+            .write_response_header(Box::new(resp), end)
+            .await
+            .is_ok()
+    }
+
+    async fn body(&mut self, data: &[u8], end: bool) -> bool {
+        let data = (!data.is_empty()).then(|| Bytes::copy_from_slice(data));
+        self.session.write_response_body(data, end).await.is_ok()
+    }
+
+    async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool {
+        self.started = true;
+        answer.send(self.session).await.is_ok()
+    }
+
+    fn started(&self) -> bool {
+        self.started
+    }
+}
+
+impl Gateway {
+    /// Answer the request with the rejection's status and JSON body, count it, record it.
+    async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        reason: Rejection,
+        retry_after: Option<u64>,
+        headers: &[(&'static str, String)],
+        unread_body: bool,
+    ) -> Result<bool> {
+        ctx.rejection = Some(reason);
+        self.metrics.reject(reason);
+        let status = reason.status();
+        let answer = ErrorAnswer {
+            status,
+            message: reason.message(),
+            retry_after: outcome::retry_after(status, retry_after),
+            request_id: Some(&ctx.request_id),
+            headers,
+            keep_alive: outcome::keep_alive_after_error(status, unread_body, false),
+        };
+        let _ = answer.send(session).await;
+        Ok(true)
+    }
+
+    /// Read the whole body (nginx's `proxy_request_buffering on`) under the policy's rules.
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        snap: &Snapshot,
+        expect_continue: bool,
+    ) -> std::result::Result<Bytes, Option<Rejection>> {
+        let cfg = &snap.config;
+        if expect_continue {
+            let go_on = ResponseHeader::build(100, Some(0)).map_err(|_| None)?;
+            session
+                .write_response_header(Box::new(go_on), false)
+                .await
+                .map_err(|_| None)?;
+        }
+        let mut held = BytesMut::new();
+        let started = Instant::now();
+        loop {
+            body::check_progress(cfg, held.len(), started.elapsed(), false).map_err(Some)?;
+            match tokio::time::timeout(cfg.body_idle_timeout, session.read_request_body()).await {
+                Err(_) => return Err(Some(Rejection::ClientTimeout)),
+                Ok(Err(_)) => return Err(None),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => {
+                    held.extend_from_slice(&chunk);
+                    body::check_progress(cfg, held.len(), started.elapsed(), true).map_err(Some)?;
+                }
+            }
+        }
+        Ok(held.freeze())
+    }
+
+    /// The request's record, before its outcome is known.
+    fn finished<'a>(ctx: &'a RequestCtx, req: &'a RequestHeader) -> Finished<'a> {
+        Finished {
+            started: ctx.started,
+            status: 0,
+            backend: None,
+            rejection: ctx.rejection,
+            client_ip: ctx.client_ip,
+            method: req.method.as_str().as_bytes(),
+            target: req.raw_path(),
+            request_id: &ctx.request_id,
+            error: None,
+            engine: Engine::Pingora,
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    /// No downstream modules. pingora's default adds its response-compression module switched
+    /// off, which still builds a context and runs its filters for every request; the gateway
+    /// passes bodies through as the backend encoded them.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            snap: self.snapshot.load_full(),
+            started: Instant::now(),
+            client_ip: None,
+            request_id: Vec::new(),
+            rejection: None,
+            recorded: false,
+            cut: false,
+            forwarding: None,
+            backend: None,
+            tried: Vec::new(),
+            attempts: Attempts::default(),
+            again: None,
+            backend_slot: None,
+            _inflight: InflightGuard::new(&self.metrics.inflight_requests),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // A request pipelined behind this one is served after it, in order (as nginx and the
+        // own engine do); pingora's default closes the connection and drops it.
+        session.set_pipelining_enabled(true);
+        let snap = ctx.snap.clone();
+        let cfg = &snap.config;
+        let lines = lines_of(session);
+        let all = || lines.iter().map(|(n, v)| (n.as_slice(), v.as_slice()));
+        ctx.request_id = match values(&lines, "x-request-id").next() {
+            Some(v) if usable_request_id(v) => v.to_vec(),
+            _ => self.new_request_id().to_vec(),
+        };
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.client_ip =
+            peer.map(|p| client_ip(p, values(&lines, "x-forwarded-for"), &cfg.trusted_proxies));
+
+        let req = session.req_header();
+        let http10 = req.version == http::Version::HTTP_10;
+        let method = req.method.as_str().as_bytes().to_vec();
+        let target = req.raw_path().to_vec();
+        let facts = match request::check(http10, &method, &target, all()) {
+            Ok(f) => f,
+            Err(r) => return self.reject(session, ctx, r, None, &[], true).await,
+        };
+        let head_bytes = admit::head_size(
+            method.len(),
+            target.len(),
+            lines.iter().map(|(n, v)| (n.len(), v.len())),
+        );
+        let declared = match facts.body {
+            RequestBody::Length(n) => admit::check_declared_body(&snap, n),
+            _ => Ok(()),
+        };
+        if let Err(r) = admit::check_head(&snap, lines.len(), head_bytes).and(declared) {
+            return self.reject(session, ctx, r, None, &[], true).await;
+        }
+        let has_body = facts.body != RequestBody::None;
+        let target_text = String::from_utf8_lossy(&target);
+        let wait = match admit::admit(&snap, ctx.client_ip, &target_text) {
+            Ok(wait) => wait,
+            Err(r) => {
+                return self
+                    .reject(
+                        session,
+                        ctx,
+                        r.reason,
+                        Some(r.retry_after),
+                        &r.headers,
+                        has_body,
+                    )
+                    .await
+            }
+        };
+        session.set_keepalive((!facts.close).then(|| cfg.keepalive_timeout.as_secs().max(1)));
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let forwarding = peer.map(|p| {
+            Forwarding::new(
+                p,
+                ctx.client_ip.unwrap_or(p),
+                values(&lines, "x-forwarded-for"),
+                false,
+            )
+        });
+        if facts.upgrade {
+            // pingora's proxy loop tunnels it (the phases below).
+            session.set_read_timeout(Some(cfg.body_idle_timeout));
+            ctx.forwarding = forwarding;
+            return Ok(false);
+        }
+        let body = match self.read_body(session, &snap, facts.expect_continue).await {
+            Ok(b) => b,
+            Err(Some(r)) => return self.reject(session, ctx, r, None, &[], true).await,
+            // The client went away: nobody to answer.
+            Err(None) => {
+                return Err(
+                    Error::explain(ErrorType::ReadError, "client closed mid-body").into_down(),
+                )
+            }
+        };
+        let Some(forwarding) = forwarding else {
+            return Error::e_explain(ErrorType::InternalError, "no peer address");
+        };
+        let connection: Vec<&[u8]> = values(&lines, "connection").collect();
+        let mut bytes = Vec::with_capacity(512 + body.len());
+        write_upstream_request(
+            &mut bytes,
+            &method,
+            &target,
+            all(),
+            &connection,
+            &forwarding,
+            &ctx.request_id,
+            has_body.then_some(body.len()),
+        );
+        bytes.extend_from_slice(&body);
+        let request_id = ctx.request_id.clone();
+        let fwd = Request {
+            bytes: &bytes,
+            request_id: &request_id,
+            idempotent: facts.idempotent,
+            head_request: facts.head,
+            last: facts.close,
+        };
+        let mut down = SessionDownstream {
+            session,
+            lines: Vec::with_capacity(512),
+            request_id: &request_id,
+            started: false,
+        };
+        let out: Outcome = self.forward(&snap, &fwd, &mut down).await;
+        let req = down.session.req_header().clone();
+        let done = Self::finished(ctx, &req);
+        self.finish(&snap, done, &out);
+        ctx.recorded = true;
+        if out.cut {
+            ctx.cut = true;
+            return Error::e_explain(
+                ErrorType::HTTPStatus(0),
+                "backend failed after its answer began",
+            );
+        }
+        if !out.keep_alive {
+            down.session.set_keepalive(None);
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let Some(backend) = ctx
+            .again
+            .take()
+            .or_else(|| self.upstreams.select(&ctx.tried))
+        else {
+            ctx.rejection = Some(Rejection::NoHealthyBackend);
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
+        };
+        let addr = *backend.as_inet().expect("backends are inet addresses");
+        ctx.backend_slot = None;
+        match state_of(&backend)
+            .gate
+            .enter(&ctx.snap.config.backend_queue)
+            .await
+        {
+            Ok(slot) => ctx.backend_slot = slot,
+            Err(reason) => {
+                ctx.rejection = Some(reason);
+                return Error::e_explain(ErrorType::HTTPStatus(503), reason.message());
+            }
+        }
+        let t = ctx.snap.config.timeouts;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(t.connect);
+        peer.options.total_connection_timeout = Some(t.connect);
+        peer.options.read_timeout = Some(t.websocket_idle);
+        peer.options.write_timeout = Some(t.write);
+        peer.options.idle_timeout = Some(t.idle);
+        ctx.backend = Some(backend);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let names: Vec<String> = req.headers.keys().map(|k| k.as_str().to_string()).collect();
+        for name in names {
+            if replaced_by_gateway(name.as_bytes()) {
+                req.remove_header(&name);
+            }
+        }
+        if let Some(f) = &ctx.forwarding {
+            for (name, value) in f.headers() {
+                req.insert_header(name, value)?;
+            }
+        }
+        req.insert_header("X-Request-Id", ctx.request_id.as_slice())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        resp.insert_header("X-Request-Id", ctx.request_id.as_slice())?;
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(b) = ctx.backend.as_ref() {
+            state_of(b).metrics.connect_failures.inc();
+        }
+        if let Some(addr) = peer.address().as_inet() {
+            ctx.tried.push(*addr);
+        }
+        let retry = retry::decide(&ctx.snap.config, true, Failure::Connect, &mut ctx.attempts)
+            == Retry::AnotherBackend;
+        if retry {
+            self.metrics.retries_connect.inc();
+        }
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let idempotent = session.req_header().method.is_idempotent();
+        let failure = Failure::AfterSend {
+            reused: client_reused,
+            answered: session.response_written().is_some(),
+        };
+        let decision = retry::decide(&ctx.snap.config, idempotent, failure, &mut ctx.attempts);
+        match decision {
+            Retry::SameBackendNewConnection => ctx.again = ctx.backend.clone(),
+            Retry::AnotherBackend => {
+                if let Some(addr) = peer.address().as_inet() {
+                    ctx.tried.push(*addr);
+                }
+            }
+            Retry::No => {}
+        }
+        e.set_retry(decision != Retry::No);
+        if e.retry() {
+            self.metrics.retries_after_send.inc();
+        }
+        e
+    }
+
+    /// pingora's ERROR line per failed request is kept for the backend's failures on the
+    /// upgrade path (the forward path logs its own). The gateway's own rejections and the
+    /// client's failures are counted in `gateway_rejections_total` and the access log.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        ctx.recorded || ctx.rejection.is_some() || e.esource() == &ErrorSource::Downstream
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let cut = FailToProxy {
+            error_code: 0,
+            can_reuse_downstream: false,
+        };
+        if ctx.cut || ctx.recorded {
+            return cut;
+        }
+        // The client's own failures are rejections: counted with their reason.
+        if ctx.rejection.is_none() && e.esource() == &ErrorSource::Downstream {
+            ctx.rejection = match e.etype() {
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    Some(Rejection::ClientTimeout)
+                }
+                ErrorType::WriteError
+                | ErrorType::ReadError
+                | ErrorType::ConnectionClosed
+                | ErrorType::HTTPStatus(_) => None,
+                _ => Some(Rejection::MalformedRequest),
+            };
+        }
+        let (code, message) = match (ctx.rejection, e.esource()) {
+            (Some(r), _) => {
+                self.metrics.reject(r);
+                (r.status(), r.message())
+            }
+            // The client went away: nobody to answer.
+            (None, ErrorSource::Downstream) => return cut,
+            (None, _) => match outcome::after_failure(
+                upstream_error(e),
+                session.response_written().is_some(),
+            ) {
+                outcome::AfterFailure::Cut => return cut,
+                outcome::AfterFailure::Answer { status, message } => (status, message),
+            },
+        };
+        let answer = ErrorAnswer {
+            status: code,
+            message,
+            retry_after: outcome::retry_after(code, None),
+            request_id: Some(&ctx.request_id),
+            headers: &[],
+            keep_alive: false,
+        };
+        let _ = answer.send(session).await;
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.recorded {
+            return;
+        }
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let error = e.map(|e| e.to_string());
+        let req = session.req_header();
+        let mut done = Self::finished(ctx, req);
+        done.status = status;
+        done.backend = ctx.backend.as_ref().map(|b| state_of(b).clone());
+        done.error = error.as_deref();
+        record(&self.metrics, ctx.snap.config.access_log, &done);
+    }
+}

@@ -1,0 +1,143 @@
+//! Why the gateway answered a request (or a connection) itself: its status, its message and
+//! its metric label.
+
+/// Why the gateway answered a request (or a connection) itself instead of proxying it.
+/// The label is the `reason` of `gateway_rejections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No backend was healthy (or all were tried): 503.
+    NoHealthyBackend,
+    /// Per-IP request rate: 429.
+    RateLimitIp,
+    /// Global request rate of this instance: 503.
+    RateLimitGlobal,
+    /// Per-IP open-connection cap: connection answered 503 and closed.
+    ConnectionsPerIp,
+    /// Total open-connection cap: connection answered 503 and closed.
+    ConnectionsTotal,
+    /// Body over `buffers.max_body_bytes`: 413.
+    BodyTooLarge,
+    /// Request head over `buffers.max_header_bytes` or `max_headers`: 431.
+    HeaderTooLarge,
+    /// Backend concurrency cap reached and its queue full: 503.
+    BackendQueueFull,
+    /// Waited `upstream.queue_timeout` for a backend slot: 503.
+    BackendQueueTimeout,
+    /// Both Content-Length and Transfer-Encoding (a request-smuggling shape): 400.
+    AmbiguousFraming,
+    /// A Transfer-Encoding other than chunked: 501.
+    UnsupportedTransferEncoding,
+    /// A trusted proxy's connection without a valid PROXY protocol header: 400 and closed.
+    ProxyProtocol,
+    /// A request body below `slow_clients.body_min_rate` after its grace time: 408.
+    BodyTooSlow,
+    /// A request head pingora could not parse (request line, header syntax, framing): 400.
+    MalformedRequest,
+    /// A CONNECT request (the gateway is not a forward proxy): 405.
+    ConnectMethod,
+    /// The client stopped sending its body (`slow_clients.body_idle_timeout`) or reading the
+    /// answer: 408.
+    ClientTimeout,
+    /// A request head not complete within `slow_clients.header_timeout`: 408 if it had begun,
+    /// closed without an answer if nothing was sent.
+    HeaderTimeout,
+    /// A target other than origin form (`*`, authority or absolute form) or with bytes
+    /// outside visible ASCII: 400.
+    InvalidTarget,
+    /// No `Host` on HTTP/1.1, two of them, or one that is not a host name or address with
+    /// an optional port: 400.
+    InvalidHost,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 19] = [
+        Rejection::NoHealthyBackend,
+        Rejection::RateLimitIp,
+        Rejection::RateLimitGlobal,
+        Rejection::ConnectionsPerIp,
+        Rejection::ConnectionsTotal,
+        Rejection::BodyTooLarge,
+        Rejection::HeaderTooLarge,
+        Rejection::BackendQueueFull,
+        Rejection::BackendQueueTimeout,
+        Rejection::AmbiguousFraming,
+        Rejection::UnsupportedTransferEncoding,
+        Rejection::ProxyProtocol,
+        Rejection::BodyTooSlow,
+        Rejection::MalformedRequest,
+        Rejection::ConnectMethod,
+        Rejection::ClientTimeout,
+        Rejection::HeaderTimeout,
+        Rejection::InvalidTarget,
+        Rejection::InvalidHost,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::NoHealthyBackend => "no_healthy_backend",
+            Rejection::RateLimitIp => "rate_limit_ip",
+            Rejection::RateLimitGlobal => "rate_limit_global",
+            Rejection::ConnectionsPerIp => "connections_per_ip",
+            Rejection::ConnectionsTotal => "connections_total",
+            Rejection::BodyTooLarge => "body_too_large",
+            Rejection::HeaderTooLarge => "header_too_large",
+            Rejection::BackendQueueFull => "backend_queue_full",
+            Rejection::BackendQueueTimeout => "backend_queue_timeout",
+            Rejection::AmbiguousFraming => "ambiguous_framing",
+            Rejection::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+            Rejection::ProxyProtocol => "proxy_protocol",
+            Rejection::BodyTooSlow => "body_too_slow",
+            Rejection::MalformedRequest => "malformed_request",
+            Rejection::ConnectMethod => "connect_method",
+            Rejection::ClientTimeout => "client_timeout",
+            Rejection::HeaderTimeout => "header_timeout",
+            Rejection::InvalidTarget => "invalid_target",
+            Rejection::InvalidHost => "invalid_host",
+        }
+    }
+
+    /// The status the client gets.
+    pub fn status(self) -> u16 {
+        match self {
+            Rejection::RateLimitIp => 429,
+            Rejection::BodyTooSlow | Rejection::ClientTimeout | Rejection::HeaderTimeout => 408,
+            Rejection::BodyTooLarge => 413,
+            Rejection::HeaderTooLarge => 431,
+            Rejection::AmbiguousFraming
+            | Rejection::InvalidTarget
+            | Rejection::InvalidHost
+            | Rejection::ProxyProtocol
+            | Rejection::MalformedRequest => 400,
+            Rejection::ConnectMethod => 405,
+            Rejection::UnsupportedTransferEncoding => 501,
+            _ => 503,
+        }
+    }
+
+    /// What the client is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            Rejection::NoHealthyBackend => "no healthy backend is available; retry later",
+            Rejection::RateLimitIp => "too many requests from your address; slow down",
+            Rejection::RateLimitGlobal => "the service is saturated; retry later",
+            Rejection::ConnectionsPerIp => "too many open connections from your address",
+            Rejection::ConnectionsTotal => "the gateway is at its connection limit",
+            Rejection::BodyTooLarge => "request body is too large",
+            Rejection::HeaderTooLarge => "request headers are too large",
+            Rejection::BackendQueueFull => "the backend is at capacity and its queue is full",
+            Rejection::BackendQueueTimeout => "timed out waiting for a backend slot",
+            Rejection::AmbiguousFraming => "request has both Content-Length and Transfer-Encoding",
+            Rejection::UnsupportedTransferEncoding => {
+                "only Transfer-Encoding: chunked is supported"
+            }
+            Rejection::ProxyProtocol => "invalid or missing PROXY protocol header",
+            Rejection::BodyTooSlow => "request body is arriving too slowly",
+            Rejection::MalformedRequest => "malformed request: not valid HTTP/1.1",
+            Rejection::ConnectMethod => "CONNECT is not supported: this is not a forward proxy",
+            Rejection::ClientTimeout => "timed out waiting for the client",
+            Rejection::HeaderTimeout => "the request head did not arrive in time",
+            Rejection::InvalidTarget => "invalid request target: only /path targets are served",
+            Rejection::InvalidHost => "missing, repeated or invalid Host header",
+        }
+    }
+}

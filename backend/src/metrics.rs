@@ -33,6 +33,8 @@ pub struct Metrics {
     /// 1 while the vendor limiter uses this instance's share because Redis is unreachable.
     pub vendor_limiter_degraded: IntGauge,
     pub vendor_latency: prometheus::Histogram,
+    /// Vendor 429s: calls the vendor counted over its contract.
+    pub vendor_contract_rejections: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -96,7 +98,7 @@ impl Metrics {
         let vendor_stage = IntCounterVec::new(
             Opts::new(
                 "backend_vendor_stage_total",
-                "Vendor calls by pipeline stage (circuit, local_limiter, global_limiter, semaphore, call) and result.",
+                "Vendor calls by pipeline stage (circuit, local_limiter, semaphore, global_limiter, call, vendor_contract) and result.",
             ),
             &["stage", "result"],
         )
@@ -136,6 +138,11 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let vendor_contract_rejections = prometheus::IntCounter::new(
+            "backend_vendor_contract_rejections_total",
+            "Calls the vendor refused with 429 (over its contract): violations seen from here.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(vendor_stage.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(vendor_waiting.clone()),
@@ -145,6 +152,7 @@ impl Metrics {
             Box::new(vendor_circuit.clone()),
             Box::new(vendor_limiter_degraded.clone()),
             Box::new(vendor_latency.clone()),
+            Box::new(vendor_contract_rejections.clone()),
             Box::new(ratelimit.clone()),
             Box::new(ratelimit_degraded.clone()),
             Box::new(ratelimit_redis_errors.clone()),
@@ -174,6 +182,7 @@ impl Metrics {
             vendor_circuit,
             vendor_limiter_degraded,
             vendor_latency,
+            vendor_contract_rejections,
         }
     }
 

@@ -107,10 +107,11 @@ impl Server {
         if settings.redis_url.as_deref().is_none_or(str::is_empty) {
             log::info!("REDIS_URL unset: per-user and vendor limits are kept per instance");
         }
-        let limiter = Limiter::new(redis_store()?, settings.redis_timeout, metrics.clone());
+        let limiter = Limiter::new(redis_store()?, metrics.clone());
         let vendor = crate::vendor::Vendor::new(
             settings.vendor().map_err(StartError::Config)?,
-            Limiter::new(redis_store()?, settings.redis_timeout, metrics.clone()),
+            redis_store()?,
+            settings.redis_timeout,
             metrics.clone(),
             &settings.instance_id(),
         )

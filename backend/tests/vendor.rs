@@ -16,6 +16,15 @@ struct Cluster {
 }
 
 async fn cluster(n: usize, redis: Option<&RedisServer>, tweak: impl Fn(&mut Settings)) -> Cluster {
+    cluster_with(n, redis, |_, s| tweak(s)).await
+}
+
+/// A cluster whose instances' settings depend on their index.
+async fn cluster_with(
+    n: usize,
+    redis: Option<&RedisServer>,
+    tweak: impl Fn(usize, &mut Settings),
+) -> Cluster {
     let data = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/shared.db", data.path().display());
     let db = Db::connect(&test_settings(Some(url.clone())).db()).unwrap();
@@ -38,7 +47,7 @@ async fn cluster(n: usize, redis: Option<&RedisServer>, tweak: impl Fn(&mut Sett
         s.vendor_contract = "60/10s".into();
         s.vendor_local_rate = "300/10s".into();
         s.vendor_expected_instances = n as u32;
-        tweak(&mut s);
+        tweak(i, &mut s);
         apps.push(spawn_app(s).await);
     }
     Cluster { apps, _data: data }
@@ -59,10 +68,24 @@ async fn llm(c: &reqwest::Client, url: String, key: &str) -> (u16, Value, Durati
 }
 
 async fn flood(cl: &Cluster, n: usize, key: &'static str) -> Vec<(u16, Value, Duration)> {
+    let all: Vec<usize> = (0..cl.apps.len()).collect();
+    flood_to(cl, &all, n, key).await
+}
+
+/// `n` concurrent calls spread over the given instances.
+async fn flood_to(
+    cl: &Cluster,
+    instances: &[usize],
+    n: usize,
+    key: &'static str,
+) -> Vec<(u16, Value, Duration)> {
     let c = reqwest::Client::new();
     let mut tasks = Vec::new();
     for i in 0..n {
-        let (c, url) = (c.clone(), cl.apps[i % cl.apps.len()].url("/llm"));
+        let (c, url) = (
+            c.clone(),
+            cl.apps[instances[i % instances.len()]].url("/llm"),
+        );
         tasks.push(tokio::spawn(async move { llm(&c, url, key).await }));
     }
     let mut out = Vec::new();
@@ -117,30 +140,107 @@ async fn three_hundred_calls_never_break_the_contract() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_down_still_keeps_the_contract() {
-    let vendor =
-        MockVendor::start(&["--limit", "60", "--window", "10s", "--latency", "20ms"]).await;
-    let mut redis = RedisServer::start();
+/// Mock-vendor and three instances at a contract of 30 per 3 s, on a Redis the test can stop.
+async fn outage_cluster() -> (MockVendor, RedisServer, Cluster) {
+    let vendor = MockVendor::start(&["--limit", "30", "--window", "3s", "--latency", "10ms"]).await;
+    let redis = RedisServer::start();
     let cl = cluster(3, Some(&redis), |s| {
         s.vendor_url = vendor.url();
+        s.vendor_contract = "30/3s".into();
         s.vendor_queue_timeout = Duration::from_secs(2);
-        s.vendor_limiter_wait = Duration::from_millis(500);
+        s.vendor_limiter_wait = Duration::from_millis(300);
     })
     .await;
+    (vendor, redis, cl)
+}
+
+/// Uneven use, then Redis lost mid-window: 30 calls through instance 0 fill the contract;
+/// with Redis gone, instances 1 and 2 must not add their shares in the same window (each
+/// fallback share used to know only its own calls: 20 violations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lost_after_uneven_use_keeps_the_contract() {
+    let (vendor, mut redis, cl) = outage_cluster().await;
+    let first = flood_to(&cl, &[0], 30, "k-big").await;
+    assert_eq!(count(&first, 200), 30);
     redis.stop();
-    let results = flood(&cl, 300, "k-big").await;
-    let ok = count(&results, 200);
-    assert!(ok > 0 && ok <= 60, "{ok} admitted");
+    let during = flood_to(&cl, &[1, 2], 20, "k-big").await;
+    assert_eq!(
+        count(&during, 200),
+        0,
+        "the window may be full: nothing admitted"
+    );
+    for (status, body, _) in &during {
+        assert!(*status == 429 || *status == 503, "{status} {body}");
+    }
+    // One window (and the margin) later, each instance has its share.
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    let later = flood_to(&cl, &[1, 2], 30, "k-big").await;
+    assert_eq!(count(&later, 200), 20, "two shares of 10");
     let stats = vendor.stats().await;
     assert_eq!(stats["violations"], 0, "{stats}");
-    let m = reqwest::get(cl.apps[0].url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(metric_value(&m, "backend_vendor_limiter_degraded"), 1.0);
+    assert_eq!(
+        metric_value(
+            &metrics_text(&cl.apps[1]).await,
+            "backend_vendor_limiter_degraded"
+        ),
+        1.0
+    );
+}
+
+/// Redis down from the start, calls on shares, Redis restarted (empty) mid-window: the
+/// calls made on shares are not in Redis, so shares keep applying for a window (Redis used
+/// to admit 30 more at once: 30 violations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_back_mid_window_keeps_the_contract() {
+    let (vendor, mut redis, cl) = outage_cluster().await;
+    redis.stop();
+    // Every instance notices (heartbeat) and holds one window before using its share.
+    tokio::time::sleep(Duration::from_millis(3800)).await;
+    let during = flood(&cl, 45, "k-big").await;
+    assert_eq!(count(&during, 200), 30, "three shares of 10");
+    redis.start_again();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = flood(&cl, 30, "k-big").await;
+    assert_eq!(
+        count(&after, 200),
+        0,
+        "the shares are used up for this window"
+    );
+    let stats = vendor.stats().await;
+    assert_eq!(stats["violations"], 0, "{stats}");
+    // Shared counting resumes: a window later the whole contract is available again.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let resumed = flood(&cl, 40, "k-big").await;
+    assert_eq!(count(&resumed, 200), 30, "Redis decides again");
+    assert_eq!(vendor.stats().await["violations"], 0);
+}
+
+/// A call that waits long for a slot must not hold a token meanwhile: instance 0 (one slot,
+/// a vendor taking 1 s) is sent 4 calls at once, instance 1 four more just after the first
+/// tokens left our window. The token used to be taken before the slot (1 violation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_slot_waits_do_not_break_the_contract() {
+    let vendor = MockVendor::start(&["--limit", "4", "--window", "4s", "--latency", "1s"]).await;
+    let redis = RedisServer::start();
+    let cl = cluster_with(2, Some(&redis), |i, s| {
+        s.vendor_url = vendor.url();
+        s.vendor_contract = "4/4s".into();
+        s.vendor_concurrency = if i == 0 { 1 } else { 10 };
+        s.vendor_queue_timeout = Duration::from_secs(8);
+        s.vendor_limiter_wait = Duration::from_secs(6);
+    })
+    .await;
+    let (cl0, cl1) = (&cl, &cl);
+    let first = async { flood_to(cl0, &[0], 4, "k-big").await };
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(4200)).await;
+        flood_to(cl1, &[1], 4, "k-big").await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(count(&first, 200), 4, "{first:?}");
+    assert!(count(&second, 200) >= 1, "{second:?}");
+    let stats = vendor.stats().await;
+    assert_eq!(stats["violations"], 0, "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,4 +393,133 @@ async fn a_user_over_its_limit_takes_no_slot_and_no_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 422);
+}
+
+/// The property the README states, tried at random: mock-vendor at N per W, three instances,
+/// closed-loop clients spread unevenly over them for several windows, Redis killed, paused
+/// (SIGSTOP) and restarted at random moments, slots held long by a slow vendor: the vendor
+/// must count no violation. `CONTRACT_SEED` repeats a run, `CONTRACT_RUNS` and
+/// `CONTRACT_SECS` make the test longer, `CONTRACT_MARGIN_MS` measures another margin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_redis_chaos_never_breaks_the_contract_at_the_vendor() {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let seed = env("CONTRACT_SEED").unwrap_or_else(rand::random);
+    let runs = env("CONTRACT_RUNS").unwrap_or(10);
+    let secs = env("CONTRACT_SECS").unwrap_or(6);
+    eprintln!("randomized contract test: CONTRACT_SEED={seed} ({runs} runs of {secs} s)");
+    let margin = env("CONTRACT_MARGIN_MS").map(Duration::from_millis);
+    let mut summary = Vec::new();
+    let mut failures = Vec::new();
+    for run in 0..runs {
+        let seed = seed.wrapping_add(run);
+        let (admitted, events, stats) = chaos_run(seed, secs, margin).await;
+        summary.push((admitted, stats["violations"].as_u64().unwrap()));
+        if stats["violations"] != 0 {
+            failures.push(format!("CONTRACT_SEED={seed}: {stats}; events {events:?}"));
+        }
+    }
+    eprintln!("(admitted, violations) per run: {summary:?}");
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// One randomized run: the calls admitted, the Redis events, the vendor's stats.
+async fn chaos_run(seed: u64, secs: u64, margin: Option<Duration>) -> (usize, Vec<String>, Value) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let latency = format!("{}ms", rng.gen_range(5..250));
+    let vendor =
+        MockVendor::start(&["--limit", "20", "--window", "1s", "--latency", &latency]).await;
+    let mut redis = RedisServer::start();
+    let slots: Vec<usize> = (0..3).map(|_| rng.gen_range(1..6)).collect();
+    let cl = cluster_with(3, Some(&redis), |i, s| {
+        s.vendor_url = vendor.url();
+        s.vendor_contract = "20/1s".into();
+        s.vendor_local_rate = "1000/1s".into();
+        s.vendor_concurrency = slots[i];
+        s.vendor_queue_timeout = Duration::from_millis(1500);
+        s.vendor_limiter_wait = Duration::from_millis(1200);
+        s.vendor_breaker_failures = 1000;
+        if let Some(m) = margin {
+            s.vendor_contract_margin = m;
+        }
+    })
+    .await;
+    // Uneven load: each client picks instance 0 half of the time.
+    let until = Instant::now() + Duration::from_secs(secs);
+    let c = reqwest::Client::new();
+    let mut clients = Vec::new();
+    for k in 0..12u64 {
+        let urls: Vec<String> = cl.apps.iter().map(|a| a.url("/llm")).collect();
+        let c = c.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ ((k + 1) * 0x9e37_79b9));
+        clients.push(tokio::spawn(async move {
+            let mut ok = 0;
+            while Instant::now() < until {
+                let i = if rng.gen_bool(0.5) {
+                    0
+                } else {
+                    rng.gen_range(1..3)
+                };
+                let (status, body, _) = llm(&c, urls[i].clone(), "k-big").await;
+                assert!(
+                    [200, 429, 503].contains(&status),
+                    "instance {i}: {status} {body}"
+                );
+                ok += usize::from(status == 200);
+                if rng.gen_bool(0.3) {
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(0..200))).await;
+                }
+            }
+            ok
+        }));
+    }
+    // Redis events at random moments: kill, pause (SIGSTOP), restart, resume.
+    let mut events = Vec::new();
+    let (mut down, mut paused) = (false, false);
+    while Instant::now() + Duration::from_millis(300) < until {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..1500))).await;
+        let at = format!(
+            "{:.2}s",
+            secs as f64 - until.duration_since(Instant::now()).as_secs_f64()
+        );
+        let event = match (down, paused, rng.gen_range(0..3)) {
+            (true, _, _) => {
+                redis.start_again();
+                down = false;
+                "restart"
+            }
+            (false, true, 0) => {
+                redis.stop();
+                (down, paused) = (true, false);
+                "kill while paused"
+            }
+            (false, true, _) => {
+                redis.resume();
+                paused = false;
+                "resume"
+            }
+            (false, false, 0) => {
+                redis.pause();
+                paused = true;
+                "pause"
+            }
+            (false, false, 1) => {
+                redis.stop();
+                down = true;
+                "kill"
+            }
+            (false, false, _) => continue,
+        };
+        events.push(format!("{at} {event}"));
+    }
+    let mut admitted = 0;
+    for t in clients {
+        admitted += t.await.unwrap();
+    }
+    if paused {
+        redis.resume();
+    }
+    let stats = vendor.stats().await;
+    drop(cl);
+    (admitted, events, stats)
 }

@@ -29,19 +29,18 @@ impl Default for LocalStore {
 }
 
 impl LocalStore {
-    /// Note admissions decided elsewhere (by Redis), pruning what left the window.
-    pub fn record(&self, checks: &[Check], now: Instant) {
-        for c in checks {
-            let shard = shard_of(&c.key);
-            let mut map = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
-            let log = map.entry(c.key.clone()).or_default();
-            while log
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= c.quota.window)
-            {
-                log.pop_front();
+    /// Take back an admission counted at `at` (the caller's other check refused it).
+    pub fn forget(&self, check: &Check, at: Instant) {
+        let mut map = self.shards[shard_of(&check.key)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(log) = map.get_mut(&check.key) {
+            if let Some(i) = log.iter().rposition(|t| *t == at) {
+                log.remove(i);
             }
-            log.push_back(now);
+            if log.is_empty() {
+                map.remove(&check.key);
+            }
         }
     }
 

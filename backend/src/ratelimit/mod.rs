@@ -212,8 +212,6 @@ pub struct Limiter {
     /// When the next attempt at Redis may be made during an outage (ms since `epoch`).
     retry_at_ms: AtomicU64,
     epoch: Instant,
-    /// How long one Redis call may take before the local store answers instead.
-    timeout: Duration,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -221,18 +219,13 @@ pub struct Limiter {
 const REDIS_RETRY_AFTER: Duration = Duration::from_millis(500);
 
 impl Limiter {
-    pub fn new(
-        shared: Option<redis::RedisStore>,
-        timeout: Duration,
-        metrics: Arc<crate::metrics::Metrics>,
-    ) -> Self {
+    pub fn new(shared: Option<redis::RedisStore>, metrics: Arc<crate::metrics::Metrics>) -> Self {
         Limiter {
             shared,
             local: local::LocalStore::default(),
             degraded: AtomicBool::new(false),
             retry_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),
-            timeout,
             metrics,
         }
     }
@@ -246,15 +239,9 @@ impl Limiter {
     }
 
     /// Check `checks` and count the request against all of them if it passes all of them.
+    /// While Redis is unreachable, this instance's own log answers; one request (not every
+    /// request in the moment after `retry_at`) tries Redis again each `REDIS_RETRY_AFTER`.
     pub async fn check(&self, checks: &[Check]) -> Outcome {
-        self.check_or(checks, checks).await
-    }
-
-    /// Like [`Self::check`], with `fallback` used instead while Redis is unreachable (a
-    /// tighter per-instance share of a global contract). Admissions made through Redis are
-    /// mirrored in the local log under the fallback keys, so a fallback starting mid-window
-    /// knows what this instance already used.
-    pub async fn check_or(&self, checks: &[Check], fallback: &[Check]) -> Outcome {
         if checks.is_empty() {
             return Outcome {
                 admitted: true,
@@ -263,23 +250,16 @@ impl Limiter {
         }
         if let Some(store) = &self.shared {
             let now_ms = self.epoch.elapsed().as_millis() as u64;
-            if !self.is_degraded() || now_ms >= self.retry_at_ms.load(Ordering::Acquire) {
-                match tokio::time::timeout(self.timeout, store.check(checks)).await {
-                    Ok(Ok(outcome)) => {
+            if !self.is_degraded() || self.take_probe(now_ms) {
+                match store.check_timed(checks).await {
+                    Ok(outcome) => {
                         if self.degraded.swap(false, Ordering::AcqRel) {
                             log::info!("Redis reachable again: rate limits are shared again");
                             self.metrics.ratelimit_degraded.set(0);
                         }
-                        if outcome.admitted {
-                            self.local.record(fallback, Instant::now());
-                        }
                         return outcome;
                     }
-                    failure => {
-                        let why = match failure {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => format!("no answer within {:?}", self.timeout),
-                        };
+                    Err(why) => {
                         self.metrics.ratelimit_redis_errors.inc();
                         self.retry_at_ms.store(
                             now_ms + REDIS_RETRY_AFTER.as_millis() as u64,
@@ -295,21 +275,27 @@ impl Limiter {
                 }
             }
         }
-        self.local.check(fallback, Instant::now())
+        self.local.check(checks, Instant::now())
+    }
+
+    /// While degraded: true for the one caller that moves `retry_at` on once it is due.
+    fn take_probe(&self, now_ms: u64) -> bool {
+        let due = self.retry_at_ms.load(Ordering::Acquire);
+        now_ms >= due
+            && self
+                .retry_at_ms
+                .compare_exchange(
+                    due,
+                    now_ms + REDIS_RETRY_AFTER.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
     }
 
     /// Check limits that are per instance by design (anonymous callers).
     pub fn check_local(&self, checks: &[Check]) -> Outcome {
         self.local.check(checks, Instant::now())
-    }
-
-    /// Reachability of the shared store, for readiness reporting (None: not configured).
-    pub async fn redis_ok(&self) -> Option<bool> {
-        let store = self.shared.as_ref()?;
-        Some(matches!(
-            tokio::time::timeout(self.timeout, store.ping()).await,
-            Ok(Ok(()))
-        ))
     }
 }
 

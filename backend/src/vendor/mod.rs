@@ -8,11 +8,13 @@
 //! limit never waits here, takes a token or a slot.
 //!
 //! The stages are written out rather than stacked as tower layers because two of them do not
-//! fit a layer: the semaphore must be taken only after the global limiter admitted the call,
-//! and each retry must pass the global limiter again while keeping the slot. tower's
+//! fit a layer: the contract's token must be the last thing taken before the send (the slot
+//! comes first, so no wait separates the token from the call the vendor counts), and each
+//! retry must pass the global limiter again while keeping the slot. tower's
 //! `TpsBudget` is used for the retry budget and governor for the local smoothing.
 
 pub mod breaker;
+pub mod contract;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +26,9 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::metrics::Metrics;
-use crate::ratelimit::{Check, Limiter, Quota};
+use crate::ratelimit::Quota;
 use breaker::Breaker;
+use contract::Contract;
 
 /// The pipeline's settings (environment variables `VENDOR_*`, see `backend --help`).
 #[derive(Debug, Clone)]
@@ -34,6 +37,9 @@ pub struct VendorSettings {
     pub queue_timeout: Duration,
     pub local_rate: Quota,
     pub contract: Quota,
+    /// Added to the contract's window on our side: covers the variation of the time from
+    /// taking a token to the vendor receiving the call.
+    pub contract_margin: Duration,
     pub limiter_wait: Duration,
     pub concurrency: usize,
     pub call_timeout: Duration,
@@ -54,8 +60,11 @@ pub enum VendorError {
     CircuitOpen { retry_after: Duration },
     /// 503: the queue timeout ran out in `stage`.
     QueueTimeout { stage: &'static str },
-    /// 429: the vendor contract is used up (our limiter, or the vendor said so).
+    /// 429: the vendor contract is used up (our limiter said so).
     Quota { retry_after: Duration },
+    /// 429: the vendor refused a call over its contract (a violation seen from our side:
+    /// counted in `backend_vendor_contract_rejections_total` and logged).
+    VendorQuota { retry_after: Duration },
     /// 504: the vendor did not answer in time (after the allowed retries).
     Timeout,
     /// 502: the vendor failed (connect error, 5xx, or an answer we cannot pass on).
@@ -69,6 +78,7 @@ impl VendorError {
             VendorError::CircuitOpen { .. } => "circuit",
             VendorError::QueueTimeout { stage } => stage,
             VendorError::Quota { .. } => "global_limiter",
+            VendorError::VendorQuota { .. } => "vendor_contract",
             VendorError::Timeout | VendorError::Upstream { .. } => "call",
         }
     }
@@ -88,11 +98,9 @@ pub struct Vendor {
     client: reqwest::Client,
     /// Stage 2: this instance's smoothing.
     local: DefaultDirectRateLimiter,
-    /// Stage 3: the contract across instances (Redis), per-instance share as fallback.
-    global: Limiter,
-    contract: [Check; 1],
-    contract_share: [Check; 1],
-    /// Stage 4: concurrent calls from this instance.
+    /// Stage 4: the contract across instances (Redis, with shares through outages).
+    global: Arc<Contract>,
+    /// Stage 3: concurrent calls from this instance.
     slots: Arc<Semaphore>,
     budget: TpsBudget,
     breaker: Breaker,
@@ -119,7 +127,8 @@ impl Drop for Gauge<'_> {
 impl Vendor {
     pub fn new(
         s: VendorSettings,
-        global: Limiter,
+        redis: Option<crate::ratelimit::redis::RedisStore>,
+        redis_timeout: Duration,
         metrics: Arc<Metrics>,
         instance: &str,
     ) -> Result<Self, String> {
@@ -133,20 +142,14 @@ impl Vendor {
         let local = DefaultDirectRateLimiter::direct(
             GovernorQuota::with_period(period).ok_or("VENDOR_LOCAL_RATE: too fast")?,
         );
-        let share = (s.contract.limit / s.expected_instances.max(1)).max(1);
-        let contract = [Check {
-            key: "vendor:calls".into(),
-            quota: s.contract,
-            name: "vendor contract".into(),
-        }];
-        let contract_share = [Check {
-            key: "vendor:calls".into(),
-            quota: Quota {
-                limit: share,
-                window: s.contract.window,
-            },
-            name: "vendor contract (per-instance share)".into(),
-        }];
+        let global = Contract::new(
+            redis,
+            s.contract,
+            s.contract_margin,
+            s.expected_instances,
+            redis_timeout,
+            metrics.clone(),
+        );
         let budget = TpsBudget::new(Duration::from_secs(10), 1, s.retry_budget);
         Ok(Vendor {
             slots: Arc::new(Semaphore::new(s.concurrency)),
@@ -154,8 +157,6 @@ impl Vendor {
             client,
             local,
             global,
-            contract,
-            contract_share,
             budget,
             metrics,
             instance: instance.to_string(),
@@ -202,15 +203,18 @@ impl Vendor {
             })?;
         self.stage("local_limiter", "admitted");
 
-        // 3. Global vendor limiter: the contract across every instance, exact, in Redis.
-        self.acquire_global(deadline).await?;
-
-        // 4. Semaphore: a slot for the call, taken only now that every check passed.
+        // 3. Semaphore: a slot for the call, taken before the contract's token, so that no
+        //    wait comes between the token and the send (a token taken, then a long wait for a
+        //    slot, was counted by the vendor later than by us).
         let _slot = tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned())
             .await
             .map_err(|_| VendorError::QueueTimeout { stage: "semaphore" })?
             .expect("the semaphore is never closed");
         self.stage("semaphore", "admitted");
+
+        // 4. Global vendor limiter: the contract across every instance, exact, in Redis; the
+        //    call is sent as soon as it has the token.
+        self.acquire_global(deadline).await?;
         drop(waiting);
         let _inflight = Gauge::up(&self.metrics.vendor_inflight);
 
@@ -234,7 +238,7 @@ impl Vendor {
                 }
                 Attempt::Retryable(e, wait) => {
                     // A vendor quota answer says nothing about its health.
-                    if !matches!(e, VendorError::Quota { .. }) {
+                    if !matches!(e, VendorError::VendorQuota { .. }) {
                         self.breaker.record(false);
                         probe.pending = false;
                     }
@@ -272,28 +276,24 @@ impl Vendor {
     async fn acquire_global(&self, deadline: Instant) -> Result<(), VendorError> {
         let own_deadline = (Instant::now() + self.s.limiter_wait).min(deadline);
         loop {
-            let outcome = self
-                .global
-                .check_or(&self.contract, &self.contract_share)
-                .await;
-            self.metrics
-                .vendor_limiter_degraded
-                .set(self.global.is_degraded() as i64);
-            if outcome.admitted {
-                self.stage("global_limiter", "admitted");
-                return Ok(());
-            }
-            let wait = outcome
-                .usage
-                .first()
-                .map(|u| u.reset)
-                .unwrap_or(Duration::from_millis(100))
-                .max(Duration::from_millis(5));
+            let outcome = self.global.acquire().await;
+            let wait = match outcome {
+                Ok(()) => {
+                    self.stage("global_limiter", "admitted");
+                    return Ok(());
+                }
+                Err(wait) => wait.max(Duration::from_millis(5)),
+            };
             if Instant::now() + wait > own_deadline {
                 return Err(VendorError::Quota { retry_after: wait });
             }
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// While Redis is lost, the contract is kept with this instance's share.
+    pub fn is_degraded(&self) -> bool {
+        self.global.is_degraded()
     }
 
     async fn attempt(&self, payload: &Bytes) -> Attempt {
@@ -334,9 +334,16 @@ impl Vendor {
                 Attempt::Done(status, body)
             }
             Ok(Ok((429, retry_after, _))) => {
+                // The vendor counted more calls in its window than the contract allows: a
+                // violation from where we stand, to be seen apart from our own refusals.
+                self.metrics.vendor_contract_rejections.inc();
+                log::warn!(
+                    "the vendor refused a call over its contract (429); {}",
+                    "VENDOR_CONTRACT, VENDOR_CONTRACT_MARGIN or VENDOR_EXPECTED_INSTANCES may be wrong"
+                );
                 let wait = retry_after.unwrap_or(Duration::from_secs(1));
                 let wait = wait.min(self.s.backoff_max.max(Duration::from_millis(1)));
-                Attempt::Retryable(VendorError::Quota { retry_after: wait }, Some(wait))
+                Attempt::Retryable(VendorError::VendorQuota { retry_after: wait }, Some(wait))
             }
             Ok(Ok((status, _, _))) if status >= 500 => Attempt::Retryable(
                 VendorError::Upstream {

@@ -171,7 +171,8 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let app = app.clone();
             let svc = service_fn(move |req| routes::handle(app.clone(), req));
-            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+            let io = TokioIo::new(JsonParseErrors::new(stream));
+            let conn = graceful.watch(http.serve_connection(io, svc));
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -227,6 +228,116 @@ async fn accept_until(
             },
             _ = &mut until => return,
         }
+    }
+}
+
+/// hyper answers a request head it cannot parse by itself, before any of our code runs, with
+/// an empty body: 400 (malformed), 414 (URI over 64 KiB), 431 (head too large, too many
+/// headers). This stream wrapper recognises such an answer as hyper writes it (our own
+/// answers always have a body) and writes the API's JSON error shape in its place.
+pub struct JsonParseErrors<S> {
+    inner: S,
+    /// A replacement answer still to be written, and how much of it was.
+    pending: Option<(Vec<u8>, usize)>,
+}
+
+impl<S> JsonParseErrors<S> {
+    pub fn new(inner: S) -> Self {
+        JsonParseErrors {
+            inner,
+            pending: None,
+        }
+    }
+}
+
+/// The JSON answer for hyper's bodiless automatic one in `head`, if it is one.
+fn json_parse_error(head: &[u8]) -> Option<Vec<u8>> {
+    let (status, error) = match head.get(..13)? {
+        b"HTTP/1.1 400 " => (400, "malformed request"),
+        b"HTTP/1.1 414 " => (414, "request target (URL) too long"),
+        b"HTTP/1.1 431 " => (431, "request header fields too large (size or count)"),
+        _ => return None,
+    };
+    let text = std::str::from_utf8(head).ok()?.to_ascii_lowercase();
+    if !(text.ends_with("\r\n\r\n") && text.contains("\r\ncontent-length: 0\r\n")) {
+        return None;
+    }
+    let body = serde_json::json!({ "error": error, "status": status }).to_string();
+    Some(
+        format!(
+            "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or(""),
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> JsonParseErrors<S> {
+    /// Write what is left of a replacement; Ready(Ok) once none is left.
+    fn poll_pending(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while let Some((bytes, done)) = &mut self.pending {
+            let n = std::task::ready!(
+                std::pin::Pin::new(&mut self.inner).poll_write(cx, &bytes[*done..])
+            )?;
+            if n == 0 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            *done += n;
+            if *done == bytes.len() {
+                self.pending = None;
+            }
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for JsonParseErrors<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for JsonParseErrors<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        if let Some(json) = json_parse_error(buf) {
+            self.pending = Some((json, 0));
+            // The replacement is written here or by the next write, flush or shutdown.
+            let _ = self.poll_pending(cx)?;
+            return std::task::Poll::Ready(Ok(buf.len()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -512,3 +512,34 @@ async fn graceful_shutdown_lets_the_in_flight_request_complete() {
         .expect("server stopped after draining")
         .unwrap();
 }
+
+/// What hyper answers by itself (a URL over 64 KiB, a thousand headers, a head that does not
+/// parse) comes in the API's JSON error shape, not hyper's empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_url_and_headers_get_json_errors() {
+    use std::io::{Read, Write};
+    let app = spawn_app(test_settings(None)).await;
+    let many: String = (0..1000).map(|i| format!("x-h{i}: v\r\n")).collect();
+    for (head, status) in [
+        (
+            format!(
+                "GET /items?q={} HTTP/1.1\r\nHost: t\r\n\r\n",
+                "a".repeat(70_000)
+            ),
+            414,
+        ),
+        (format!("GET /items HTTP/1.1\r\nHost: t\r\n{many}\r\n"), 431),
+        ("GET /items HTTP/1.1\r\nHost t\r\n\r\n".to_string(), 400),
+    ] {
+        let mut s = std::net::TcpStream::connect(app.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(head.as_bytes());
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer).to_string();
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        assert!(text.contains("content-type: application/json"), "{text}");
+        let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["status"], status, "{text}");
+    }
+}

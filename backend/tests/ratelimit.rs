@@ -362,3 +362,48 @@ async fn paused_redis_costs_at_most_its_timeout() {
     }
     redis.resume();
 }
+
+/// A Redis call that timed out still runs when a paused Redis resumes; it used to count an
+/// admission nobody made (a 3 s pause admitted dozens of phantoms, under-admitting the user
+/// for a window). Now each is removed again after it ran, and while Redis does not answer
+/// one request per instance tries it again every 500 ms, not every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_timed_out_during_a_pause_leave_no_phantom_admissions() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start(Some(&redis), |s| {
+        s.redis_timeout = Duration::from_millis(100)
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let r = get_with_key(&c, &cluster.url(0, "/items"), "k-pro").await;
+    assert_eq!(r.status(), 200);
+    redis.pause();
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut i = 0;
+    while Instant::now() < until {
+        let r = get_with_key(&c, &cluster.url(i, "/items"), "k-pro").await;
+        assert_eq!(r.status(), 200);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis.resume();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("rl:u:*:tier")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut counted = 0;
+    for k in &keys {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        counted += n;
+    }
+    // The one admission made before the pause; none of the ~60 made on local fallback.
+    assert_eq!(counted, 1, "{keys:?}");
+}

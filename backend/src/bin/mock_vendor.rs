@@ -42,7 +42,7 @@ struct Opts {
     /// Time to answer a call.
     #[arg(long, env = "MOCK_VENDOR_LATENCY", default_value = "50ms", value_parser = duration)]
     latency: Duration,
-    /// Share of calls answered 500 at random (0.0-1.0).
+    /// Share of calls answered 503 at random (0.0-1.0).
     #[arg(long, env = "MOCK_VENDOR_ERROR_RATE", default_value_t = 0.0)]
     error_rate: f64,
     /// The first N calls fail with 503 (a 5xx burst), then the vendor recovers.

@@ -33,20 +33,14 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let text = match std::fs::read_to_string(&cli.config) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("gateway: cannot read {}: {e}", cli.config.display());
+    let (config, config_hash) = match GatewayConfig::load(&cli.config) {
+        Ok(loaded) => loaded,
+        Err(e @ floodgate_proxy::config::ConfigError::Read { .. }) => {
+            eprintln!("gateway: {e}");
             return ExitCode::from(1);
         }
-    };
-    let config = match GatewayConfig::parse(&text) {
-        Ok(c) => c,
         Err(e) => {
-            eprintln!(
-                "gateway: configuration invalid: {}: {e}",
-                cli.config.display()
-            );
+            eprintln!("gateway: configuration invalid: {e}");
             return ExitCode::from(1);
         }
     };
@@ -57,7 +51,7 @@ fn main() -> ExitCode {
     floodgate_proxy::logging::init(config.log_level.filter());
     let opts = RunOptions {
         config_path: cli.config.clone(),
-        config_hash: floodgate_proxy::reload::config_hash(&text),
+        config_hash,
         upgrade: cli.upgrade,
         upgrade_sock: Some(cli.upgrade_sock),
     };

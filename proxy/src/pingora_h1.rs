@@ -149,9 +149,13 @@ impl Downstream for SessionDownstream<'_> {
             .is_ok()
     }
 
-    async fn body(&mut self, data: &[u8], end: bool) -> bool {
-        let data = (!data.is_empty()).then(|| Bytes::copy_from_slice(data));
-        self.session.write_response_body(data, end).await.is_ok()
+    async fn body(&mut self, data: &[u8]) -> bool {
+        let data = Some(Bytes::copy_from_slice(data));
+        self.session.write_response_body(data, false).await.is_ok()
+    }
+
+    async fn flush(&mut self, end: bool) -> bool {
+        !end || self.session.write_response_body(None, true).await.is_ok()
     }
 
     async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool {
@@ -211,7 +215,15 @@ impl Gateway {
             body::check_progress(cfg, held.len(), started.elapsed(), false).map_err(Some)?;
             match tokio::time::timeout(cfg.body_idle_timeout, session.read_request_body()).await {
                 Err(_) => return Err(Some(Rejection::ClientTimeout)),
-                Ok(Err(_)) => return Err(None),
+                // pingora's own refusals of the body's framing (a bad chunk size) are a
+                // malformed request; a read that failed is a client that went away.
+                Ok(Err(e)) => {
+                    return Err(match e.etype() {
+                        ErrorType::ReadTimedout => Some(Rejection::ClientTimeout),
+                        ErrorType::ReadError | ErrorType::ConnectionClosed => None,
+                        _ => Some(Rejection::MalformedRequest),
+                    })
+                }
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => {
                     held.extend_from_slice(&chunk);

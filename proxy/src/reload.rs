@@ -36,13 +36,6 @@ pub struct Reloader {
     in_force: Mutex<u64>,
 }
 
-/// FNV-1a of the file, shown in `gateway_config_info{hash}`.
-pub fn config_hash(text: &str) -> u64 {
-    text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
-}
-
 impl Reloader {
     pub fn new(
         path: PathBuf,
@@ -87,15 +80,10 @@ impl Reloader {
     }
 
     async fn try_reload(&self, in_force: &mut u64, only_if_changed: bool) -> Result<bool, String> {
-        let text = tokio::fs::read_to_string(&self.path)
-            .await
-            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
-        let hash = config_hash(&text);
+        let (next, hash) = GatewayConfig::load(&self.path).map_err(|e| e.to_string())?;
         if only_if_changed && hash == *in_force {
             return Ok(false);
         }
-        let next =
-            GatewayConfig::parse(&text).map_err(|e| format!("{}: {e}", self.path.display()))?;
         let restart_only = self.started.restart_only_changes(&next);
         if !restart_only.is_empty() {
             log::warn!(

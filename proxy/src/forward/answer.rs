@@ -140,9 +140,15 @@ impl Default for ChunkDecoder {
 }
 
 impl ChunkDecoder {
-    /// Feed raw bytes; decoded data is appended to `out`. `Ok(Some(n))`: the body ended after
-    /// `n` bytes of `data` (the rest is not the body's).
-    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<Option<usize>, InvalidAnswer> {
+    /// Feed raw bytes; decoded data is appended to `out`, and the end of each chunk's data
+    /// within it to `ends` (so a relay can keep the backend's chunk boundaries).
+    /// `Ok(Some(n))`: the body ended after `n` bytes of `data` (the rest is not the body's).
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        ends: &mut Vec<usize>,
+    ) -> Result<Option<usize>, InvalidAnswer> {
         let bad = InvalidAnswer("invalid chunked body");
         let mut i = 0;
         while i < data.len() {
@@ -150,6 +156,7 @@ impl ChunkDecoder {
                 State::Data(left) => {
                     let n = (left as usize).min(data.len() - i);
                     out.extend_from_slice(&data[i..i + n]);
+                    ends.push(out.len());
                     i += n;
                     self.state = if left as usize == n {
                         State::DataEnd
@@ -194,7 +201,7 @@ mod tests {
     fn decode(body: &[u8]) -> Result<Option<(usize, Vec<u8>)>, InvalidAnswer> {
         let mut out = Vec::new();
         ChunkDecoder::default()
-            .feed(body, &mut out)
+            .feed(body, &mut out, &mut Vec::new())
             .map(|end| end.map(|n| (n, out)))
     }
 
@@ -207,7 +214,11 @@ mod tests {
         );
         let mut d = ChunkDecoder::default();
         let mut out = Vec::new();
-        let ends: Vec<_> = body.iter().map(|b| d.feed(&[*b], &mut out)).collect();
+        let mut bounds = Vec::new();
+        let ends: Vec<_> = body
+            .iter()
+            .map(|b| d.feed(&[*b], &mut out, &mut bounds))
+            .collect();
         assert!(ends[..body.len() - 1].iter().all(|e| *e == Ok(None)));
         assert_eq!(ends[body.len() - 1], Ok(Some(1)));
         assert_eq!(out, b"Wikipedia");

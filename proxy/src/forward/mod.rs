@@ -33,8 +33,11 @@ pub trait Downstream {
     /// The answer's head is in `lines()`; `keep_alive`: the client connection may serve
     /// another request after this answer. False when the client is gone.
     async fn head(&mut self, head: &AnswerHead, keep_alive: bool) -> bool;
-    /// Body data, decoded; `end`: the last of it.
-    async fn body(&mut self, data: &[u8], end: bool) -> bool;
+    /// Body data, decoded (for a chunked answer, one of the backend's chunks, or the part of
+    /// it that arrived); staged until [`Downstream::flush`].
+    async fn body(&mut self, data: &[u8]) -> bool;
+    /// Send what was staged; `end`: the body is complete.
+    async fn flush(&mut self, end: bool) -> bool;
     /// The gateway's own answer, when nothing of a backend's was sent.
     async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool;
     /// Some byte of an answer was written to the client.
@@ -237,6 +240,7 @@ impl Gateway {
         let mut piece = std::mem::take(&mut c.buf);
         let mut at = start;
         let mut decoded = Vec::new();
+        let mut ends = Vec::new();
         let mut decoder = ChunkDecoder::default();
         let mut left = match head.body {
             AnswerBody::Length(n) => n,
@@ -244,36 +248,50 @@ impl Gateway {
         };
         loop {
             let cur = &piece[at..];
-            let (data, end): (&[u8], bool) = match head.body {
+            let end = match head.body {
                 AnswerBody::None => {
                     reusable &= cur.is_empty();
-                    (&[], true)
+                    true
                 }
                 AnswerBody::Length(_) => {
                     let n = (cur.len() as u64).min(left) as usize;
                     left -= n as u64;
                     reusable &= left > 0 || cur.len() == n;
-                    (&cur[..n], left == 0)
+                    if n > 0 && !down.body(&cur[..n]).await {
+                        return out;
+                    }
+                    left == 0
                 }
                 AnswerBody::Chunked => {
                     decoded.clear();
-                    match decoder.feed(cur, &mut decoded) {
+                    ends.clear();
+                    let done = match decoder.feed(cur, &mut decoded, &mut ends) {
                         Ok(Some(n)) => {
                             reusable &= n == cur.len();
-                            (&decoded, true)
+                            true
                         }
-                        Ok(None) => (&decoded, false),
+                        Ok(None) => false,
                         Err(_) => return self.failed(req, down, UpstreamError::Invalid, out).await,
+                    };
+                    let mut from = 0;
+                    for &to in &ends {
+                        if !down.body(&decoded[from..to]).await {
+                            return out;
+                        }
+                        from = to;
                     }
+                    done
                 }
                 AnswerBody::UntilClose => {
                     reusable = false;
-                    (cur, false)
+                    if !cur.is_empty() && !down.body(cur).await {
+                        return out;
+                    }
+                    false
                 }
             };
-            if (!data.is_empty() || end) && !down.body(data, end).await {
-                // The client is gone: nothing more to do.
-                out.status = head.status;
+            // The client is gone: nothing more to do.
+            if !down.flush(end).await {
                 return out;
             }
             if end {
@@ -284,7 +302,7 @@ impl Gateway {
             match conn::read_upstream(&mut c.tcp, &mut piece, read_timeout).await {
                 Ok(()) => {}
                 Err(UpstreamError::Closed) if head.body == AnswerBody::UntilClose => {
-                    if !down.body(&[], true).await {
+                    if !down.flush(true).await {
                         return out;
                     }
                     break;

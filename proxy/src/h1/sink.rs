@@ -64,7 +64,7 @@ impl Downstream for RawDownstream<'_> {
         true
     }
 
-    async fn body(&mut self, data: &[u8], end: bool) -> bool {
+    async fn body(&mut self, data: &[u8]) -> bool {
         if self.chunked {
             if !data.is_empty() {
                 self.out
@@ -72,11 +72,18 @@ impl Downstream for RawDownstream<'_> {
                 self.out.extend_from_slice(data);
                 self.out.extend_from_slice(b"\r\n");
             }
-            if end {
-                self.out.extend_from_slice(b"0\r\n\r\n");
-            }
         } else {
             self.out.extend_from_slice(data);
+        }
+        true
+    }
+
+    async fn flush(&mut self, end: bool) -> bool {
+        if self.chunked && end {
+            self.out.extend_from_slice(b"0\r\n\r\n");
+        }
+        if self.out.is_empty() {
+            return true;
         }
         self.flush_out().await
     }

@@ -1,0 +1,400 @@
+//! The YAML file as users write it (`config/gateway.yaml` documents every key and default).
+
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer};
+
+use super::values::*;
+
+/// The whole YAML file, as written by users.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Addresses the proxy listens on.
+    pub listen: NonEmpty<HostPort>,
+    /// Worker threads of the proxy service (like nginx `worker_processes`).
+    pub workers: AtLeastOne,
+    /// false: each worker thread serves its own connections on its own runtime, as nginx's
+    /// workers do; true: tokio's work-stealing scheduler moves tasks between workers.
+    pub work_stealing: bool,
+    /// Where `/metrics` is served; kept off the proxy listener so clients cannot scrape it.
+    pub metrics_listen: Option<HostPort>,
+    /// Log level for the process (overridden by `RUST_LOG` when that is set).
+    pub log_level: LogLevel,
+    /// One access-log line per request through `log` (target `access`).
+    pub access_log: bool,
+    /// How long SIGTERM/SIGINT waits for in-flight requests before exiting.
+    pub shutdown_grace: HumanDuration,
+    /// Also reload when the config file changes (its directory is watched, so a Kubernetes
+    /// ConfigMap's symlink swap is seen). SIGHUP always reloads.
+    pub watch: bool,
+    /// The upstream pool.
+    pub upstream: FileUpstream,
+    /// Timeouts towards upstreams and for idle downstream connections.
+    pub timeouts: FileTimeouts,
+    /// Who the client is: trusted proxies and IPv6 keying.
+    pub client: FileClient,
+    /// Request rate limits (per client IP, per path prefix, global).
+    pub limits: FileLimits,
+    /// Open-connection caps.
+    pub connections: FileConnections,
+    /// Request size caps.
+    pub buffers: FileBuffers,
+    /// Slow-client defences.
+    pub slow_clients: FileSlowClients,
+    /// Serve plain HTTP/1.1 requests (no body or a Content-Length one) on the gateway's own
+    /// HTTP/1 path instead of pingora's (same limits, answers, metrics and logs; about half
+    /// the CPU per request). Everything else always goes through pingora's path.
+    pub fast_path: bool,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            listen: NonEmpty(vec!["0.0.0.0:8000".parse().expect("valid default")]),
+            workers: AtLeastOne(2),
+            work_stealing: false,
+            metrics_listen: Some("127.0.0.1:9100".parse().expect("valid default")),
+            log_level: LogLevel::Info,
+            access_log: true,
+            shutdown_grace: HumanDuration(Duration::from_secs(5)),
+            watch: false,
+            upstream: FileUpstream::default(),
+            timeouts: FileTimeouts::default(),
+            client: FileClient::default(),
+            limits: FileLimits::default(),
+            connections: FileConnections::default(),
+            buffers: FileBuffers::default(),
+            slow_clients: FileSlowClients::default(),
+            fast_path: true,
+        }
+    }
+}
+
+/// `upstream:` the one backend pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileUpstream {
+    /// Backends, weighted round robin.
+    pub backends: NonEmpty<FileBackend>,
+    /// Idle keep-alive connections kept to upstreams (shared by all backends).
+    pub keepalive_pool: usize,
+    /// Active health checks.
+    pub health_check: FileHealthCheck,
+    /// How many other backends a request is tried on when connecting fails.
+    pub connect_retries: usize,
+    /// Also retry idempotent requests (GET, HEAD, PUT, DELETE, OPTIONS) that failed after
+    /// they were sent (nginx `proxy_next_upstream` for errors after sending).
+    pub retry_idempotent: bool,
+    /// Concurrent requests per backend (HAProxy `maxconn`); 0 = unlimited.
+    pub max_concurrent_per_backend: usize,
+    /// Requests that may wait for a backend slot (HAProxy `maxqueue`), per backend.
+    pub max_queue: usize,
+    /// How long a request may wait in that queue (HAProxy `timeout queue`).
+    pub queue_timeout: PositiveDuration,
+    /// A hosts-format file consulted before DNS when resolving backend names.
+    pub hosts_file: Option<std::path::PathBuf>,
+}
+
+impl Default for FileUpstream {
+    fn default() -> Self {
+        FileUpstream {
+            backends: NonEmpty(vec![FileBackend {
+                address: "127.0.0.1:8001".parse().expect("valid default"),
+                weight: AtLeastOne(1),
+                resolve: None,
+            }]),
+            keepalive_pool: 128,
+            health_check: FileHealthCheck::default(),
+            connect_retries: 2,
+            retry_idempotent: false,
+            max_concurrent_per_backend: 0,
+            max_queue: 100,
+            queue_timeout: PositiveDuration(Duration::from_secs(1)),
+            hosts_file: None,
+        }
+    }
+}
+
+/// One backend: `{address: "host:port", weight: 1, resolve: 5s}` or just `"host:port"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileBackend {
+    pub address: HostPort,
+    pub weight: AtLeastOne,
+    /// Re-resolve the name on this interval (every address it resolves to is a backend).
+    pub resolve: Option<PositiveDuration>,
+}
+
+impl<'de> Deserialize<'de> for FileBackend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Long {
+            address: HostPort,
+            #[serde(default = "one")]
+            weight: AtLeastOne,
+            #[serde(default)]
+            resolve: Option<PositiveDuration>,
+        }
+        fn one() -> AtLeastOne {
+            AtLeastOne(1)
+        }
+        // Two forms; an untagged enum would hide the inner error, so dispatch by hand.
+        let v = serde_yaml::Value::deserialize(d)?;
+        if let serde_yaml::Value::String(s) = &v {
+            let address = s.parse().map_err(de::Error::custom)?;
+            return Ok(FileBackend {
+                address,
+                weight: one(),
+                resolve: None,
+            });
+        }
+        let long: Long = serde_yaml::from_value(v).map_err(de::Error::custom)?;
+        Ok(FileBackend {
+            address: long.address,
+            weight: long.weight,
+            resolve: long.resolve,
+        })
+    }
+}
+
+/// `upstream.health_check:` active HTTP checks against every backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileHealthCheck {
+    /// Path requested with GET; a 200 passes.
+    pub path: String,
+    /// Time between two checks of one backend.
+    pub interval: PositiveDuration,
+    /// Connect + response deadline of one check.
+    pub timeout: PositiveDuration,
+    /// Consecutive failed checks that mark a healthy backend down.
+    pub failures: AtLeastOne,
+    /// Consecutive passed checks that bring a down backend back.
+    pub successes: AtLeastOne,
+}
+
+impl Default for FileHealthCheck {
+    fn default() -> Self {
+        FileHealthCheck {
+            path: "/ready".into(),
+            interval: PositiveDuration(Duration::from_secs(2)),
+            timeout: PositiveDuration(Duration::from_secs(1)),
+            failures: AtLeastOne(3),
+            successes: AtLeastOne(2),
+        }
+    }
+}
+
+/// `timeouts:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileTimeouts {
+    /// TCP connect to a backend.
+    pub connect: PositiveDuration,
+    /// Each read from a backend (time to first byte, and between body chunks).
+    pub read: PositiveDuration,
+    /// Each write to a backend.
+    pub write: PositiveDuration,
+    /// Idle upstream keep-alive connections are closed after this.
+    pub idle: PositiveDuration,
+    /// An upgraded (WebSocket) connection with no bytes either way for this long is closed.
+    pub websocket_idle: PositiveDuration,
+}
+
+impl Default for FileTimeouts {
+    fn default() -> Self {
+        FileTimeouts {
+            connect: PositiveDuration(Duration::from_secs(1)),
+            read: PositiveDuration(Duration::from_secs(30)),
+            write: PositiveDuration(Duration::from_secs(30)),
+            idle: PositiveDuration(Duration::from_secs(60)),
+            websocket_idle: PositiveDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// One rate limit: GCRA (nginx `limit_req`) with a burst.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    /// The sustained rate.
+    pub rate: RateValue,
+    /// Requests allowed over the rate at once (nginx `burst`). Default: 0.
+    #[serde(default)]
+    pub burst: u32,
+    /// false: burst requests pass at once (nginx `nodelay`); true: they are delayed to the
+    /// rate. Default: false.
+    #[serde(default)]
+    pub delay: bool,
+    /// With `delay`, the longest a request may be held; one that would wait longer is
+    /// rejected at once. Default: 1s.
+    #[serde(default = "default_max_delay")]
+    pub max_delay: HumanDuration,
+}
+
+fn default_max_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+
+/// `client:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileClient {
+    /// Peers whose `X-Forwarded-For` (and PROXY protocol header) is believed (CIDRs).
+    /// Default: none.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Connections from trusted proxies must open with a PROXY protocol v1/v2 header, whose
+    /// source address then stands for the socket peer (HAProxy `accept-proxy`, nginx
+    /// `listen ... proxy_protocol`). Default: false.
+    pub proxy_protocol: bool,
+    /// IPv6 clients are keyed by this prefix length. Default: 64.
+    pub ipv6_prefix: u8,
+}
+
+impl Default for FileClient {
+    fn default() -> Self {
+        FileClient {
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            ipv6_prefix: 64,
+        }
+    }
+}
+
+/// `limits:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileLimits {
+    /// Ceiling for this gateway instance across all clients; over it: 503.
+    pub global: Option<FileRateLimit>,
+    /// Per client IP on paths no route profile matches; over it: 429.
+    pub per_ip: Option<FileRateLimit>,
+    /// Per-IP limits for path prefixes (longest prefix wins), like nginx locations.
+    pub routes: Vec<FileRouteLimit>,
+    /// Clients never rate-limited or capped per IP (CIDRs), like an nginx `geo` allow-list.
+    pub exempt: Vec<Cidr>,
+    /// Slots of each per-IP table (fixed memory: 8 bytes a slot).
+    pub table_slots: usize,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            global: Some(FileRateLimit {
+                rate: RateValue {
+                    per_second: 2000.0,
+                    window_secs: 1,
+                },
+                burst: 1000,
+                delay: false,
+                max_delay: default_max_delay(),
+            }),
+            per_ip: Some(FileRateLimit {
+                rate: RateValue {
+                    per_second: 100.0,
+                    window_secs: 1,
+                },
+                burst: 200,
+                delay: false,
+                max_delay: default_max_delay(),
+            }),
+            routes: Vec::new(),
+            exempt: Vec::new(),
+            table_slots: 1 << 18,
+        }
+    }
+}
+
+/// One entry of `limits.routes`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRouteLimit {
+    pub prefix: String,
+    /// null: no per-IP limit on this prefix.
+    pub per_ip: Option<FileRateLimit>,
+}
+
+/// `connections:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConnections {
+    /// Open connections per client IP (idle keep-alive ones count). 0 = unlimited.
+    pub per_ip: usize,
+    /// Open connections in total. 0 = unlimited.
+    pub total: usize,
+}
+
+impl Default for FileConnections {
+    fn default() -> Self {
+        FileConnections {
+            per_ip: 20,
+            total: 5000,
+        }
+    }
+}
+
+/// The largest `buffers.client_write_bytes`: the buffer is allocated for every connection.
+pub const MAX_CLIENT_WRITE_BYTES: usize = 1 << 20;
+
+/// `buffers:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileBuffers {
+    /// Largest request body (nginx `client_max_body_size`), bytes. 413 beyond.
+    pub max_body_bytes: usize,
+    /// Largest request head (request line + headers), bytes. 431 beyond.
+    pub max_header_bytes: usize,
+    /// Most request headers. 431 beyond.
+    pub max_headers: usize,
+    /// Bytes of a response with a known length gathered before writing them to the client, so
+    /// that a head and a body that fit go out in one write (nginx writes them with one
+    /// `writev`). pingora's own default is 1,460: a head and a body larger than that took two
+    /// writes and two TCP segments. 0: every write goes straight to the socket. Chunked and
+    /// close-delimited bodies are written through as they arrive, whatever this is.
+    pub client_write_bytes: usize,
+}
+
+impl Default for FileBuffers {
+    fn default() -> Self {
+        FileBuffers {
+            max_body_bytes: 1 << 20,
+            max_header_bytes: 16 << 10,
+            max_headers: 100,
+            client_write_bytes: 16 << 10,
+        }
+    }
+}
+
+/// `slow_clients:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileSlowClients {
+    /// The whole request head must arrive within this (nginx `client_header_timeout`).
+    pub header_timeout: PositiveDuration,
+    /// Longest pause between two reads of a request body (nginx `client_body_timeout`).
+    pub body_idle_timeout: PositiveDuration,
+    /// Minimum average rate of a request body, bytes per second (0: off): a body still
+    /// incomplete after `body_min_rate_grace` plus one second per this many bytes received is
+    /// refused with 408 (Apache `mod_reqtimeout` `body=...,MinRate=...`).
+    pub body_min_rate: u64,
+    /// Time a body gets before `body_min_rate` applies.
+    pub body_min_rate_grace: PositiveDuration,
+    /// Idle keep-alive connections are closed after this (nginx `keepalive_timeout`).
+    pub keepalive_timeout: PositiveDuration,
+    /// Requests served on one connection before it is closed (nginx `keepalive_requests`).
+    pub max_requests_per_connection: AtLeastOne,
+}
+
+impl Default for FileSlowClients {
+    fn default() -> Self {
+        FileSlowClients {
+            header_timeout: PositiveDuration(Duration::from_secs(10)),
+            body_idle_timeout: PositiveDuration(Duration::from_secs(10)),
+            body_min_rate: 500,
+            body_min_rate_grace: PositiveDuration(Duration::from_secs(10)),
+            keepalive_timeout: PositiveDuration(Duration::from_secs(60)),
+            max_requests_per_connection: AtLeastOne(1000),
+        }
+    }
+}

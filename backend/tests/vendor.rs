@@ -131,7 +131,9 @@ async fn three_hundred_calls_never_break_the_contract() {
     assert_eq!(stats["violations"], 0, "{stats}");
     assert!(stats["max_in_window"].as_u64().unwrap() <= 60, "{stats}");
     let per_instance = stats["max_concurrency_per_instance"].as_object().unwrap();
-    assert_eq!(per_instance.len(), 3, "{stats}");
+    // Which instances won the 60 tokens is a race (the slot comes first, then the token);
+    // none may exceed its 5 slots.
+    assert!(!per_instance.is_empty(), "{stats}");
     for (instance, max) in per_instance {
         assert!(
             max.as_u64().unwrap() <= 5,

@@ -46,9 +46,27 @@ pub struct Settings {
     /// `redis://host:port`; unset: limits are kept in-process (one instance's scope).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
-    /// Cap on requests in flight; beyond it requests get 503 at once (probes exempt).
+    /// Admission control: `adaptive` (a limit that follows latency, with a short wait for a
+    /// slot) or `fixed` (the `MAX_IN_FLIGHT` cap, no waiting). Probes are always exempt.
+    #[arg(long, env = "ADMISSION", value_enum, default_value = "adaptive")]
+    pub admission: crate::admission::Mode,
+    /// `fixed`: cap on requests in flight, beyond it 503 at once. `adaptive`: the starting
+    /// limit.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 50)]
     pub max_in_flight: usize,
+    /// `adaptive`: the lowest the limit goes (the database pool's size is a good floor).
+    #[arg(long, env = "ADMISSION_MIN", default_value_t = 10)]
+    pub admission_min: usize,
+    /// `adaptive`: the highest the limit goes; also the most requests waiting for a slot.
+    #[arg(long, env = "ADMISSION_MAX", default_value_t = 500)]
+    pub admission_max: usize,
+    /// `adaptive`: average latency up to this multiple of the no-load baseline lets the
+    /// limit grow; above it the limit is cut in proportion (at most by half a window).
+    #[arg(long, env = "ADMISSION_TOLERANCE", default_value_t = 2.0)]
+    pub admission_tolerance: f64,
+    /// `adaptive`: longest a request over the limit waits for a slot before 503.
+    #[arg(long, env = "ADMISSION_QUEUE_TIMEOUT", default_value = "10ms", value_parser = duration)]
+    pub admission_queue_timeout: Duration,
     /// Listen backlog (pending connections the kernel queues).
     #[arg(long, env = "LISTEN_BACKLOG", default_value_t = 1024)]
     pub listen_backlog: u32,
@@ -68,7 +86,8 @@ pub struct Settings {
     /// After the drain delay the listener closes and in-flight requests get this long.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
-    /// Readiness fails when in-flight requests reach this share of MAX_IN_FLIGHT.
+    /// Readiness fails when in-flight requests reach this share of the current limit
+    /// (adaptive) or of MAX_IN_FLIGHT (fixed).
     #[arg(long, env = "READY_INFLIGHT_RATIO", default_value_t = 0.9)]
     pub ready_inflight_ratio: f64,
     /// Readiness fails when this share of recent requests failed with 5xx (sheds excluded).
@@ -194,6 +213,24 @@ impl Settings {
             pool_size: self.db_pool_size,
             acquire_timeout: self.db_acquire_timeout,
         }
+    }
+
+    /// The admission control's settings.
+    pub fn admission(&self) -> Result<crate::admission::AdmissionSettings, String> {
+        if self.admission_min == 0 || self.admission_min > self.admission_max {
+            return Err("ADMISSION_MIN must be at least 1 and at most ADMISSION_MAX".into());
+        }
+        if self.admission_tolerance.is_nan() || self.admission_tolerance < 1.0 {
+            return Err("ADMISSION_TOLERANCE must be at least 1".into());
+        }
+        Ok(crate::admission::AdmissionSettings {
+            mode: self.admission,
+            max_in_flight: self.max_in_flight.max(1),
+            min: self.admission_min,
+            max: self.admission_max,
+            tolerance: self.admission_tolerance,
+            queue_timeout: self.admission_queue_timeout,
+        })
     }
 
     /// The vendor pipeline's settings, parsed.

@@ -4,7 +4,8 @@
 //! - [`startup`]: builds the server (tests start it on port 0) and runs it until a signal.
 //! - [`routes`]: the router; [`routes::items`] the items API, [`routes::probes`] health,
 //!   readiness and metrics.
-//! - [`admission`]: the per-instance in-flight cap (load shedding, no queueing).
+//! - [`admission`]: per-instance admission control: a concurrency limit that follows latency
+//!   (or a fixed cap), a short bounded wait for a slot, 503 beyond.
 //! - [`callers`]: API key -> user and tier, cached.
 //! - [`ratelimit`]: per-user and per-endpoint limits, shared through Redis (one atomic Lua
 //!   script) with an in-process fallback.

@@ -11,8 +11,14 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub inflight: IntGauge,
-    /// Requests refused before any work, by reason (in_flight_cap, ...).
+    /// Requests refused before any work, by reason (in_flight_cap, queue_timeout, queue_full).
     pub shed: IntCounterVec,
+    /// Admission: the current limit, the no-load latency baseline, requests waiting for a
+    /// slot and how long they waited.
+    pub admission_limit: IntGauge,
+    pub admission_baseline: prometheus::Gauge,
+    pub admission_queued: IntGauge,
+    pub admission_queue_wait: prometheus::Histogram,
     /// Database pool connections by state (used, idle).
     pub db_pool: IntGaugeVec,
     /// Rate-limit decisions by the limit that decided (tier:free, endpoint:llm, anonymous)
@@ -67,6 +73,31 @@ impl Metrics {
                 "Requests refused with 503 before any work, by reason.",
             ),
             &["reason"],
+        )
+        .expect("valid metric");
+        let admission_limit = IntGauge::new(
+            "backend_admission_limit",
+            "Current admission limit on requests in flight (fixed mode: MAX_IN_FLIGHT).",
+        )
+        .expect("valid metric");
+        let admission_baseline = prometheus::Gauge::new(
+            "backend_admission_baseline_seconds",
+            "Adaptive admission: the no-load latency baseline (fastest request of the last 10 s).",
+        )
+        .expect("valid metric");
+        let admission_queued = IntGauge::new(
+            "backend_admission_queued",
+            "Requests waiting for an admission slot now.",
+        )
+        .expect("valid metric");
+        let admission_queue_wait = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "backend_admission_queue_seconds",
+                "Time requests that had to wait spent waiting for an admission slot (admitted or shed).",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
         )
         .expect("valid metric");
         let db_pool = IntGaugeVec::new(
@@ -160,6 +191,10 @@ impl Metrics {
             Box::new(duration.clone()),
             Box::new(inflight.clone()),
             Box::new(shed.clone()),
+            Box::new(admission_limit.clone()),
+            Box::new(admission_baseline.clone()),
+            Box::new(admission_queued.clone()),
+            Box::new(admission_queue_wait.clone()),
             Box::new(db_pool.clone()),
         ] {
             registry.register(c).expect("registered once");
@@ -170,6 +205,10 @@ impl Metrics {
             duration,
             inflight,
             shed,
+            admission_limit,
+            admission_baseline,
+            admission_queued,
+            admission_queue_wait,
             db_pool,
             ratelimit,
             ratelimit_degraded,
@@ -183,6 +222,16 @@ impl Metrics {
             vendor_limiter_degraded,
             vendor_latency,
             vendor_contract_rejections,
+        }
+    }
+
+    /// The handles the admission control updates.
+    pub fn admission(&self) -> crate::admission::AdmissionMetrics {
+        crate::admission::AdmissionMetrics {
+            limit: self.admission_limit.clone(),
+            baseline: self.admission_baseline.clone(),
+            queued: self.admission_queued.clone(),
+            queue_wait: self.admission_queue_wait.clone(),
         }
     }
 

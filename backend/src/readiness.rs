@@ -113,9 +113,9 @@ impl Readiness {
         if !self.database_ok.load(Ordering::Acquire) {
             return Err("database unreachable".into());
         }
-        let (inflight, cap) = (self.admission.inflight(), self.admission.cap());
-        if inflight as f64 >= cap as f64 * self.inflight_ratio {
-            return Err(format!("near the in-flight cap ({inflight} of {cap})"));
+        let (inflight, limit) = (self.admission.inflight(), self.admission.limit());
+        if inflight as f64 >= limit as f64 * self.inflight_ratio {
+            return Err(format!("near the in-flight limit ({inflight} of {limit})"));
         }
         let (total, errors) = self.errors.totals();
         if total >= self.min_requests && errors as f64 > total as f64 * self.max_error_rate {

@@ -28,7 +28,7 @@ pub struct App {
     pub db: Db,
     /// Where `POST /items` rows go (group commit on PostgreSQL).
     pub writer: crate::writes::ItemWriter,
-    /// The in-flight cap.
+    /// Admission control (adaptive limit or fixed cap).
     pub admission: Arc<Admission>,
     pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
@@ -77,7 +77,11 @@ impl Server {
         let addr = SocketAddr::new(settings.host, settings.port);
         let listener = bind(addr, settings.listen_backlog)
             .map_err(|source| StartError::Bind { addr, source })?;
-        let admission = Admission::new(settings.max_in_flight);
+        let metrics = Arc::new(Metrics::new());
+        let admission = Admission::new(
+            settings.admission().map_err(StartError::Config)?,
+            Some(metrics.admission()),
+        );
         let readiness = Arc::new(Readiness::new(
             admission.clone(),
             settings.ready_error_window_secs,
@@ -91,7 +95,6 @@ impl Server {
             settings.anon_limit.as_deref(),
         )
         .map_err(StartError::Config)?;
-        let metrics = Arc::new(Metrics::new());
         let redis_store = || -> Result<Option<ratelimit::redis::RedisStore>, StartError> {
             match settings.redis_url.as_deref().filter(|u| !u.is_empty()) {
                 Some(url) => ratelimit::redis::RedisStore::new(
@@ -157,15 +160,22 @@ impl Server {
             .header_read_timeout(app.settings.header_read_timeout)
             .keep_alive(true);
         let graceful = GracefulShutdown::new();
+        let s = &app.settings;
         log::info!(
-            "{} listening on {} ({} storage, max in flight {})",
-            app.settings.instance_id(),
+            "{} listening on {} ({} storage, admission {})",
+            s.instance_id(),
             listener
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
             app.db.engine(),
-            app.settings.max_in_flight
+            match s.admission {
+                crate::admission::Mode::Fixed => format!("fixed at {}", s.max_in_flight),
+                crate::admission::Mode::Adaptive => format!(
+                    "adaptive {}..{} from {}, queue timeout {:?}",
+                    s.admission_min, s.admission_max, s.max_in_flight, s.admission_queue_timeout
+                ),
+            }
         );
         let serve = |stream: tokio::net::TcpStream| {
             let _ = stream.set_nodelay(true);

@@ -313,6 +313,7 @@ async fn nul_names_are_422_and_readiness_holds_on_postgres() {
 async fn concurrent_posts_are_batched_and_each_gets_its_own_row() {
     let pg = PgServer::start();
     let mut settings = test_settings(Some(pg.url()));
+    settings.admission = floodgate_backend::admission::Mode::Fixed;
     settings.max_in_flight = 200;
     settings.db_acquire_timeout = Duration::from_secs(30);
     settings.endpoint_limits = String::new();
@@ -386,6 +387,7 @@ async fn lock_items(pg: &PgServer) -> sqlx::PgConnection {
 async fn in_flight_cap_sheds_exactly_the_extra_request() {
     let pg = PgServer::start();
     let mut settings = test_settings(Some(pg.url()));
+    settings.admission = floodgate_backend::admission::Mode::Fixed;
     settings.max_in_flight = 3;
     settings.db_acquire_timeout = Duration::from_secs(30);
     let app = spawn_app(settings).await;
@@ -422,6 +424,70 @@ async fn in_flight_cap_sheds_exactly_the_extra_request() {
     }
     statuses.sort();
     assert_eq!(statuses, vec![200, 200, 200, 503]);
+}
+
+/// Adaptive admission with its limit pinned at 2 (ADMISSION_MIN = ADMISSION_MAX): a request
+/// over the limit waits for a slot; one that gets none within ADMISSION_QUEUE_TIMEOUT is shed
+/// with 503 + `Retry-After`, one that does is served. The limit, the queue and the sheds are
+/// in the metrics, and `/ready` fails at the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_admission_queues_briefly_then_sheds_with_retry_after() {
+    let pg = PgServer::start();
+    let mut settings = test_settings(Some(pg.url()));
+    settings.admission = floodgate_backend::admission::Mode::Adaptive;
+    settings.admission_min = 2;
+    settings.admission_max = 2;
+    settings.admission_queue_timeout = Duration::from_secs(2);
+    settings.db_acquire_timeout = Duration::from_secs(30);
+    let app = spawn_app(settings).await;
+    let mut lock = lock_items(&pg).await;
+    let c = reqwest::Client::new();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, url) = (c.clone(), app.url("/items"));
+            tokio::spawn(async move { c.get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    wait_for_status(&app.url("/ready"), 503, Duration::from_secs(10)).await;
+    let body: Value = get_json(&c, &app.url("/ready")).await;
+    assert!(
+        body["reason"].as_str().unwrap().contains("in-flight limit"),
+        "{body}"
+    );
+
+    // Nothing frees a slot: the third waits out the queue timeout and is shed.
+    let r = c.get(app.url("/items")).send().await.unwrap();
+    assert_eq!(r.headers()["retry-after"], "1");
+    expect_error(r, 503, None).await;
+    let metrics = metrics_text(&app).await;
+    for line in [
+        "backend_shed_total{reason=\"queue_timeout\"} 1",
+        "backend_admission_limit 2",
+        "backend_admission_queue_seconds_count 1",
+        "backend_admission_queued 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing in\n{metrics}");
+    }
+
+    // A fourth waits, a slot frees while it does, and it is served.
+    let queued = {
+        let (c, url) = (c.clone(), app.url("/items"));
+        tokio::spawn(async move { c.get(url).send().await.unwrap().status().as_u16() })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !metrics_text(&app)
+        .await
+        .contains("backend_admission_queued 1")
+    {
+        assert!(std::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    assert_eq!(queued.await.unwrap(), 200);
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    wait_for_status(&app.url("/ready"), 200, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

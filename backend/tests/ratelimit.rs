@@ -37,6 +37,7 @@ impl Cluster {
         for _ in 0..3 {
             let mut s = test_settings(Some(url.clone()));
             s.redis_url = redis.map(|r| r.url());
+            s.admission = floodgate_backend::admission::Mode::Fixed; // not what these test
             s.max_in_flight = 1000;
             // Exact counts are about atomicity, not the outage path (tested on its own below):
             // a loaded test machine must not push Redis calls past the timeout into fallback.

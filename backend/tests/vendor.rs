@@ -41,6 +41,7 @@ async fn cluster_with(
         let mut s = test_settings(Some(url.clone()));
         s.instance_id = Some(format!("instance-{i}"));
         s.redis_url = redis.map(|r| r.url());
+        s.admission = floodgate_backend::admission::Mode::Fixed; // not what these test
         s.max_in_flight = 1000;
         s.tier_limits = "free=10/min,pro=100/min,enterprise=100000/min".into();
         s.endpoint_limits = "llm=100000/min".into();

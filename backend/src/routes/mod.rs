@@ -91,7 +91,7 @@ impl Route {
         }
     }
 
-    /// Probes answer even when the instance is at its in-flight cap.
+    /// Probes answer even when the instance is at its admission limit.
     fn is_probe(&self) -> bool {
         matches!(self, Route::Health | Route::Ready | Route::Metrics)
     }
@@ -138,15 +138,16 @@ pub async fn handle(
     let result = if route.is_probe() {
         dispatch(&app, route, req).await
     } else {
-        match app.admission.try_enter() {
-            Some(_permit) => {
+        match app.admission.enter().await {
+            Ok(permit) => {
                 app.metrics.inflight.inc();
                 let r = guarded(&app, route, req).await;
                 app.metrics.inflight.dec();
+                permit.done();
                 r
             }
-            None => {
-                app.metrics.shed.with_label_values(&["in_flight_cap"]).inc();
+            Err(shed) => {
+                app.metrics.shed.with_label_values(&[shed.reason()]).inc();
                 Err(ApiError::Overloaded)
             }
         }
@@ -160,7 +161,7 @@ pub async fn handle(
     if let Some(id) = &request_id {
         resp.headers_mut().insert(X_REQUEST_ID, id.clone());
     }
-    // Logged: 500/502/504. 503s are sheds (in-flight cap, database or vendor down): the
+    // Logged: 500/502/504. 503s are sheds (admission limit, database or vendor down): the
     // admission control working, counted in metrics; a line each would flood the log.
     if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
         log::warn!(

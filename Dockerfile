@@ -16,6 +16,8 @@ ARG RUNTIME_BASE=debian:bookworm-slim
 # Build stage: release binaries (cmake is needed by pingora's build), unless given.
 FROM ${BUILDER} AS build
 ARG PREBUILT_BIN=
+# Lets scripts/images.sh remove its own superseded build-stage images (never a cargo one).
+LABEL org.floodgate.prebuilt-bin="${PREBUILT_BIN}"
 RUN if [ -z "$PREBUILT_BIN" ]; then \
       apt-get update && apt-get install -y --no-install-recommends cmake \
       && rm -rf /var/lib/apt/lists/*; \

@@ -134,7 +134,7 @@ runtime_base=$(base_image runtime ca-certificates,curl)
 services_base=$(base_image services ca-certificates,postgresql-15,redis-server)
 
 echo "images: $POSTGRES_IMAGE, $REDIS_IMAGE from $services_base" >&2
-build -t "$POSTGRES_IMAGE" - <<EOF
+build -t "$POSTGRES_IMAGE" --label org.floodgate.images=local - <<EOF
 FROM $services_base
 ENV PATH=/usr/lib/postgresql/15/bin:/usr/local/bin:/usr/bin:/bin PGDATA=/var/lib/postgresql/data
 VOLUME /var/lib/postgresql/data
@@ -145,7 +145,7 @@ EXPOSE 5432
 ENTRYPOINT ["/usr/local/bin/postgres-entrypoint"]
 CMD ["postgres"]
 EOF
-build -t "$REDIS_IMAGE" - <<EOF
+build -t "$REDIS_IMAGE" --label org.floodgate.images=local - <<EOF
 FROM $services_base
 USER redis
 WORKDIR /var/lib/redis
@@ -162,9 +162,13 @@ cp Dockerfile "$ctx/"
 cp -r config "$ctx/"
 cp "$BIN/gateway" "$BIN/backend" "$BIN/mock-vendor" "$ctx/bin/"
 echo "images: $FLOODGATE_IMAGE from $runtime_base and $BIN" >&2
-build -t "$FLOODGATE_IMAGE" \
+build -t "$FLOODGATE_IMAGE" --label org.floodgate.images=local \
   --build-arg BUILDER="$runtime_base" --build-arg RUNTIME_BASE="$runtime_base" \
   --build-arg PREBUILT_BIN=bin "$ctx"
 rm -rf "$ctx"
+# New binaries leave the previous image and build stage untagged (a few hundred MB each): only
+# this script's own, by their labels, are removed.
+docker image prune -f --filter label=org.floodgate.images=local >/dev/null
+docker image prune -f --filter label=org.floodgate.prebuilt-bin=bin >/dev/null
 
 echo "images: ready: $FLOODGATE_IMAGE $POSTGRES_IMAGE $REDIS_IMAGE"

@@ -11,11 +11,15 @@
 //!   `Transfer-Encoding` (RFC 9112), and the policy must see every line to refuse it.
 //! - Pipelining: pingora closes a connection with a pipelined request unless
 //!   `set_pipelining_enabled(true)` (`pingora_h1`; test `pipelined_requests_are_answered_in_order`).
+//! - [`client_stream`]: the session's stream is the `ClientStream` the dispatcher gave
+//!   pingora (`Stream::as_any`); used to learn whether bytes of a pipelined head wait in
+//!   pingora's buffer, which pingora would wait on for the whole keep-alive timeout.
 //! - A request body read in `request_filter` is not read again by the proxy loop; bodies are
 //!   therefore forwarded by the gateway's own exchange (`forward`), never by pingora's.
 
 use pingora::proxy::Session;
 
+use crate::downstream::ClientStream;
 use crate::policy::Rejection;
 
 /// pingora answers a head it cannot parse (400) and a CONNECT request (405) itself, before
@@ -50,22 +54,40 @@ pub fn canned_error_answer(data: &[u8]) -> Option<Rejection> {
         .map(|&(_, reason)| reason)
 }
 
-/// The request head's lines as the client sent them (name, value), for the policy's checks;
-/// None when pingora did not keep them.
-pub fn raw_request_lines(session: &Session, mut each: impl FnMut(&[u8], &[u8])) -> bool {
+/// The request head as the client sent it, parsed strictly (`httparse`, as the own engine
+/// parses it): each header line (name, value) in order, and the raw target. None when pingora
+/// kept no raw head or a strict parse refuses it.
+pub fn raw_request_lines(session: &Session, mut each: impl FnMut(&[u8], &[u8])) -> Option<Vec<u8>> {
     let pingora::protocols::http::ServerSession::H1(h1) = session.as_ref() else {
-        return false;
+        return None;
     };
     let raw = h1.get_headers_raw_bytes();
     let mut headers = [httparse::EMPTY_HEADER; 256];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(&raw), Ok(httparse::Status::Complete(_))) {
-        return false;
+        return None;
     }
     for h in req.headers.iter() {
         each(h.name.as_bytes(), h.value);
     }
-    true
+    req.path.map(|p| p.as_bytes().to_vec())
+}
+
+/// The connection's [`ClientStream`], under pingora's session.
+pub fn client_stream(session: &Session) -> Option<&ClientStream> {
+    session
+        .as_ref()
+        .stream()?
+        .as_any()
+        .downcast_ref::<ClientStream>()
+}
+
+/// The length of the request head as pingora received it.
+pub fn raw_head_len(session: &Session) -> Option<usize> {
+    match session.as_ref() {
+        pingora::protocols::http::ServerSession::H1(h1) => Some(h1.get_headers_raw_bytes().len()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -70,14 +70,13 @@ pub struct RequestCtx {
 /// A request's header lines as received (pingora keeps them: see [`pingora_compat`]).
 type Lines = Vec<(Vec<u8>, Vec<u8>)>;
 
-fn lines_of(session: &Session) -> Lines {
+/// The raw target and header lines; None when the head as received is not one a strict
+/// parser accepts (pingora's is more lenient: it percent-encodes a NUL in the target, say).
+fn lines_of(session: &Session) -> Option<(Vec<u8>, Lines)> {
     let mut lines = Vec::new();
-    if !pingora_compat::raw_request_lines(session, |n, v| lines.push((n.to_vec(), v.to_vec()))) {
-        for (n, v) in session.req_header().headers.iter() {
-            lines.push((n.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
-        }
-    }
-    lines
+    let target =
+        pingora_compat::raw_request_lines(session, |n, v| lines.push((n.to_vec(), v.to_vec())))?;
+    Some((target, lines))
 }
 
 fn values<'a>(lines: &'a Lines, name: &'a str) -> impl DoubleEndedIterator<Item = &'a [u8]> + 'a {
@@ -108,7 +107,20 @@ struct SessionDownstream<'a> {
     session: &'a mut Session,
     lines: Vec<u8>,
     request_id: &'a [u8],
+    /// The head, staged until the first body piece is ready (so a body found invalid at once
+    /// can still be answered 502), and whether it has no body.
+    head: Option<(Box<ResponseHeader>, bool)>,
     started: bool,
+}
+
+impl SessionDownstream<'_> {
+    async fn write_head(&mut self) -> bool {
+        let Some((resp, end)) = self.head.take() else {
+            return true;
+        };
+        self.started = true;
+        self.session.write_response_header(resp, end).await.is_ok()
+    }
 }
 
 impl Downstream for SessionDownstream<'_> {
@@ -141,21 +153,24 @@ impl Downstream for SessionDownstream<'_> {
         if !keep_alive {
             self.session.set_keepalive(None);
         }
-        self.started = true;
-        let end = head.body == AnswerBody::None;
-        self.session
-            .write_response_header(Box::new(resp), end)
-            .await
-            .is_ok()
+        self.head = Some((Box::new(resp), head.body == AnswerBody::None));
+        true
     }
 
     async fn body(&mut self, data: &[u8]) -> bool {
+        if !self.write_head().await {
+            return false;
+        }
         let data = Some(Bytes::copy_from_slice(data));
         self.session.write_response_body(data, false).await.is_ok()
     }
 
     async fn flush(&mut self, end: bool) -> bool {
-        !end || self.session.write_response_body(None, true).await.is_ok()
+        let no_body = self.head.as_ref().is_some_and(|(_, none)| *none);
+        if !self.write_head().await {
+            return false;
+        }
+        no_body || !end || self.session.write_response_body(None, true).await.is_ok()
     }
 
     async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool {
@@ -285,7 +300,12 @@ impl ProxyHttp for Gateway {
         session.set_pipelining_enabled(true);
         let snap = ctx.snap.clone();
         let cfg = &snap.config;
-        let lines = lines_of(session);
+        let Some((target, lines)) = lines_of(session) else {
+            ctx.request_id = self.new_request_id().to_vec();
+            return self
+                .reject(session, ctx, Rejection::MalformedRequest, None, &[], true)
+                .await;
+        };
         let all = || lines.iter().map(|(n, v)| (n.as_slice(), v.as_slice()));
         ctx.request_id = match values(&lines, "x-request-id").next() {
             Some(v) if usable_request_id(v) => v.to_vec(),
@@ -301,7 +321,6 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let http10 = req.version == http::Version::HTTP_10;
         let method = req.method.as_str().as_bytes().to_vec();
-        let target = req.raw_path().to_vec();
         let facts = match request::check(http10, &method, &target, all()) {
             Ok(f) => f,
             Err(r) => return self.reject(session, ctx, r, None, &[], true).await,
@@ -336,6 +355,9 @@ impl ProxyHttp for Gateway {
             }
         };
         session.set_keepalive((!facts.close).then(|| cfg.keepalive_timeout.as_secs().max(1)));
+        // Each read of this session (a pipelined head behind this request included) waits
+        // at most this long.
+        session.set_read_timeout(Some(cfg.body_idle_timeout));
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -349,7 +371,6 @@ impl ProxyHttp for Gateway {
         });
         if facts.upgrade {
             // pingora's proxy loop tunnels it (the phases below).
-            session.set_read_timeout(Some(cfg.body_idle_timeout));
             ctx.forwarding = forwarding;
             return Ok(false);
         }
@@ -366,6 +387,16 @@ impl ProxyHttp for Gateway {
         let Some(forwarding) = forwarding else {
             return Error::e_explain(ErrorType::InternalError, "no peer address");
         };
+        // Bytes of a next head already waiting (pipelined behind this request): pingora would
+        // wait the whole keep-alive timeout for the rest of it; the head deadline bounds it.
+        if let RequestBody::None | RequestBody::Length(_) = facts.body {
+            let used = pingora_compat::raw_head_len(session).unwrap_or(0) + body.len();
+            let received =
+                pingora_compat::client_stream(session).map_or(0, |s| s.bytes_since_head_start());
+            if received > used && !facts.close {
+                session.set_keepalive(Some(cfg.header_timeout.as_secs().max(1)));
+            }
+        }
         let connection: Vec<&[u8]> = values(&lines, "connection").collect();
         let mut bytes = Vec::with_capacity(512 + body.len());
         write_upstream_request(
@@ -391,6 +422,7 @@ impl ProxyHttp for Gateway {
             session,
             lines: Vec::with_capacity(512),
             request_id: &request_id,
+            head: None,
             started: false,
         };
         let out: Outcome = self.forward(&snap, &fwd, &mut down).await;

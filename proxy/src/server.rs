@@ -177,8 +177,9 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
-/// Ends the process as soon as the last in-flight request finished after shutdown began
-/// (listeners are closed by then), instead of always sleeping the whole grace period.
+/// Ends the process as soon as the last in-flight request finished and the last connection
+/// closed after shutdown began (listeners are closed by then), instead of always sleeping
+/// the whole grace period.
 struct DrainWatcher {
     metrics: Arc<Metrics>,
     grace: Duration,
@@ -193,7 +194,11 @@ impl BackgroundService for DrainWatcher {
             }
         }
         let started = Instant::now();
-        while self.metrics.inflight_requests.get() > 0 && started.elapsed() < self.grace {
+        // Requests in flight, and connections: an idle one gets a moment to deliver a request
+        // already sent (`h1::DRAIN_IDLE_GRACE`), so a client that does not retry loses none.
+        let busy =
+            |m: &Metrics| m.inflight_requests.get() > 0 || m.downstream_connections.get() > 0;
+        while busy(&self.metrics) && started.elapsed() < self.grace {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         log::info!(

@@ -61,6 +61,14 @@ pub struct ClientStream {
     received_any: bool,
     /// The deadline was missed (counted and answered once).
     timed_out: bool,
+    /// Bytes received since the current head began (its body and anything pipelined
+    /// behind it included): [`ClientStream::bytes_since_head_start`].
+    head_bytes: usize,
+    /// The request line of the head being received, until its end is seen.
+    line: Vec<u8>,
+    line_done: bool,
+    /// A request line refused, and why (answered 400 and counted once, reads fail after).
+    refused: Option<Rejection>,
     /// Bytes the own engine read and handed back ([`ClientStream::rewind`]), read again
     /// before the socket; `rewound_at` of them already were.
     rewound: Vec<u8>,
@@ -98,9 +106,20 @@ impl ClientStream {
             tail_len: 0,
             received_any: false,
             timed_out: false,
+            head_bytes: 0,
+            line: Vec::new(),
+            line_done: false,
+            refused: None,
             rewound: Vec::new(),
             rewound_at: 0,
         }
+    }
+
+    /// Bytes received since the current request's head began: its head, its body, and
+    /// whatever was pipelined behind it. pingora's engine compares it with what the request
+    /// used, to know whether part of a next head is already waiting (`pingora_h1`).
+    pub fn bytes_since_head_start(&self) -> usize {
+        self.head_bytes
     }
 
     /// Put bytes already read (and seen by the head tracking) back in front of the socket's,
@@ -125,10 +144,15 @@ impl ClientStream {
             self.responded = false;
             self.tail_len = 0;
             self.due = Instant::now() + self.timeout;
+            self.line.clear();
+            self.line_done = false;
+            self.head_bytes = 0;
         }
+        self.head_bytes += data.len();
         if !self.in_head {
             return;
         }
+        self.check_request_line(data);
         // The blank line may straddle two reads: check the seam, then the new bytes.
         let mut seam = [0u8; 6];
         let n = self.tail_len;
@@ -150,6 +174,86 @@ impl ClientStream {
         self.tail[..last.len()].copy_from_slice(last);
         self.tail_len = last.len();
     }
+}
+
+impl ClientStream {
+    /// Collect the head's request line; once whole, refuse it unless it is strictly
+    /// `METHOD SP target SP HTTP/1.x` with a target of visible ASCII other than `"<>`.
+    /// pingora's parser would percent-encode such a target and serve it; the own engine's
+    /// would hand it over. Empty lines before a request line are skipped (RFC 9112 2.2).
+    fn check_request_line(&mut self, data: &[u8]) {
+        if self.line_done {
+            return;
+        }
+        let mut rest = data;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            self.line.extend_from_slice(&rest[..nl]);
+            rest = &rest[nl + 1..];
+            let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+            if line.is_empty() {
+                self.line.clear();
+                continue;
+            }
+            self.line_done = true;
+            self.refused = request_line_problem(line);
+            self.line = Vec::new();
+            return;
+        }
+        self.line.extend_from_slice(rest);
+        if self.line.len() > 16 * 1024 {
+            // Longer than any head allowed: the size caps answer it.
+            self.line_done = true;
+            self.line = Vec::new();
+        }
+    }
+
+    /// A refused request line: answered 400 once (counted), then every read fails.
+    fn refuse_line(&mut self, cx: &mut Context<'_>, reason: Rejection) -> Poll<io::Result<()>> {
+        if !self.timed_out {
+            self.timed_out = true;
+            self.metrics.reject(reason);
+            let answer = ErrorAnswer::closing(reason.status(), reason.message(), None).to_bytes();
+            if let Poll::Ready(Ok(_)) = Pin::new(&mut self.inner).poll_write(cx, &answer) {
+                let _ = Pin::new(&mut self.inner).poll_flush(cx);
+            }
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "request line refused",
+        )))
+    }
+}
+
+/// What is wrong with a request line, if anything: it must be `METHOD SP target SP
+/// HTTP/1.0|1.1`, one space each, a token method (else `malformed_request`), and a target of
+/// visible ASCII without `"`, `<`, `>` (else `invalid_target`).
+fn request_line_problem(line: &[u8]) -> Option<Rejection> {
+    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        // Two spaces in a row, or a space inside the target, are an invalid target when the
+        // line still starts with a method and ends with a version.
+        let looks_like_request = line
+            .split(|&b| b == b' ')
+            .next()
+            .is_some_and(|m| !m.is_empty() && m.iter().all(token))
+            && (line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0"));
+        return Some(if looks_like_request {
+            Rejection::InvalidTarget
+        } else {
+            Rejection::MalformedRequest
+        });
+    };
+    if method.is_empty()
+        || !method.iter().all(token)
+        || !matches!(version, b"HTTP/1.0" | b"HTTP/1.1")
+    {
+        return Some(Rejection::MalformedRequest);
+    }
+    let visible = |&b: &u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'<' | b'>');
+    (target.is_empty() || !target.iter().all(visible)).then_some(Rejection::InvalidTarget)
 }
 
 impl AsyncRead for ClientStream {
@@ -175,7 +279,13 @@ impl AsyncRead for ClientStream {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         match &r {
-            Poll::Ready(Ok(())) => this.observe(&buf.filled()[before..]),
+            Poll::Ready(Ok(())) => {
+                this.observe(&buf.filled()[before..]);
+                if let Some(reason) = this.refused {
+                    buf.set_filled(before);
+                    return this.refuse_line(cx, reason);
+                }
+            }
             Poll::Pending if this.in_head => {
                 // Waiting for the rest of a head: be woken at its deadline.
                 let due = this.due;
@@ -356,6 +466,34 @@ impl Peek for ClientStream {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn request_lines_are_strict() {
+        assert_eq!(request_line_problem(b"GET /a?b=c HTTP/1.1"), None);
+        assert_eq!(request_line_problem(b"OPTIONS * HTTP/1.1"), None);
+        for bad in [
+            &b"GET /a\0b HTTP/1.1"[..],
+            b"GET /a b HTTP/1.1",
+            b"GET /a\tb HTTP/1.1",
+            b"GET /<x> HTTP/1.1",
+            b"GET /\xc3\xa9 HTTP/1.1",
+            b"GET  /a HTTP/1.1",
+        ] {
+            let got = request_line_problem(bad);
+            let line = String::from_utf8_lossy(bad);
+            assert_eq!(got, Some(Rejection::InvalidTarget), "{line:?}");
+        }
+        for bad in [
+            &b"GET /a HTTP/2.0"[..],
+            b"G(T /a HTTP/1.1",
+            b"HELLO THERE",
+            b"GET /a",
+        ] {
+            let got = request_line_problem(bad);
+            let line = String::from_utf8_lossy(bad);
+            assert_eq!(got, Some(Rejection::MalformedRequest), "{line:?}");
+        }
+    }
 
     /// pingora's canned 400 written through the wrapper reaches the client as the gateway's
     /// JSON answer, whole, even when the socket takes it in pieces; counted once.

@@ -29,6 +29,10 @@ pub use request::Handover;
 use request::{Parsed, Plan};
 use sink::RawDownstream;
 
+/// How long an idle keep-alive connection is kept once draining began, for a request
+/// already on its way (it is answered with `Connection: close`).
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
 /// How the own engine left a connection.
 pub enum Served {
     /// Closed, or to be closed: nothing more to do.
@@ -99,7 +103,13 @@ impl Gateway {
                     tokio::select! {
                         biased;
                         r = tokio::time::timeout(idle, read_more(io, &mut buf)) => r.unwrap_or(false),
-                        _ = shutdown.changed() => false,
+                        // Draining: a request already on its way on this idle connection is
+                        // still answered (with `Connection: close`), rather than cut.
+                        _ = shutdown.changed() => {
+                            tokio::time::timeout(DRAIN_IDLE_GRACE, read_more(io, &mut buf))
+                                .await
+                                .unwrap_or(false)
+                        }
                     }
                 };
                 if !got {

@@ -136,7 +136,12 @@ mod tests {
     fn request_framing_table() {
         use Rejection::*;
         use RequestBody as B;
-        let cases: &[(bool, &[(&str, &str)], Result<RequestBody, Rejection>)] = &[
+        type Case<'a> = (
+            bool,
+            &'a [(&'a str, &'a str)],
+            Result<RequestBody, Rejection>,
+        );
+        let cases: &[Case] = &[
             (false, &[], Ok(B::None)),
             (false, &[("Content-Length", "5")], Ok(B::Length(5))),
             (

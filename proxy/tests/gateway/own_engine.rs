@@ -2,66 +2,16 @@
 //! same connection, and answers of every framing relayed as the backend framed them. The rest
 //! of the suite runs through it too (and again with it off: `FLOODGATE_TEST_PATH=pingora`).
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const FAST: &str = "gateway_http1_path_requests_total{path=\"fast\"}";
 const PINGORA: &str = "gateway_http1_path_requests_total{path=\"pingora\"}";
-
-/// Read one answer from `conn` (after `pending` bytes already read): its head, its body.
-/// Content-Length and chunked bodies; `head_only` for an answer to HEAD.
-async fn read_answer(
-    conn: &mut TcpStream,
-    pending: &mut Vec<u8>,
-    head_only: bool,
-) -> (String, Vec<u8>) {
-    let mut buf = [0u8; 8192];
-    loop {
-        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&pending[..end]).to_string();
-            let lower = head.to_ascii_lowercase();
-            let rest = pending[end + 4..].to_vec();
-            let length = lower
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map(|v| v.trim().parse::<usize>().unwrap());
-            let chunked = lower.contains("transfer-encoding: chunked");
-            let body_end = if head_only {
-                Some(0)
-            } else if let Some(n) = length {
-                (rest.len() >= n).then_some(n)
-            } else if chunked {
-                rest.windows(5)
-                    .position(|w| w == b"0\r\n\r\n")
-                    .map(|p| p + 5)
-            } else {
-                None
-            };
-            if let Some(n) = body_end {
-                let body = rest[..n].to_vec();
-                *pending = rest[n..].to_vec();
-                return (head, body);
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-            .await
-            .expect("an answer in time")
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before a whole answer; got {:?}",
-            String::from_utf8_lossy(pending)
-        );
-        pending.extend_from_slice(&buf[..n]);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_requests_take_the_fast_path_and_the_rest_go_to_pingora_on_the_same_connection() {

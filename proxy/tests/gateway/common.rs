@@ -14,7 +14,8 @@ use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 pub use testkit::{free_port, metric_value, stable_addr};
@@ -483,4 +484,93 @@ pub fn backends_yaml(ups: &[&Upstream]) -> String {
     ups.iter()
         .map(|u| format!("    - \"{}\"\n", u.addr))
         .collect()
+}
+
+// ---- The raw HTTP/1 client: bytes in, bytes out, for the cases a real client never sends.
+
+/// Read one answer from `conn` (after `pending` bytes already read): its head, its body.
+/// Content-Length and chunked bodies; `head_only` for an answer to HEAD.
+pub async fn read_answer(
+    conn: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    head_only: bool,
+) -> (String, Vec<u8>) {
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_string();
+            let lower = head.to_ascii_lowercase();
+            let rest = pending[end + 4..].to_vec();
+            let length = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map(|v| v.trim().parse::<usize>().unwrap());
+            let chunked = lower.contains("transfer-encoding: chunked");
+            let body_end = if head_only {
+                Some(0)
+            } else if let Some(n) = length {
+                (rest.len() >= n).then_some(n)
+            } else if chunked {
+                rest.windows(5)
+                    .position(|w| w == b"0\r\n\r\n")
+                    .map(|p| p + 5)
+            } else {
+                None
+            };
+            if let Some(n) = body_end {
+                let body = rest[..n].to_vec();
+                *pending = rest[n..].to_vec();
+                return (head, body);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole answer; got {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+pub async fn closed_after(s: &mut tokio::net::TcpStream, started: Instant) -> Duration {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("not closed within 10 s"),
+        }
+    }
+}
+
+/// Asserts that a raw HTTP answer is the gateway's JSON error: `status_line`, the same status
+/// in the body, and an error message containing `says`.
+pub fn assert_json_error(answer: &str, status_line: &str, says: &str) {
+    let (head, body) = answer.split_once("\r\n\r\n").expect(answer);
+    assert_eq!(head.lines().next(), Some(status_line), "{answer}");
+    assert!(
+        head.contains("\r\nContent-Type: application/json\r\n"),
+        "{answer}"
+    );
+    let body: serde_json::Value = serde_json::from_str(body).expect(answer);
+    assert_eq!(body["status"].to_string(), status_line[9..12], "{answer}");
+    assert!(body["error"].as_str().unwrap().contains(says), "{answer}");
+}
+
+pub async fn all_it_says_to(ip: &str, port: u16, request: &[u8]) -> String {
+    let mut s = tcp_from(ip, port).await;
+    s.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Everything a new connection from `ip` is told before it is closed ("" when it is closed,
+/// or reset, without an answer).
+pub async fn all_it_says(ip: &str, port: u16) -> String {
+    all_it_says_to(ip, port, b"").await
 }

@@ -1,13 +1,11 @@
 //! Black-box tests of in-place reload: SIGHUP and file watching on the real binary, under
 //! load from the test, and DNS re-resolution through a hosts file.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Checks every 100 ms: reload tests watch backends come and go.
 const QUICK_HEALTH: &str =

@@ -1,12 +1,10 @@
 //! Black-box tests of the gateway core: the real binary in front of real HTTP upstreams.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 async fn served_by_counts(gw: &GatewayProc, n: usize) -> HashMap<String, usize> {
     let c = client();

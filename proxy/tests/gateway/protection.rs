@@ -1,11 +1,9 @@
 //! Black-box tests of the gateway's protections: the real binary, real upstreams, clients on
 //! different loopback addresses.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,17 +286,6 @@ async fn proxy_protocol_is_believed_only_from_trusted_balancers() {
 }
 
 /// Read until the peer closes (or resets); how long after `started` that was.
-async fn closed_after(s: &mut tokio::net::TcpStream, started: Instant) -> Duration {
-    let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
-            Ok(Ok(_)) => {}
-            Err(_) => panic!("not closed within 10 s"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_proxy_protocol_header_counts_against_the_head_deadline() {
     let (up, gw) = behind_a_balancer("slow_clients: {header_timeout: 2s}\n").await;
@@ -328,20 +315,6 @@ async fn a_stalled_proxy_protocol_header_counts_against_the_head_deadline() {
     assert_eq!(up.requests(), 0);
 }
 
-/// Asserts that a raw HTTP answer is the gateway's JSON error: `status_line`, the same status
-/// in the body, and an error message containing `says`.
-fn assert_json_error(answer: &str, status_line: &str, says: &str) {
-    let (head, body) = answer.split_once("\r\n\r\n").expect(answer);
-    assert_eq!(head.lines().next(), Some(status_line), "{answer}");
-    assert!(
-        head.contains("\r\nContent-Type: application/json\r\n"),
-        "{answer}"
-    );
-    let body: serde_json::Value = serde_json::from_str(body).expect(answer);
-    assert_eq!(body["status"].to_string(), status_line[9..12], "{answer}");
-    assert!(body["error"].as_str().unwrap().contains(says), "{answer}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_pingora_refuses_itself_get_the_gateways_json_answer_and_are_counted() {
     let (up, gw) = upstream_and_gateway("").await;
@@ -367,20 +340,6 @@ async fn heads_pingora_refuses_itself_get_the_gateways_json_answer_and_are_count
 }
 
 /// Everything a new connection from `ip` is told after sending `request`, until it is closed.
-async fn all_it_says_to(ip: &str, port: u16, request: &[u8]) -> String {
-    let mut s = tcp_from(ip, port).await;
-    s.write_all(request).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = s.read_to_end(&mut answer).await;
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
-/// Everything a new connection from `ip` is told before it is closed ("" when it is closed,
-/// or reset, without an answer).
-async fn all_it_says(ip: &str, port: u16) -> String {
-    all_it_says_to(ip, port, b"").await
-}
-
 async fn raw_get(stream: &mut tokio::net::TcpStream) -> String {
     stream
         .write_all(b"GET /items HTTP/1.1\r\nHost: x\r\n\r\n")

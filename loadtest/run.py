@@ -45,7 +45,10 @@ BODY_BYTES = int(os.environ.get("BODY_BYTES", "0"))
 SCENARIOS = os.environ.get("SCENARIOS", "overhead,equal_load,fixed_rate,instructions,items_get,items_post,flood,slowloris,"
                            "backend_killed,seed_backend").split(",")
 EQUAL_RATE = int(os.environ.get("EQUAL_RATE", "0"))
-PROXIES = ["floodgate", "nginx", "haproxy"]
+# BASELINE_BIN: another build's directory (its `gateway`), measured beside this one as
+# "floodgate-before" in the same interleaved rounds (an A/B of a change).
+BASELINE = os.environ.get("BASELINE_BIN")
+PROXIES = ["floodgate", "nginx", "haproxy"] + (["floodgate-before"] if BASELINE else [])
 TMP = tempfile.mkdtemp(prefix="floodgate-loadtest-")
 RESULTS = os.path.join(ROOT, "loadtest", "results",
                        ("smoke-" if SMOKE else "") + datetime.date.today().isoformat())
@@ -73,7 +76,7 @@ def free_ports(n):
 
 # Ports (loopback only): the trivial upstream, Floodgate and its metrics, nginx, HAProxy,
 # PostgreSQL, the seed's stack, three backends, and the three upstreams of scenario 6.
-UP, GW, GW_METRICS, NG, HA, PG, SEED_STACK, BARE, *_rest = free_ports(14)
+UP, GW, GW_METRICS, NG, HA, PG, SEED_STACK, BARE, GWB, GWB_METRICS, *_rest = free_ports(14)
 BACKENDS, KILLED_UPSTREAMS = _rest[:3], _rest[3:]
 
 
@@ -235,10 +238,10 @@ PROTECT = dict(per_ip_rate=1_000_000, per_ip_burst=100_000, global_rate=10_000_0
                per_ip_conn=60_000, header_timeout=10)
 
 
-def floodgate_conf(upstreams, limits, port=GW):
+def floodgate_conf(upstreams, limits, port=GW, metrics=GW_METRICS):
     backends = "".join(f'    - "{u}"\n' for u in upstreams)
     return f"""listen: ["127.0.0.1:{port}"]
-metrics_listen: "127.0.0.1:{GW_METRICS}"
+metrics_listen: "127.0.0.1:{metrics}"
 workers: {WORKERS}
 log_level: warn
 access_log: false
@@ -267,12 +270,14 @@ def proxy_argv(name, upstreams, limits=PROTECT, port=None):
     """The command line of one proxy in front of `upstreams` (its config written to TMP) and
     the port it listens on. nginx runs as one process without a master (for callgrind)
     when `port` is given."""
-    if name == "floodgate":
-        path = os.path.join(TMP, "gateway.yaml")
-        port = port or GW
+    if name in ("floodgate", "floodgate-before"):
+        before = name == "floodgate-before"
+        path = os.path.join(TMP, f"{name}.yaml")
+        port = port or (GWB if before else GW)
         with open(path, "w") as f:
-            f.write(floodgate_conf(upstreams, limits, port))
-        return [os.path.join(BIN, "gateway"), "-c", path, "--upgrade-sock", os.path.join(TMP, "up.sock")], port
+            f.write(floodgate_conf(upstreams, limits, port, GWB_METRICS if before else GW_METRICS))
+        binary = os.path.join(BASELINE if before else BIN, "gateway")
+        return [binary, "-c", path, "--upgrade-sock", os.path.join(TMP, f"{name}.sock")], port
     if name == "nginx":
         os.makedirs(os.path.join(TMP, "body"), exist_ok=True)
         os.makedirs(os.path.join(TMP, "proxy"), exist_ok=True)
@@ -304,7 +309,7 @@ def start_proxy(name, upstreams, limits=PROTECT):
     """Start one proxy in front of `upstreams`; returns (port, pid)."""
     argv, port = proxy_argv(name, upstreams, limits)
     p = start(name.replace(" ", "-"), argv)
-    time.sleep(1.5 if name == "floodgate" else 0.3)
+    time.sleep(1.5 if name.startswith("floodgate") else 0.3)
     wait_http(f"http://127.0.0.1:{port}/items")
     return port, p.pid
 

@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Distinct client IPs holding open connections.
     pub downstream_client_ips: IntGauge,
     pub inflight_requests: IntGauge,
+    /// Request body bytes buffered right now (`buffers.total_body_bytes` bounds it).
+    pub buffered_body_bytes: IntGauge,
     connect_failures: IntCounterVec,
     pub retries_connect: IntCounter,
     pub retries_after_send: IntCounter,
@@ -103,6 +105,11 @@ impl Metrics {
             "Requests being processed right now.",
         )
         .expect("valid metric");
+        let buffered_body_bytes = IntGauge::new(
+            "gateway_buffered_body_bytes",
+            "Request body bytes buffered right now, all connections together.",
+        )
+        .expect("valid metric");
         let connect_failures = IntCounterVec::new(
             Opts::new(
                 "gateway_upstream_connect_failures_total",
@@ -176,6 +183,7 @@ impl Metrics {
             Box::new(downstream_connections.clone()),
             Box::new(downstream_client_ips.clone()),
             Box::new(inflight_requests.clone()),
+            Box::new(buffered_body_bytes.clone()),
             Box::new(connect_failures.clone()),
             Box::new(retries.clone()),
             Box::new(rejections_vec.clone()),
@@ -196,6 +204,7 @@ impl Metrics {
             downstream_connections,
             downstream_client_ips,
             inflight_requests,
+            buffered_body_bytes,
             connect_failures,
             retries_connect: retries.with_label_values(&["connect_failure"]),
             retries_after_send: retries.with_label_values(&["error_after_send"]),

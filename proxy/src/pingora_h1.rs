@@ -36,6 +36,7 @@ use crate::forward::answer::AnswerHead;
 use crate::forward::request::write_upstream_request;
 use crate::forward::{Downstream, Outcome, Request};
 use crate::pingora_compat;
+use crate::policy::body::BodyReservation;
 use crate::policy::framing::{AnswerBody, RequestBody};
 use crate::policy::identity::{client_ip, replaced_by_gateway, usable_request_id, Forwarding};
 use crate::policy::outcome::{self, UpstreamError};
@@ -215,7 +216,7 @@ impl Gateway {
         session: &mut Session,
         snap: &Snapshot,
         expect_continue: bool,
-    ) -> std::result::Result<Bytes, Option<Rejection>> {
+    ) -> std::result::Result<(Bytes, BodyReservation), Option<Rejection>> {
         let cfg = &snap.config;
         if expect_continue {
             let go_on = ResponseHeader::build(100, Some(0)).map_err(|_| None)?;
@@ -225,6 +226,7 @@ impl Gateway {
                 .map_err(|_| None)?;
         }
         let mut held = BytesMut::new();
+        let mut reserved = self.bodies.reservation();
         let started = Instant::now();
         loop {
             body::check_progress(cfg, held.len(), started.elapsed(), false).map_err(Some)?;
@@ -241,12 +243,15 @@ impl Gateway {
                 }
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => {
+                    reserved
+                        .grow(cfg.total_body_bytes, chunk.len())
+                        .map_err(Some)?;
                     held.extend_from_slice(&chunk);
                     body::check_progress(cfg, held.len(), started.elapsed(), true).map_err(Some)?;
                 }
             }
         }
-        Ok(held.freeze())
+        Ok((held.freeze(), reserved))
     }
 
     /// The request's record, before its outcome is known.
@@ -374,7 +379,8 @@ impl ProxyHttp for Gateway {
             ctx.forwarding = forwarding;
             return Ok(false);
         }
-        let body = match self.read_body(session, &snap, facts.expect_continue).await {
+        // The reservation holds the body's bytes against the budget until it was forwarded.
+        let (body, _reserved) = match self.read_body(session, &snap, facts.expect_continue).await {
             Ok(b) => b,
             Err(Some(r)) => return self.reject(session, ctx, r, None, &[], true).await,
             // The client went away: nobody to answer.

@@ -32,6 +32,8 @@ pub struct Gateway {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
+    /// Request bodies buffered at once, all connections together.
+    pub bodies: Arc<crate::policy::body::BodyBudget>,
     /// Process-unique prefix of generated request ids.
     request_id_prefix: u32,
     request_seq: Arc<AtomicU64>,
@@ -51,6 +53,7 @@ impl Gateway {
         Gateway {
             snapshot,
             upstreams,
+            bodies: crate::policy::body::BodyBudget::new(metrics.buffered_body_bytes.clone()),
             metrics,
             request_id_prefix: seed,
             request_seq: Arc::new(AtomicU64::new(0)),

@@ -343,6 +343,9 @@ pub const MAX_CLIENT_WRITE_BYTES: usize = 1 << 20;
 pub struct FileBuffers {
     /// Largest request body (nginx `client_max_body_size`), bytes. 413 beyond.
     pub max_body_bytes: usize,
+    /// Request bodies buffered at once, all connections together, bytes: a body that would
+    /// go over it is refused 503 (`body_budget`), so slow senders cannot pin memory.
+    pub total_body_bytes: usize,
     /// Largest request head (request line + headers), bytes. 431 beyond.
     pub max_header_bytes: usize,
     /// Most request headers. 431 beyond.
@@ -359,6 +362,7 @@ impl Default for FileBuffers {
     fn default() -> Self {
         FileBuffers {
             max_body_bytes: 1 << 20,
+            total_body_bytes: 256 << 20,
             max_header_bytes: 16 << 10,
             max_headers: 100,
             client_write_bytes: 16 << 10,

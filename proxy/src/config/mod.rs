@@ -68,6 +68,7 @@ pub struct GatewayConfig {
     pub conn_per_ip: usize,
     pub conn_total: usize,
     pub max_body_bytes: usize,
+    pub total_body_bytes: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     /// The listeners' write buffer (restart-only).
@@ -278,6 +279,7 @@ impl GatewayConfig {
             conn_per_ip: f.connections.per_ip,
             conn_total: f.connections.total,
             max_body_bytes: b.max_body_bytes,
+            total_body_bytes: b.total_body_bytes,
             max_header_bytes: b.max_header_bytes,
             max_headers: b.max_headers,
             client_write_bytes: b.client_write_bytes,

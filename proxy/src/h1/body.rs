@@ -7,18 +7,24 @@ use tokio::io::AsyncReadExt;
 
 use super::request::Plan;
 use crate::downstream::ClientStream;
-use crate::policy::{body, Rejection};
+use crate::policy::body::{self, BodyReservation};
+use crate::policy::Rejection;
 use crate::state::Snapshot;
 use crate::upstream::conn::RELAY_BYTES;
 
-/// Err(None): the client went away; Err(Some): refused (408).
+/// Err(None): the client went away; Err(Some): refused (408, or 503 over the body budget).
 pub(super) async fn read(
     io: &mut ClientStream,
     buf: &mut Vec<u8>,
     plan: &Plan,
     snap: &Snapshot,
+    held: &mut BodyReservation,
 ) -> Result<(), Option<Rejection>> {
     let cfg = &snap.config;
+    if plan.body_len > 0 {
+        held.grow(cfg.total_body_bytes, plan.body_len)
+            .map_err(Some)?;
+    }
     let want = plan.head_len + plan.body_len;
     let started = Instant::now();
     while buf.len() < want {

@@ -216,6 +216,7 @@ impl Gateway {
     ) -> bool {
         let _inflight = InflightGuard::new(&self.metrics.inflight_requests);
         let started = Instant::now();
+        let mut held = self.bodies.reservation();
         let target = std::str::from_utf8(&buf[plan.target.clone()]).unwrap_or("/");
         // A refusal, its own Retry-After and headers, and whether its body is left unread.
         let refused = match admit::admit(snap, Some(plan.client_ip), target) {
@@ -224,7 +225,7 @@ impl Gateway {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
-                match body::read(io, buf, plan, snap).await {
+                match body::read(io, buf, plan, snap, &mut held).await {
                     Ok(()) => {
                         upstream
                             .extend_from_slice(&buf[plan.head_len..plan.head_len + plan.body_len]);

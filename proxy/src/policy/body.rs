@@ -4,6 +4,8 @@
 //! so a backend never gets a head without its body and an over-cap or trickled body never
 //! holds a backend slot.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::Rejection;
@@ -30,6 +32,57 @@ pub fn check_progress(
         }
     }
     Ok(())
+}
+
+/// Request bodies buffered at once, all connections together, against
+/// `buffers.total_body_bytes`. A [`BodyReservation`] holds its bytes until dropped.
+pub struct BodyBudget {
+    used: AtomicUsize,
+    gauge: prometheus::IntGauge,
+}
+
+/// Bytes of one request's body counted against the [`BodyBudget`].
+pub struct BodyReservation {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    pub fn new(gauge: prometheus::IntGauge) -> Arc<Self> {
+        Arc::new(BodyBudget {
+            used: AtomicUsize::new(0),
+            gauge,
+        })
+    }
+
+    /// An empty reservation, grown as the body arrives.
+    pub fn reservation(self: &Arc<Self>) -> BodyReservation {
+        BodyReservation {
+            budget: self.clone(),
+            bytes: 0,
+        }
+    }
+}
+
+impl BodyReservation {
+    /// Count `more` bytes, unless that takes every body in flight over `cap`: 503.
+    pub fn grow(&mut self, cap: usize, more: usize) -> Result<(), Rejection> {
+        let before = self.budget.used.fetch_add(more, Ordering::AcqRel);
+        if before + more > cap {
+            self.budget.used.fetch_sub(more, Ordering::AcqRel);
+            return Err(Rejection::BodyBudget);
+        }
+        self.bytes += more;
+        self.budget.gauge.add(more as i64);
+        Ok(())
+    }
+}
+
+impl Drop for BodyReservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.gauge.sub(self.bytes as i64);
+    }
 }
 
 #[cfg(test)]
@@ -61,5 +114,20 @@ mod tests {
             check_progress(&cfg, 1001, s(0), false),
             Err(Rejection::BodyTooLarge)
         );
+    }
+
+    #[test]
+    fn the_body_budget_is_shared_and_released() {
+        let budget = BodyBudget::new(prometheus::IntGauge::new("g", "g").unwrap());
+        let mut a = budget.reservation();
+        let mut b = budget.reservation();
+        assert!(a.grow(100, 60).is_ok());
+        assert_eq!(b.grow(100, 50), Err(Rejection::BodyBudget));
+        assert!(b.grow(100, 40).is_ok());
+        drop(a);
+        assert!(b.grow(100, 60).is_ok());
+        assert_eq!(budget.gauge.get(), 100);
+        drop(b);
+        assert_eq!(budget.gauge.get(), 0);
     }
 }

@@ -47,10 +47,13 @@ pub enum Rejection {
     /// No `Host` on HTTP/1.1, two of them, or one that is not a host name or address with
     /// an optional port: 400.
     InvalidHost,
+    /// Buffering this body would take the bodies in flight over `buffers.total_body_bytes`:
+    /// 503.
+    BodyBudget,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 19] = [
+    pub const ALL: [Rejection; 20] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -70,6 +73,7 @@ impl Rejection {
         Rejection::HeaderTimeout,
         Rejection::InvalidTarget,
         Rejection::InvalidHost,
+        Rejection::BodyBudget,
     ];
 
     pub fn label(self) -> &'static str {
@@ -93,6 +97,7 @@ impl Rejection {
             Rejection::HeaderTimeout => "header_timeout",
             Rejection::InvalidTarget => "invalid_target",
             Rejection::InvalidHost => "invalid_host",
+            Rejection::BodyBudget => "body_budget",
         }
     }
 
@@ -138,6 +143,22 @@ impl Rejection {
             Rejection::HeaderTimeout => "the request head did not arrive in time",
             Rejection::InvalidTarget => "invalid request target: only /path targets are served",
             Rejection::InvalidHost => "missing, repeated or invalid Host header",
+            Rejection::BodyBudget => {
+                "the gateway is buffering too many request bodies; retry later"
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Metrics::reject` indexes its counters by the variant's number.
+    #[test]
+    fn all_lists_every_reason_in_declaration_order() {
+        for (i, r) in Rejection::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
         }
     }
 }

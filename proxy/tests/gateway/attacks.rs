@@ -487,3 +487,40 @@ async fn the_first_request_finds_the_backend_up_and_ready_says_so() {
         assert_eq!(ready.status(), 503, "{engine}");
     }
 }
+
+/// Case 7: bodies being buffered share one budget (`buffers.total_body_bytes`): a body that
+/// would go over it is refused 503, and a slow sender's bytes count against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_in_flight_share_one_budget() {
+    let backend = Recorder::start(ok_answer).await;
+    for engine in ENGINES {
+        let gw = gateway(engine, &backend.addr, "buffers: {total_body_bytes: 100}\n").await;
+        let mut slow = tcp_from("127.0.0.1", gw.port).await;
+        slow.write_all(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 60\r\n\r\n")
+            .await
+            .unwrap();
+        slow.write_all(&[b'x'; 50]).await.unwrap();
+        // Until the slow body is counted, a 60-byte body still fits: wait for the gauge.
+        let held = after_answer(|| gw.metric("gateway_buffered_body_bytes"), |v| *v >= 50.0).await;
+        assert!(held >= 50.0, "{engine}: {held}");
+        let body = "y".repeat(60);
+        let request = format!("POST /other HTTP/1.1\r\nHost: t\r\nContent-Length: 60\r\nConnection: close\r\n\r\n{body}");
+        let got = all_it_says_to("127.0.0.2", gw.port, request.as_bytes()).await;
+        assert!(
+            got.starts_with("HTTP/1.1 503") && got.contains("Retry-After"),
+            "{engine}{got}"
+        );
+        assert!(
+            got.contains("buffering too many request bodies"),
+            "{engine}{got}"
+        );
+        assert_eq!(gw.rejections("body_budget").await, 1.0, "{engine}");
+        // The slow body completes, and its bytes are given back.
+        slow.write_all(&[b'x'; 10]).await.unwrap();
+        let mut pending = Vec::new();
+        let (head, _) = read_answer(&mut slow, &mut pending, false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{engine}{head}");
+        let left = after_answer(|| gw.metric("gateway_buffered_body_bytes"), |v| *v == 0.0).await;
+        assert_eq!(left, 0.0, "{engine}");
+    }
+}

@@ -150,7 +150,7 @@ pass "migrate ran once before the backends: migrations applied, demo keys seeded
 # --- the demo's checks ----------------------------------------------------------------------
 [ "$(code "$GW/items")" = 200 ] || fail "GET /items"
 [ "$(code -XPOST -H 'Content-Type: application/json' -d '{"name":"x","description":"y"}' "$GW/items")" = 201 ] || fail "POST /items"
-served=$(for _ in $(seq 1 9); do curl -s -D- -o /dev/null "$GW/items" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}'; done | sort | uniq -c | tr '\n' ' ')
+served=$(for _ in $(seq 1 9); do curl -s -D- -o /dev/null "$GW/items" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}'; done | sort | uniq -c | awk '{printf "%s x %s ", $1, $2}')
 [ "$(echo "$served" | grep -o backend- | wc -l)" = 3 ] || fail "round robin: $served"
 pass "round robin over 3 containers by X-Served-By: $served"
 
@@ -250,7 +250,7 @@ poke() { for _ in $(seq 1 9); do code -H 'X-API-Key: fg_demo_enterprise_key' "$G
 dc stop -t 5 redis >/dev/null 2>&1
 ok=0
 for _ in $(seq 1 20); do
-  codes=$(poke | sort | uniq -c | tr '\n' ' ')
+  codes=$(poke | sort | uniq -c | awk '{printf "%s x %s ", $1, $2}')
   [ "$(degraded)" = 3 ] && { ok=1; break; }
   sleep 1
 done

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use pingora::prelude::ResponseHeader;
 use pingora::proxy::Session;
 
-use crate::policy::outcome;
+use crate::policy::{outcome, Rejection};
 
 /// An error answer, before it is written.
 pub struct ErrorAnswer<'a> {
@@ -31,6 +31,46 @@ impl<'a> ErrorAnswer<'a> {
             request_id: None,
             headers: &[],
             keep_alive: false,
+        }
+    }
+
+    /// The answer to a request (with its id), no extra headers; `Retry-After` as
+    /// [`outcome::retry_after`] says.
+    pub fn for_request(
+        status: u16,
+        message: &'a str,
+        request_id: &'a [u8],
+        keep_alive: bool,
+    ) -> Self {
+        ErrorAnswer {
+            status,
+            message,
+            retry_after: outcome::retry_after(status, None),
+            request_id: Some(request_id),
+            headers: &[],
+            keep_alive,
+        }
+    }
+
+    /// The gateway's refusal of a request (a [`Rejection`]), with the refusal's own
+    /// `Retry-After` and headers (rate limits have them); kept alive as
+    /// [`outcome::keep_alive_after_error`] says.
+    pub fn refusal(
+        reason: Rejection,
+        retry_after: Option<u64>,
+        headers: &'a [(&'static str, String)],
+        request_id: &'a [u8],
+        unread_body: bool,
+        last: bool,
+    ) -> Self {
+        let status = reason.status();
+        ErrorAnswer {
+            status,
+            message: reason.message(),
+            retry_after: outcome::retry_after(status, retry_after),
+            request_id: Some(request_id),
+            headers,
+            keep_alive: outcome::keep_alive_after_error(status, unread_body, last),
         }
     }
 

@@ -197,15 +197,14 @@ impl Gateway {
     ) -> Result<bool> {
         ctx.rejection = Some(reason);
         self.metrics.reject(reason);
-        let status = reason.status();
-        let answer = ErrorAnswer {
-            status,
-            message: reason.message(),
-            retry_after: outcome::retry_after(status, retry_after),
-            request_id: Some(&ctx.request_id),
+        let answer = ErrorAnswer::refusal(
+            reason,
+            retry_after,
             headers,
-            keep_alive: outcome::keep_alive_after_error(status, unread_body, false),
-        };
+            &ctx.request_id,
+            unread_body,
+            false,
+        );
         let _ = answer.send(session).await;
         Ok(true)
     }
@@ -618,14 +617,7 @@ impl ProxyHttp for Gateway {
                 outcome::AfterFailure::Answer { status, message } => (status, message),
             },
         };
-        let answer = ErrorAnswer {
-            status: code,
-            message,
-            retry_after: outcome::retry_after(code, None),
-            request_id: Some(&ctx.request_id),
-            headers: &[],
-            keep_alive: false,
-        };
+        let answer = ErrorAnswer::for_request(code, message, &ctx.request_id, false);
         let _ = answer.send(session).await;
         FailToProxy {
             error_code: code,

@@ -163,14 +163,7 @@ impl Gateway {
         out.rejection = Some(reason);
         let status = reason.status();
         let keep_alive = outcome::keep_alive_after_error(status, false, req.last);
-        let answer = ErrorAnswer {
-            status,
-            message: reason.message(),
-            retry_after: outcome::retry_after(status, None),
-            request_id: Some(req.request_id),
-            headers: &[],
-            keep_alive,
-        };
+        let answer = ErrorAnswer::for_request(status, reason.message(), req.request_id, keep_alive);
         let ok = down.error(&answer).await;
         out.status = status;
         out.keep_alive = ok && keep_alive;
@@ -190,14 +183,7 @@ impl Gateway {
         match outcome::after_failure(e, down.started()) {
             AfterFailure::Cut => out.cut = true,
             AfterFailure::Answer { status, message } => {
-                let answer = ErrorAnswer {
-                    status,
-                    message,
-                    retry_after: outcome::retry_after(status, None),
-                    request_id: Some(req.request_id),
-                    headers: &[],
-                    keep_alive: false,
-                };
+                let answer = ErrorAnswer::for_request(status, message, req.request_id, false);
                 down.error(&answer).await;
                 out.status = status;
             }

@@ -23,7 +23,7 @@ use crate::answers::ErrorAnswer;
 use crate::downstream::ClientStream;
 use crate::forward::{Downstream, Request};
 use crate::policy::record::{record, Engine, Finished, InflightGuard};
-use crate::policy::{admit, outcome, Rejection};
+use crate::policy::{admit, Rejection};
 use crate::state::{Gateway, Snapshot};
 pub use request::Handover;
 use request::{Parsed, Plan};
@@ -249,21 +249,14 @@ impl Gateway {
         let mut done = finished(plan, buf, request_id, started);
         if let Some((reason, retry_after, headers, unread_body)) = refused {
             self.metrics.reject(reason);
-            let status = reason.status();
-            let keep = outcome::keep_alive_after_error(status, unread_body, last);
-            let answer_ = ErrorAnswer {
-                status,
-                message: reason.message(),
-                retry_after: outcome::retry_after(status, retry_after),
-                request_id: Some(request_id),
-                headers: &headers,
-                keep_alive: keep,
-            };
+            let answer_ =
+                ErrorAnswer::refusal(reason, retry_after, &headers, request_id, unread_body, last);
+            let keep = answer_.keep_alive;
             let ok = RawDownstream::new(io, answer, request_id)
                 .error(&answer_)
                 .await;
             done.rejection = Some(reason);
-            done.status = status;
+            done.status = reason.status();
             record(&self.metrics, snap.config.access_log, &done);
             return ok && keep;
         }

@@ -200,18 +200,7 @@ mod tests {
     /// answer is the right-most untrusted address of the whole list, however it is split.
     #[test]
     fn any_split_into_lines_gives_the_same_client() {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        println!("seed {seed}");
-        let mut x = seed | 1;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let (seed, mut next) = crate::policy::testing::seeded();
         let t = cidrs(&["10.0.0.0/8"]);
         for _ in 0..500 {
             let n = 1 + next() % 6;

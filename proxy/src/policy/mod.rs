@@ -28,5 +28,7 @@ pub mod record;
 pub mod rejection;
 pub mod request;
 pub mod retry;
+#[cfg(test)]
+pub mod testing;
 
 pub use rejection::Rejection;

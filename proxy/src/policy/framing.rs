@@ -32,8 +32,10 @@ pub fn request_framing<'a>(
     headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Result<RequestBody, Rejection> {
     let mut length: Option<u64> = None;
-    let mut te_lines = 0;
-    let mut te_chunked = true;
+    let mut has_te = false;
+    // The codings of every Transfer-Encoding line, joined in order: the last, and how many
+    // there are, and how many of them are `chunked`.
+    let (mut last_chunked, mut codings, mut chunked) = (false, 0, 0);
     for (name, value) in headers {
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_length(value).ok_or(Rejection::MalformedRequest)?;
@@ -42,18 +44,33 @@ pub fn request_framing<'a>(
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            te_lines += 1;
-            te_chunked &= value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            has_te = true;
+            for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if coding.is_empty() {
+                    continue;
+                }
+                codings += 1;
+                last_chunked = coding.eq_ignore_ascii_case(b"chunked");
+                chunked += usize::from(last_chunked);
+            }
         }
     }
-    match (te_lines, length) {
-        (0, None) => Ok(RequestBody::None),
-        (0, Some(n)) => Ok(RequestBody::Length(n)),
-        _ if http10 => Err(Rejection::MalformedRequest),
-        (_, Some(_)) => Err(Rejection::AmbiguousFraming),
-        (1, None) if te_chunked => Ok(RequestBody::Chunked),
-        _ => Err(Rejection::UnsupportedTransferEncoding),
+    if !has_te {
+        return Ok(length.map_or(RequestBody::None, RequestBody::Length));
     }
+    // RFC 9112 6.3: chunked must be the final coding, applied once (else 400, as pingora's
+    // parser answers before any hook); with Content-Length too it is a smuggling shape.
+    if http10 || !last_chunked || chunked > 1 {
+        return Err(Rejection::MalformedRequest);
+    }
+    if length.is_some() {
+        return Err(Rejection::AmbiguousFraming);
+    }
+    // Other codings before chunked are not decoded here (nginx answers 501 too).
+    if codings > 1 {
+        return Err(Rejection::UnsupportedTransferEncoding);
+    }
+    Ok(RequestBody::Chunked)
 }
 
 /// How an answer's body is delimited (RFC 9112 section 6.3).
@@ -171,7 +188,17 @@ mod tests {
                     ("Transfer-Encoding", "chunked"),
                     ("Transfer-Encoding", "chunked"),
                 ],
-                Err(UnsupportedTransferEncoding),
+                Err(MalformedRequest),
+            ),
+            (
+                false,
+                &[("Transfer-Encoding", "gzip")],
+                Err(MalformedRequest),
+            ),
+            (
+                false,
+                &[("Transfer-Encoding", "chunked, gzip")],
+                Err(MalformedRequest),
             ),
             (
                 false,

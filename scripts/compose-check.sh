@@ -56,6 +56,18 @@ GW=http://127.0.0.1:$FLOODGATE_PORT
 METRICS=http://127.0.0.1:$FLOODGATE_METRICS_PORT/metrics
 OUT=$(mktemp -d /tmp/floodgate-compose-check.XXXXXX)
 dc() { "${DC[@]}" -p "$PROJECT" -f compose.yaml -f compose.local.yaml "$@"; }
+
+# Holding the lock, any other fgcheck<pid> project is one a killed check left behind (its
+# network would hold the subnet): removed first.
+stale=$( { docker ps -a --format '{{.Label "com.docker.compose.project"}}'
+           docker network ls --format '{{.Label "com.docker.compose.project"}}'
+           docker volume ls --format '{{.Label "com.docker.compose.project"}}'; } 2>/dev/null |
+         grep -E '^fgcheck[0-9]+$' | sort -u || true)
+for p in $stale; do
+  echo "compose-check: removing what an interrupted check left: project $p"
+  docker ps -aq --filter "name=^${p}-client-" | xargs -r docker rm -f >/dev/null
+  "${DC[@]}" -p "$p" -f compose.yaml -f compose.local.yaml down -v --remove-orphans -t 1 >/dev/null 2>&1 || true
+done
 cid() { dc ps -q "$1"; }
 
 passed=0
@@ -95,9 +107,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-code() { curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$@"; }
+code() { curl -s --max-time 10 -o /dev/null -w '%{http_code}' "$@"; }
 metric() { # name-with-labels-regex: sum of the matching samples on the gateway
-  curl -s "$METRICS" | awk -v re="^$1 " '$0 ~ re {s += $NF} END {print s + 0}'
+  curl -s --max-time 10 "$METRICS" | awk -v re="^$1 " '$0 ~ re {s += $NF} END {print s + 0}'
 }
 # Waits until every service is healthy (or, for migrate, exited 0).
 wait_healthy() { # timeout-seconds
@@ -150,7 +162,7 @@ pass "migrate ran once before the backends: migrations applied, demo keys seeded
 # --- the demo's checks ----------------------------------------------------------------------
 [ "$(code "$GW/items")" = 200 ] || fail "GET /items"
 [ "$(code -XPOST -H 'Content-Type: application/json' -d '{"name":"x","description":"y"}' "$GW/items")" = 201 ] || fail "POST /items"
-served=$(for _ in $(seq 1 9); do curl -s -D- -o /dev/null "$GW/items" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}'; done | sort | uniq -c | awk '{printf "%s x %s ", $1, $2}')
+served=$(for _ in $(seq 1 9); do curl -s --max-time 10 -D- -o /dev/null "$GW/items" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}'; done | sort | uniq -c | awk '{printf "%s x %s ", $1, $2}')
 [ "$(echo "$served" | grep -o backend- | wc -l)" = 3 ] || fail "round robin: $served"
 pass "round robin over 3 containers by X-Served-By: $served"
 
@@ -164,7 +176,7 @@ ip_a=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress
 ip_b=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" "$PROJECT-client-b")
 [ -n "$ip_a" ] && [ -n "$ip_b" ] && [ "$ip_a" != "$ip_b" ] || fail "client addresses: '$ip_a' '$ip_b'"
 llm_burst() { # client n: the codes of n POST /llm through the gateway
-  docker exec "$PROJECT-client-$1" sh -c "for i in \$(seq 1 $2); do curl -s -o /dev/null -w '%{http_code} ' -XPOST http://gateway:8000/llm; done"
+  docker exec "$PROJECT-client-$1" sh -c "for i in \$(seq 1 $2); do curl -s --max-time 10 -o /dev/null -w '%{http_code} ' -XPOST http://gateway:8000/llm; done"
 }
 ip_before=$(metric 'gateway_rejections_total\{reason="rate_limit_ip"\}')
 a_codes=$(llm_burst a 8)
@@ -183,7 +195,7 @@ pass "the gateway's access log names each client's own address ($ip_a, $ip_b), n
 
 # Per-user limits shared through Redis: the free tier allows 10 a minute in all, whichever
 # backend container serves the request.
-pu=$(for _ in $(seq 1 15); do curl -s -D- -o /dev/null -H 'X-API-Key: fg_demo_free_key' "$GW/items" | tr -d '\r' |
+pu=$(for _ in $(seq 1 15); do curl -s --max-time 10 -D- -o /dev/null -H 'X-API-Key: fg_demo_free_key' "$GW/items" | tr -d '\r' |
   awk -F': ' 'NR==1 {split($0, s, " "); code=s[2]} tolower($1)=="x-served-by" {by=$2} END {print code, by}'; done)
 ok_n=$(echo "$pu" | grep -c '^200 ' || true)
 rej_n=$(echo "$pu" | grep -c '^429 ' || true)
@@ -193,17 +205,29 @@ all_by=$(echo "$pu" | awk '{print $2}' | sort -u | wc -l)
 [ "$all_by" = 3 ] && [ "$rej_by" -ge 2 ] || fail "per-user: answers from $all_by backends, 429s from $rej_by"
 pass "per-user 429 from the backends, shared across containers: 10 x 200 then 5 x 429 (429s from $rej_by backends; answers from all 3)"
 
-llm=$(curl -s --max-time 20 -XPOST -H 'X-API-Key: fg_demo_pro_key' -H 'Content-Type: application/json' -d '{"prompt":"hello"}' "$GW/llm")
+llm_call() { curl -s --max-time 20 -XPOST -H 'X-API-Key: fg_demo_pro_key' -H 'Content-Type: application/json' -d '{"prompt":"hello"}' "$GW/llm"; }
+llm=$(llm_call)
+# A backend whose Redis call timed out (REDIS_TIMEOUT, 100 ms: a stall of this loaded machine is
+# enough) makes no vendor call for one contract window, by design: said, then waited for.
+if ! grep -q completion <<<"$llm" && grep -q '"stage":"global_limiter"' <<<"$llm" &&
+   grep -q 'no vendor calls for one window' <<<"$(dc logs --no-color backend-1 backend-2 backend-3 2>&1)"; then
+  echo "NOTE  vendor calls paused for one window: a backend's Redis call timed out (its log says so); waiting"
+  for _ in $(seq 1 15); do
+    sleep 5
+    llm=$(llm_call)
+    grep -q completion <<<"$llm" && break
+  done
+fi
 grep -q completion <<<"$llm" || fail "vendor call: $llm"
 pass "vendor call through the guarded pipeline to mock-vendor: ${llm:0:80}"
 
-curl -s "$METRICS" >"$OUT/gw.metrics"
+curl -s --max-time 10 "$METRICS" >"$OUT/gw.metrics"
 grep -q '^gateway_requests_total' "$OUT/gw.metrics" && grep -q 'gateway_rejections_total{reason="rate_limit_ip"}' "$OUT/gw.metrics" || fail "gateway /metrics"
 for b in backend-1 backend-2 backend-3; do
-  dc exec -T "$b" curl -s http://127.0.0.1:8001/metrics >"$OUT/$b.metrics" || fail "$b /metrics"
+  dc exec -T "$b" curl -s --max-time 10 http://127.0.0.1:8001/metrics >"$OUT/$b.metrics" || fail "$b /metrics"
   grep -q '^backend_requests_total' "$OUT/$b.metrics" || fail "$b /metrics: no backend_requests_total"
 done
-cat "$OUT"/backend-*.metrics | grep -q '^backend_vendor_stage_total' || fail "backend /metrics: no backend_vendor_stage_total"
+grep -q '^backend_vendor_stage_total' "$OUT"/backend-*.metrics || fail "backend /metrics: no backend_vendor_stage_total"
 pass "/metrics: gateway on the published port ($(grep -c '^gateway_' "$OUT/gw.metrics") samples), each backend container ($(grep -c '^backend_' "$OUT/backend-1.metrics") samples on backend-1), vendor stages counted"
 
 # --- containers broken on purpose -----------------------------------------------------------
@@ -241,7 +265,7 @@ pass "backend-2 started again: healthy, back in the rotation (3 up)"
 degraded() { # sum of backend_ratelimit_degraded over the 3 backends
   local s=0 b v
   for b in backend-1 backend-2 backend-3; do
-    v=$(dc exec -T "$b" curl -s http://127.0.0.1:8001/metrics | awk '$1 == "backend_ratelimit_degraded" {print $2}')
+    v=$(dc exec -T "$b" curl -s --max-time 10 http://127.0.0.1:8001/metrics | awk '$1 == "backend_ratelimit_degraded" {print $2}')
     s=$((s + ${v:-0}))
   done
   echo "$s"

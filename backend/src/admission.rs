@@ -6,9 +6,12 @@
 //! - `adaptive` (the default): the cap is a limit that follows measured latency, a gradient
 //!   algorithm in the manner of Netflix's concurrency-limits (Gradient2) and Envoy's adaptive
 //!   concurrency filter ([`GradientLimit`]). A request over the limit waits up to
-//!   `ADMISSION_QUEUE_TIMEOUT` for a slot (first come, first served), so a burst is absorbed
-//!   rather than refused; when the wait runs out, or the queue is full, it gets 503 +
-//!   `Retry-After`.
+//!   `ADMISSION_QUEUE_TIMEOUT` for a slot, so a burst is absorbed rather than refused; when
+//!   the wait runs out, or the queue is full, it gets 503 + `Retry-After`. Slots go to the
+//!   oldest waiter, except while waits are running out (a waiter timed out in the last
+//!   [`LIFO_AFTER_TIMEOUT`]): then to the newest (adaptive LIFO, as in Facebook's "Fail at
+//!   scale"), so under sustained overload the requests served have barely waited and the
+//!   queue timeout bounds only how long a refused one waited for its 503.
 //!
 //! Time is tokio's clock ([`tokio::time::Instant`]), so tests drive it with a paused runtime,
 //! and the limit itself is a plain state machine fed (time, latency, in flight) samples.
@@ -38,8 +41,10 @@ pub struct AdmissionSettings {
     pub max_in_flight: usize,
     pub min: usize,
     pub max: usize,
-    /// Latency up to `tolerance` x the baseline counts as "near" it (no cut).
+    /// Latency up to `tolerance` x the baseline counts as "near" it (no cut)...
     pub tolerance: f64,
+    /// ... and so does latency up to the baseline + `slack`, whichever is more.
+    pub slack: Duration,
     /// Longest a request waits for a slot (adaptive only; zero: no waiting).
     pub queue_timeout: Duration,
 }
@@ -52,6 +57,7 @@ impl AdmissionSettings {
             min: 1,
             max: cap,
             tolerance: 2.0,
+            slack: Duration::ZERO,
             queue_timeout: Duration::ZERO,
         }
     }
@@ -65,11 +71,14 @@ impl AdmissionSettings {
 ///   [`BASELINE_SPAN`] (kept as one minimum per [`BASELINE_BUCKET`]): the latency of a
 ///   request that did not queue anywhere, which under load still happens, and which follows
 ///   a database that became slower for good within the span;
-/// - gradient = clamp(tolerance x baseline / window average, 0.5, 1);
+/// - the allowed latency is max(tolerance x baseline, baseline + slack): a multiple of the
+///   baseline, and for very fast requests an absolute allowance (on a loaded machine a 0.2 ms
+///   request is 1 ms at a concurrency of 5: not worth refusing anyone for);
+/// - gradient = clamp(allowed / window average, 0.5, 1);
 /// - new = limit x gradient + sqrt(limit) (a little headroom so the limit keeps probing);
 ///   the limit moves [`SMOOTHING`] of the way to `new`, within `min..=max`.
 ///
-/// So while the average stays within `tolerance` x the baseline the limit grows by about
+/// So while the average stays within the allowance the limit grows by about
 /// sqrt(limit) a window, and when latency rises it is cut by up to half a window. It only
 /// grows when the window used at least half the limit: an idle instance does not talk itself
 /// into a limit it never tried.
@@ -79,6 +88,7 @@ pub struct GradientLimit {
     min: f64,
     max: f64,
     tolerance: f64,
+    slack: Duration,
     window_start: Option<Instant>,
     window_sum: Duration,
     window_n: u32,
@@ -100,13 +110,14 @@ pub const BASELINE_BUCKET: Duration = Duration::from_secs(1);
 pub const SMOOTHING: f64 = 0.3;
 
 impl GradientLimit {
-    pub fn new(initial: usize, min: usize, max: usize, tolerance: f64) -> Self {
+    pub fn new(initial: usize, min: usize, max: usize, tolerance: f64, slack: Duration) -> Self {
         let (min, max) = (min.max(1) as f64, max.max(min.max(1)) as f64);
         GradientLimit {
             limit: (initial as f64).clamp(min, max),
             min,
             max,
             tolerance: tolerance.max(1.0),
+            slack,
             window_start: None,
             window_sum: Duration::ZERO,
             window_n: 0,
@@ -152,8 +163,9 @@ impl GradientLimit {
         self.window_n = 0;
         self.window_max_inflight = 0;
         let baseline = self.baseline().unwrap_or(rtt).as_secs_f64();
+        let allowed = (self.tolerance * baseline).max(baseline + self.slack.as_secs_f64());
         let gradient = if average > 0.0 {
-            (self.tolerance * baseline / average).clamp(0.5, 1.0)
+            (allowed / average).clamp(0.5, 1.0)
         } else {
             1.0
         };
@@ -203,7 +215,12 @@ struct State {
     cap: usize,
     /// Requests waiting for a slot, oldest first.
     waiters: VecDeque<oneshot::Sender<Permit>>,
+    /// When a waiter last timed out.
+    last_timeout: Option<Instant>,
 }
+
+/// How long after a waiter timed out slots go to the newest waiter.
+pub const LIFO_AFTER_TIMEOUT: Duration = Duration::from_millis(250);
 
 impl State {
     fn limit(&self) -> usize {
@@ -257,6 +274,7 @@ impl Admission {
                 settings.min,
                 settings.max,
                 settings.tolerance,
+                settings.slack,
             )
         });
         let state = State {
@@ -264,6 +282,7 @@ impl Admission {
             cap: settings.max_in_flight,
             gradient,
             waiters: VecDeque::new(),
+            last_timeout: None,
         };
         let limit = state.limit();
         if let Some(m) = &metrics {
@@ -347,6 +366,7 @@ impl Admission {
             // Timed-out waiters are dropped from the queue here, not only when a slot frees.
             let mut s = self.lock();
             s.waiters.retain(|tx| !tx.is_closed());
+            s.last_timeout = Some(Instant::now());
             if let Some(m) = &self.metrics {
                 m.queued.set(s.waiters.len() as i64);
             }
@@ -372,9 +392,18 @@ impl Admission {
                 }
             }
         }
-        // The slot goes to the oldest waiter still waiting, if the limit allows it.
+        // The slot goes to a waiter still waiting, if the limit allows it: the oldest, or the
+        // newest while waits are running out.
+        let lifo = s
+            .last_timeout
+            .is_some_and(|t| t.elapsed() < LIFO_AFTER_TIMEOUT);
         while s.inflight <= s.limit() {
-            let Some(tx) = s.waiters.pop_front() else {
+            let next = if lifo {
+                s.waiters.pop_back()
+            } else {
+                s.waiters.pop_front()
+            };
+            let Some(tx) = next else {
                 break;
             };
             let handed = Permit {
@@ -431,6 +460,7 @@ mod tests {
                 min,
                 max,
                 tolerance: 2.0,
+                slack: Duration::ZERO,
                 queue_timeout: Duration::from_millis(queue_ms),
             },
             None,
@@ -461,7 +491,7 @@ mod tests {
 
     #[test]
     fn limit_rises_while_latency_stays_near_the_baseline() {
-        let mut g = GradientLimit::new(20, 5, 500, 2.0);
+        let mut g = GradientLimit::new(20, 5, 500, 2.0, Duration::ZERO);
         let mut t = Instant::now();
         let ms = Duration::from_millis(1);
         drive(&mut g, &mut t, 5, ms, 20);
@@ -483,8 +513,26 @@ mod tests {
     }
 
     #[test]
+    fn the_slack_lets_fast_requests_queue_a_little() {
+        let ms = Duration::from_millis(1);
+        let mut with = GradientLimit::new(20, 5, 500, 2.0, ms * 5);
+        let mut without = GradientLimit::new(20, 5, 500, 2.0, Duration::ZERO);
+        for g in [&mut with, &mut without] {
+            let mut t = Instant::now();
+            drive(g, &mut t, 2, ms / 5, 20);
+            // 4 ms: 20 x the 0.2 ms baseline, within baseline + 5 ms.
+            for _ in 0..20 {
+                let used = g.limit();
+                drive(g, &mut t, 1, ms * 4, used);
+            }
+        }
+        assert!(with.limit() > 20, "{}", with.limit());
+        assert!(without.limit() < 10, "{}", without.limit());
+    }
+
+    #[test]
     fn an_idle_instance_does_not_raise_its_limit() {
-        let mut g = GradientLimit::new(50, 5, 500, 2.0);
+        let mut g = GradientLimit::new(50, 5, 500, 2.0, Duration::ZERO);
         let mut t = Instant::now();
         drive(&mut g, &mut t, 50, Duration::from_millis(1), 3);
         assert_eq!(g.limit(), 50);
@@ -492,7 +540,7 @@ mod tests {
 
     #[test]
     fn limit_falls_when_latency_rises_and_recovers() {
-        let mut g = GradientLimit::new(200, 10, 1000, 2.0);
+        let mut g = GradientLimit::new(200, 10, 1000, 2.0, Duration::ZERO);
         let mut t = Instant::now();
         let ms = Duration::from_millis(1);
         drive(&mut g, &mut t, 3, ms, 200);
@@ -517,7 +565,7 @@ mod tests {
 
     #[test]
     fn a_slow_burst_cuts_by_at_most_half_per_window() {
-        let mut g = GradientLimit::new(100, 1, 1000, 2.0);
+        let mut g = GradientLimit::new(100, 1, 1000, 2.0, Duration::ZERO);
         let mut t = Instant::now();
         drive(&mut g, &mut t, 1, Duration::from_millis(1), 100);
         let before = g.limit() as f64;
@@ -565,6 +613,40 @@ mod tests {
         for w in w {
             assert_eq!(w.await.unwrap(), Err(Shed::QueueTimeout));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_timeout_slots_go_to_the_newest_waiter_for_a_while() {
+        let a = adaptive(1, 3, 1, 10);
+        let p = a.enter().await.unwrap();
+        assert_eq!(a.enter().await.err(), Some(Shed::QueueTimeout));
+        let wait = |a: &Arc<Admission>| {
+            let a = a.clone();
+            tokio::spawn(async move { a.enter().await.map(|p| (Instant::now(), p)) })
+        };
+        let old = wait(&a);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let new = wait(&a);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let freed = Instant::now();
+        p.done();
+        let (at, held) = new.await.unwrap().expect("the newest is served");
+        assert_eq!(at, freed);
+        assert_eq!(old.await.unwrap().err(), Some(Shed::QueueTimeout));
+        drop(held);
+        // Once no wait has run out for LIFO_AFTER_TIMEOUT, first come first served again.
+        tokio::time::sleep(LIFO_AFTER_TIMEOUT).await;
+        let p = a.enter().await.unwrap();
+        let old = wait(&a);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let new = wait(&a);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        drop(p);
+        let (at, held) = old.await.unwrap().expect("the oldest is served");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        drop(held);
+        let (next, _) = new.await.unwrap().expect("then the next");
+        assert!(next > at);
     }
 
     #[tokio::test(start_paused = true)]

@@ -64,8 +64,13 @@ pub struct Settings {
     /// limit grow; above it the limit is cut in proportion (at most by half a window).
     #[arg(long, env = "ADMISSION_TOLERANCE", default_value_t = 2.0)]
     pub admission_tolerance: f64,
-    /// `adaptive`: longest a request over the limit waits for a slot before 503.
-    #[arg(long, env = "ADMISSION_QUEUE_TIMEOUT", default_value = "10ms", value_parser = duration)]
+    /// `adaptive`: ... as does latency up to the baseline plus this, whichever is more (an
+    /// absolute allowance for requests of a fraction of a millisecond).
+    #[arg(long, env = "ADMISSION_SLACK", default_value = "10ms", value_parser = duration)]
+    pub admission_slack: Duration,
+    /// `adaptive`: longest a request over the limit waits for a slot before 503 (slots go to
+    /// the oldest waiter, or to the newest while waits are running out).
+    #[arg(long, env = "ADMISSION_QUEUE_TIMEOUT", default_value = "25ms", value_parser = duration)]
     pub admission_queue_timeout: Duration,
     /// Listen backlog (pending connections the kernel queues).
     #[arg(long, env = "LISTEN_BACKLOG", default_value_t = 1024)]
@@ -229,6 +234,7 @@ impl Settings {
             min: self.admission_min,
             max: self.admission_max,
             tolerance: self.admission_tolerance,
+            slack: self.admission_slack,
             queue_timeout: self.admission_queue_timeout,
         })
     }

@@ -31,6 +31,7 @@ pub struct Metrics {
     /// Request body bytes buffered right now (`buffers.total_body_bytes` bounds it).
     pub buffered_body_bytes: IntGauge,
     connect_failures: IntCounterVec,
+    ejections: IntCounterVec,
     pub retries_connect: IntCounter,
     pub retries_after_send: IntCounter,
     rejections: Vec<IntCounter>,
@@ -51,6 +52,8 @@ pub struct BackendMetrics {
     pub requests: [IntCounter; 5],
     pub up: IntGauge,
     pub connect_failures: IntCounter,
+    /// Passive outlier ejections of this backend.
+    pub ejections: IntCounter,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -108,6 +111,14 @@ impl Metrics {
         let buffered_body_bytes = IntGauge::new(
             "gateway_buffered_body_bytes",
             "Request body bytes buffered right now, all connections together.",
+        )
+        .expect("valid metric");
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "gateway_backend_ejections_total",
+                "Passive outlier ejections (upstream.outlier): N failures in a row.",
+            ),
+            &["backend"],
         )
         .expect("valid metric");
         let connect_failures = IntCounterVec::new(
@@ -185,6 +196,7 @@ impl Metrics {
             Box::new(inflight_requests.clone()),
             Box::new(buffered_body_bytes.clone()),
             Box::new(connect_failures.clone()),
+            Box::new(ejections.clone()),
             Box::new(retries.clone()),
             Box::new(rejections_vec.clone()),
         ] {
@@ -206,6 +218,7 @@ impl Metrics {
             inflight_requests,
             buffered_body_bytes,
             connect_failures,
+            ejections,
             retries_connect: retries.with_label_values(&["connect_failure"]),
             retries_after_send: retries.with_label_values(&["error_after_send"]),
             rejections,
@@ -225,6 +238,7 @@ impl Metrics {
             requests: CLASSES.map(|c| self.requests.with_label_values(&[c, label])),
             up: self.backend_up.with_label_values(&[label]),
             connect_failures: self.connect_failures.with_label_values(&[label]),
+            ejections: self.ejections.with_label_values(&[label]),
         }
     }
 

@@ -456,7 +456,7 @@ impl ProxyHttp for Gateway {
         let Some(backend) = ctx
             .again
             .take()
-            .or_else(|| self.upstreams.select(&ctx.tried))
+            .or_else(|| self.upstreams.select(&ctx.tried, &ctx.snap.config.balance))
         else {
             ctx.rejection = Some(Rejection::NoHealthyBackend);
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");

@@ -94,6 +94,47 @@ pub struct FileUpstream {
     pub queue_timeout: PositiveDuration,
     /// A hosts-format file consulted before DNS when resolving backend names.
     pub hosts_file: Option<std::path::PathBuf>,
+    /// How a backend is chosen for a request.
+    pub balance: Balance,
+    /// Peak-EWMA decay of `p2c_ewma`: how fast an old latency sample loses weight.
+    pub ewma_decay: PositiveDuration,
+    /// Passive outlier ejection.
+    pub outlier: FileOutlier,
+}
+
+/// `upstream.balance`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Weighted round robin.
+    RoundRobin,
+    /// The fewest requests in flight per unit of weight, ties broken at random.
+    LeastConn,
+    /// Power of two random choices over peak-EWMA latency x (in flight + 1) / weight.
+    P2cEwma,
+}
+
+/// `upstream.outlier:` N consecutive failures (5xx answers, connect failures, timeouts)
+/// eject a backend for a time that doubles with each ejection in a row (Envoy's rule).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileOutlier {
+    /// Consecutive failures that eject a backend; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each further one in a row doubles it, up to 10x.
+    pub base_ejection: PositiveDuration,
+    /// At most this share of a pool is ejected at once, percent.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for FileOutlier {
+    fn default() -> Self {
+        FileOutlier {
+            consecutive_failures: 5,
+            base_ejection: PositiveDuration(Duration::from_secs(10)),
+            max_ejection_percent: 50,
+        }
+    }
 }
 
 impl Default for FileUpstream {
@@ -112,6 +153,9 @@ impl Default for FileUpstream {
             max_queue: 100,
             queue_timeout: PositiveDuration(Duration::from_secs(1)),
             hosts_file: None,
+            balance: Balance::RoundRobin,
+            ewma_decay: PositiveDuration(Duration::from_secs(10)),
+            outlier: FileOutlier::default(),
         }
     }
 }

@@ -56,6 +56,7 @@ pub struct GatewayConfig {
     pub timeouts: Timeouts,
     /// Per-backend concurrency cap (0 = none), its queue length and queue timeout.
     pub backend_queue: BackendQueue,
+    pub balance: Balancing,
     pub trusted_proxies: Vec<Cidr>,
     pub proxy_protocol: bool,
     pub ipv6_prefix: u8,
@@ -106,6 +107,16 @@ impl From<&FileRateLimit> for RateSpec {
             max_delay: f.max_delay.0,
         }
     }
+}
+
+/// How backends are chosen and when one is ejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Balancing {
+    pub algorithm: Balance,
+    pub ewma_decay: Duration,
+    pub eject_after: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
 }
 
 /// HAProxy-style per-backend concurrency cap.
@@ -263,6 +274,13 @@ impl GatewayConfig {
             ));
         }
         Ok(GatewayConfig {
+            balance: Balancing {
+                algorithm: f.upstream.balance,
+                ewma_decay: f.upstream.ewma_decay.0,
+                eject_after: f.upstream.outlier.consecutive_failures,
+                base_ejection: f.upstream.outlier.base_ejection.0,
+                max_ejection_percent: f.upstream.outlier.max_ejection_percent.min(100),
+            },
             backend_queue: BackendQueue {
                 max_concurrent: f.upstream.max_concurrent_per_backend,
                 max_queue: f.upstream.max_queue,

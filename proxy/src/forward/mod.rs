@@ -86,13 +86,18 @@ impl Gateway {
         let mut again: Option<Backend> = None;
         let mut out = Outcome::default();
         loop {
-            let Some(backend) = again.take().or_else(|| self.upstreams.select(&tried)) else {
+            let Some(backend) = again
+                .take()
+                .or_else(|| self.upstreams.select(&tried, &cfg.balance))
+            else {
                 return self
                     .refuse(req, down, Rejection::NoHealthyBackend, out)
                     .await;
             };
             let addr = *backend.as_inet().expect("backends are inet addresses");
             let state = state_of(&backend).clone();
+            // In flight from here (its queue wait included), for `least_conn` and `p2c_ewma`.
+            let _load = state.load.begin();
             let _slot = match state.gate.enter(&cfg.backend_queue).await {
                 Ok(slot) => slot,
                 Err(reason) => return self.refuse(req, down, reason, out).await,
@@ -111,6 +116,7 @@ impl Gateway {
                     Ok(c) => c,
                     Err(e) => {
                         state.metrics.connect_failures.inc();
+                        self.upstreams.observe(&state, None, false, &cfg.balance);
                         tried.push(addr);
                         if retry::decide(cfg, req.idempotent, Failure::Connect, &mut attempts)
                             == Retry::AnotherBackend
@@ -122,6 +128,7 @@ impl Gateway {
                     }
                 },
             };
+            let sent = std::time::Instant::now();
             let head = conn::exchange_head(
                 &mut c,
                 req.bytes,
@@ -132,10 +139,20 @@ impl Gateway {
             )
             .await;
             let head = match head {
-                Ok(h) => h,
+                Ok(h) => {
+                    let ok = h.status < 500;
+                    self.upstreams
+                        .observe(&state, Some(sent.elapsed()), ok, &cfg.balance);
+                    h
+                }
                 Err((e, answered)) => {
                     let failure = Failure::AfterSend { reused, answered };
-                    match retry::decide(cfg, req.idempotent, failure, &mut attempts) {
+                    let decision = retry::decide(cfg, req.idempotent, failure, &mut attempts);
+                    // A stale pooled connection is not the backend's failure.
+                    if decision != Retry::SameBackendNewConnection {
+                        self.upstreams.observe(&state, None, false, &cfg.balance);
+                    }
+                    match decision {
                         Retry::SameBackendNewConnection => {
                             fresh_only = true;
                             again = Some(backend);

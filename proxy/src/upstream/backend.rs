@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use pingora::lb::Backend;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::balance::Load;
 use super::conn::Idle;
 use crate::config::BackendQueue;
 use crate::metrics::BackendMetrics;
@@ -30,6 +31,8 @@ pub struct BackendState {
     pub gate: BackendGate,
     /// Idle keep-alive connections, most recent last ([`super::conn`]).
     pub idle: Mutex<Vec<Idle>>,
+    /// Requests in flight, latency estimate, outlier state ([`super::balance`]).
+    pub load: Load,
 }
 
 impl BackendState {
@@ -43,6 +46,7 @@ impl BackendState {
             metrics,
             gate: BackendGate::new(max_concurrent),
             idle: Mutex::new(Vec::new()),
+            load: Load::default(),
         }
     }
 

@@ -6,6 +6,7 @@
 //! that never answers its readiness probe never sees a request.
 
 pub mod backend;
+pub mod balance;
 pub mod conn;
 mod health;
 
@@ -26,7 +27,7 @@ use pingora::lb::{Backend, Extensions, LoadBalancer};
 use pingora::protocols::l4::socket::SocketAddr as PSocketAddr;
 use pingora::Result;
 
-use crate::config::{BackendQueue, BackendSpec, HealthSettings};
+use crate::config::{BackendQueue, BackendSpec, Balance, Balancing, HealthSettings};
 use crate::metrics::Metrics;
 use health::{ReadinessCheck, SharedCheck};
 
@@ -222,10 +223,48 @@ impl Upstreams {
 
     /// Pick the next backend (weighted round robin) that is up by our own health state
     /// (pingora's is ignored: see [`health`]) and is not in `tried`.
-    pub fn select(&self, tried: &[SocketAddr]) -> Option<Backend> {
-        self.lb.select_with(b"", 256, |b, _| {
-            state_of(b).is_up() && !b.as_inet().is_some_and(|a| tried.contains(a))
-        })
+    pub fn select(&self, tried: &[SocketAddr], cfg: &Balancing) -> Option<Backend> {
+        let usable = |b: &Backend| {
+            let s = state_of(b);
+            s.is_up() && !s.load.is_ejected() && !b.as_inet().is_some_and(|a| tried.contains(a))
+        };
+        if cfg.algorithm == Balance::RoundRobin {
+            return self.lb.select_with(b"", 256, |b, _| usable(b));
+        }
+        let pool = self.discovery.current.load();
+        let candidates: Vec<&Backend> = pool.iter().filter(|b| usable(b)).collect();
+        balance::choose(&candidates, cfg).cloned()
+    }
+
+    /// One exchange's outcome with a backend: its time to an answer head (None when there
+    /// was no answer) and whether it was a success (not a 5xx, a connect failure or a
+    /// timeout), for the latency estimates and the outlier ejection.
+    pub fn observe(
+        &self,
+        state: &BackendState,
+        rtt: Option<std::time::Duration>,
+        ok: bool,
+        cfg: &Balancing,
+    ) {
+        if let Some(rtt) = rtt {
+            state.load.observe_latency(rtt, cfg.ewma_decay);
+        }
+        if cfg.eject_after == 0 {
+            return;
+        }
+        let pool = self.discovery.current.load();
+        let ejected = pool
+            .iter()
+            .filter(|b| state_of(b).load.is_ejected())
+            .count();
+        if let Some(length) = state.load.observe_result(ok, cfg, pool.len(), ejected) {
+            state.metrics.ejections.inc();
+            log::warn!(
+                "backend {} ejected for {length:?}: {} failures in a row",
+                state.label,
+                cfg.eject_after
+            );
+        }
     }
 
     /// Refresh `gateway_backend_up` from the health state (called when metrics are scraped).

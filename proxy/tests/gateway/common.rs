@@ -37,6 +37,10 @@ pub struct UpstreamState {
     /// Request bodies received completely, and the largest one.
     pub bodies: AtomicU64,
     pub max_body: AtomicUsize,
+    /// Every request (not health checks) waits this long before its answer.
+    pub delay_ms: AtomicU64,
+    /// Every request (not health checks) is answered 500.
+    pub failing: AtomicBool,
 }
 
 /// A real HTTP upstream that says who it is. `/slow?ms=N` waits N ms before answering;
@@ -184,6 +188,18 @@ async fn handle(
     };
     if path == "/slow" {
         tokio::time::sleep(Duration::from_millis(number("ms=", 1000))).await;
+    }
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if state.failing.load(Ordering::SeqCst) {
+        state.inflight.fetch_sub(1, Ordering::SeqCst);
+        return Ok(Response::builder()
+            .status(500)
+            .header("X-Served-By", name.as_str())
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap());
     }
     state.inflight.fetch_sub(1, Ordering::SeqCst);
     if path == "/drop" {

@@ -3,6 +3,7 @@
 //! the own HTTP/1 engine off (`make test` does both).
 
 mod attacks;
+mod balancing;
 mod common;
 mod own_engine;
 mod protection;

@@ -43,7 +43,7 @@ WORKERS = int(os.environ.get("WORKERS", "1"))
 CONNS = int(os.environ.get("CONNS", "50"))
 BODY_BYTES = int(os.environ.get("BODY_BYTES", "0"))
 SCENARIOS = os.environ.get("SCENARIOS", "overhead,equal_load,fixed_rate,instructions,items_get,items_post,flood,slowloris,"
-                           "backend_killed,seed_backend").split(",")
+                           "backend_killed,slow_backend,seed_backend").split(",")
 EQUAL_RATE = int(os.environ.get("EQUAL_RATE", "0"))
 # BASELINE_BIN: another build's directory (its `gateway`), measured beside this one as
 # "floodgate-before" in the same interleaved rounds (an A/B of a change).
@@ -235,7 +235,7 @@ def normal_traffic(url, seconds, ips=("127.0.0.3", "127.0.0.4", "127.0.0.5"), co
 # --- the systems under test ---------------------------------------------------------------
 
 PROTECT = dict(per_ip_rate=1_000_000, per_ip_burst=100_000, global_rate=10_000_000, global_burst=1_000_000,
-               per_ip_conn=60_000, header_timeout=10)
+               per_ip_conn=60_000, header_timeout=10, balance="round_robin")
 
 
 def floodgate_conf(upstreams, limits, port=GW, metrics=GW_METRICS):
@@ -246,6 +246,7 @@ workers: {WORKERS}
 log_level: warn
 access_log: false
 upstream:
+  balance: {limits.get('balance', 'round_robin')}
   backends:
 {backends}  health_check: {{interval: 1s, timeout: 1s, failures: 2, successes: 1}}
   retry_idempotent: true
@@ -286,7 +287,9 @@ def proxy_argv(name, upstreams, limits=PROTECT, port=None):
         port = port or NG
         with open(path, "w") as f:
             f.write(fill("nginx/overhead.conf.tmpl", dict(
-                WORKERS=WORKERS, TMP=TMP, PORT=port, UPSTREAMS=" ".join(f"server {u};" for u in upstreams),
+                WORKERS=WORKERS, TMP=TMP, PORT=port,
+                UPSTREAMS=("least_conn; " if limits.get("balance", "round_robin") != "round_robin" else "")
+                + " ".join(f"server {u};" for u in upstreams),
                 PER_IP_RATE=limits["per_ip_rate"], PER_IP_BURST=limits["per_ip_burst"],
                 GLOBAL_RATE=limits["global_rate"], GLOBAL_BURST=limits["global_burst"],
                 PER_IP_CONN=limits["per_ip_conn"], HEADER_TIMEOUT=limits["header_timeout"])))
@@ -298,6 +301,7 @@ def proxy_argv(name, upstreams, limits=PROTECT, port=None):
         with open(path, "w") as f:
             f.write(fill("haproxy/haproxy.cfg.tmpl", dict(
                 WORKERS=WORKERS, TMP=TMP, PORT=port, SERVERS=servers,
+                BALANCE="roundrobin" if limits.get("balance", "round_robin") == "round_robin" else "leastconn",
                 PER_IP_RATE=limits["per_ip_rate"], PER_IP_CONN=limits["per_ip_conn"],
                 GLOBAL_RATE=limits["global_rate"], HEADER_TIMEOUT=limits["header_timeout"])))
         return ["haproxy", "-f", path, "-db"], port
@@ -391,7 +395,9 @@ def interleaved(targets, measure, label):
                 f" non-2xx {m['non2xx']} errors {m['errors']}")
     out = {}
     for t, ss in samples.items():
-        out[t] = {k: statistics.median(s[k] for s in ss) for k in ("rps", "p50", "p90", "p99", "cpu_per_10k", "user_us", "sys_us")}
+        keys = ("rps", "p50", "p90", "p99", "cpu_per_10k", "user_us", "sys_us") + tuple(
+            k for k in ("slow_share",) if k in ss[0])
+        out[t] = {k: statistics.median(s[k] for s in ss) for k in keys}
         out[t]["non2xx"] = sum(s["non2xx"] for s in ss)
         out[t]["errors"] = sum(s["errors"] for s in ss)
         pid = targets[t][1]
@@ -560,6 +566,33 @@ def scenario_instructions(upstreams):
     return out
 
 
+def scenario_slow_backend():
+    """One upstream of three answering 50 ms late (a GC pause, a noisy neighbour), the others at
+    once: wrk's p50/p99 through each proxy and the share of requests the slow one served (its
+    own count), Floodgate with `balance: p2c_ewma`, nginx with `least_conn`, HAProxy with
+    `leastconn`, and Floodgate with round robin as the control."""
+    ports = free_ports(3)
+    procs = [start_fast_upstream(p, delay_ms=50 if i == 2 else None) for i, p in enumerate(ports)]
+    slow = f"http://127.0.0.1:{ports[2]}/__count"
+
+    def count():
+        with urllib.request.urlopen(slow, timeout=5) as r:
+            return int(r.read())
+
+    def measure(url):
+        before = count()
+        r = wrk(url, conns=20)
+        r["slow_share"] = (count() - before) / max(r["requests"], 1)
+        return r
+    upstreams = [f"127.0.0.1:{p}" for p in ports]
+    out = with_all_proxies(upstreams, measure, "slow_backend", limits={**PROTECT, "balance": "p2c_ewma"})
+    control = with_all_proxies(upstreams, measure, "slow_backend_rr", limits=PROTECT)
+    out["floodgate round robin"] = control["floodgate"]
+    for p in procs:
+        stop(p.pid)
+    return out
+
+
 def scenario_backend_killed():
     """Three upstreams answering in 2 ms; one is SIGKILLed mid-run under a steady 2,000 GET/s.
     Failed requests seen by clients, when the last one failed, and when the proxy stopped
@@ -706,6 +739,9 @@ def main():
         if "slowloris" in SCENARIOS:
             log("scenario 5: slowloris connections, normal traffic from three other IPs")
             report["slowloris"] = scenario_slowloris(trivial)
+        if "slow_backend" in SCENARIOS:
+            log("scenario 7: one slow backend of three (least connections / P2C over latency)")
+            report["slow_backend"] = scenario_slow_backend()
         if "backend_killed" in SCENARIOS:
             log("scenario 6: a backend killed mid-run")
             report["backend_killed"] = scenario_backend_killed()
@@ -883,6 +919,18 @@ def write_report(r):
         fv = r["backend_killed"]["floodgate"]
         goals.append(("Scenario 6: 0 failed idempotent requests when a backend is killed", fv["failed"] == 0,
                       f"{fv['failed']} failed of {fv['sent']}"))
+        lines.append("")
+    if "slow_backend" in r:
+        lines += ["## 7. One slow backend of three (50 ms late)", "",
+                  "Floodgate `balance: p2c_ewma`, nginx `least_conn`, HAProxy `leastconn`; Floodgate's round robin "
+                  "as the control. wrk, 20 connections.", "",
+                  "| proxy | req/s | p50 ms | p99 ms | share to the slow backend | non-2xx |", "|---|---|---|---|---|---|"]
+        for t, v in r["slow_backend"].items():
+            lines.append(f"| {t} | {v['rps']:,.0f} | {v['p50']:.2f} | {v['p99']:.2f} | {v['slow_share']:.1%} | {v['non2xx']} |")
+        sb = r["slow_backend"]
+        best = min(sb["nginx"]["p99"], sb["haproxy"]["p99"])
+        goals.append(("Scenario 7: with one slow backend of three, Floodgate's p99 below nginx's and HAProxy's",
+                      sb["floodgate"]["p99"] < best, f"{sb['floodgate']['p99']:.2f} vs {best:.2f} ms"))
         lines.append("")
     lines += ["## Goals", ""]
     for name, ok, detail in goals:

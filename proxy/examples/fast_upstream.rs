@@ -3,10 +3,15 @@
 //! takes that long (requests are then in flight when a scenario kills the upstream). It reads
 //! each request body before answering, as an API does: hyper closes a keep-alive connection
 //! whose request body was left unread, which would make every proxy reconnect.
+//! `GET /__count` answers how many requests it served (health checks at `/ready` and itself
+//! not counted): loadtest's slow-backend scenario reads each upstream's share from it.
 //! Usage: fast_upstream <port> [threads] [delay ms] [body bytes]
 //! (body bytes: 0, the default, answers `{"items":[],"next":null}`; N answers N bytes.)
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static SERVED: AtomicU64 = AtomicU64::new(0);
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -46,6 +51,14 @@ async fn serve(port: u16, delay: std::time::Duration, body: Bytes) {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (name, body) = (name.clone(), body.clone());
                 async move {
+                    let path = req.uri().path().to_string();
+                    if path == "/__count" {
+                        let n = SERVED.load(Ordering::Relaxed).to_string();
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(n))));
+                    }
+                    if path != "/ready" {
+                        SERVED.fetch_add(1, Ordering::Relaxed);
+                    }
                     // A broken body ends in the same answer; the proxy under test sees the close.
                     let _ = req.into_body().collect().await;
                     if !delay.is_zero() {

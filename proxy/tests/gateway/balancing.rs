@@ -104,3 +104,91 @@ async fn a_failing_backend_is_ejected_within_the_share_and_comes_back() {
         assert!(seen.get(name).copied().unwrap_or(0) >= 15, "{seen:?}");
     }
 }
+
+/// An upgraded connection (WebSocket) is proxied end to end on both engines: the 101, then
+/// bytes both ways; it is counted as a connection, and cut after `timeouts.websocket_idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_are_tunnelled_and_cut_when_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that answers `/ready` and upgrades `/ws`, then echoes what it gets, upper-cased.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET /ready") {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let up = buf[..n].to_ascii_uppercase();
+                            if s.write_all(&up).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    for engine in ["fast_path: true\n", "fast_path: false\n"] {
+        let gw = GatewayProc::start(&format!(
+            "{engine}timeouts: {{websocket_idle: 1s}}\nupstream:\n  backends: [\"{addr}\"]\n{HEALTH}"
+        ))
+        .await;
+        gw.wait_backends_up(1).await;
+        let mut c = tcp_from("127.0.0.1", gw.port).await;
+        c.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "{engine}closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 101"),
+            "{engine}{}",
+            String::from_utf8_lossy(&got)
+        );
+        for msg in [&b"hello"[..], b"frames both ways"] {
+            c.write_all(msg).await.unwrap();
+            let n = c.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], msg.to_ascii_uppercase().as_slice(), "{engine}");
+        }
+        assert_eq!(
+            gw.metric("gateway_downstream_connections").await,
+            1.0,
+            "{engine}"
+        );
+        // Idle both ways: cut after about a second.
+        let started = std::time::Instant::now();
+        let took = closed_after(&mut c, started).await;
+        assert!(took < std::time::Duration::from_secs(5), "{engine}{took:?}");
+    }
+}

@@ -6,5 +6,6 @@ pub mod connections;
 pub mod dispatch;
 pub mod proxy_protocol;
 pub mod stream;
+mod stream_traits;
 
 pub use stream::ClientStream;

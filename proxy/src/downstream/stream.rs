@@ -22,25 +22,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use pingora::protocols::raw_connect::ProxyDigest;
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
-    UniqueIDType,
-};
-use pingora::protocols::{SocketDigest, TimingDigest};
+use pingora::protocols::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::answers::ErrorAnswer;
 use crate::metrics::Metrics;
 use crate::pingora_compat;
-use crate::policy::Rejection;
+use crate::policy::{request, Rejection};
 
 /// A stream that fails reads once a request head has taken longer than its deadline, and
 /// turns pingora's own empty error answers into the gateway's JSON ones.
 pub struct ClientStream {
-    inner: Stream,
+    pub(super) inner: Stream,
     metrics: Arc<Metrics>,
     /// The gateway's answer being written in place of pingora's, how much of it is out, and
     /// the length of pingora's write it stands for.
@@ -71,8 +65,8 @@ pub struct ClientStream {
     refused: Option<Rejection>,
     /// Bytes the own engine read and handed back ([`ClientStream::rewind`]), read again
     /// before the socket; `rewound_at` of them already were.
-    rewound: Vec<u8>,
-    rewound_at: usize,
+    pub(super) rewound: Vec<u8>,
+    pub(super) rewound_at: usize,
 }
 
 impl fmt::Debug for ClientStream {
@@ -195,7 +189,7 @@ impl ClientStream {
                 continue;
             }
             self.line_done = true;
-            self.refused = request_line_problem(line);
+            self.refused = request::request_line_problem(line);
             self.line = Vec::new();
             return;
         }
@@ -222,38 +216,6 @@ impl ClientStream {
             "request line refused",
         )))
     }
-}
-
-/// What is wrong with a request line, if anything: it must be `METHOD SP target SP
-/// HTTP/1.0|1.1`, one space each, a token method (else `malformed_request`), and a target of
-/// visible ASCII without `"`, `<`, `>` (else `invalid_target`).
-fn request_line_problem(line: &[u8]) -> Option<Rejection> {
-    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        // Two spaces in a row, or a space inside the target, are an invalid target when the
-        // line still starts with a method and ends with a version.
-        let looks_like_request = line
-            .split(|&b| b == b' ')
-            .next()
-            .is_some_and(|m| !m.is_empty() && m.iter().all(token))
-            && (line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0"));
-        return Some(if looks_like_request {
-            Rejection::InvalidTarget
-        } else {
-            Rejection::MalformedRequest
-        });
-    };
-    if method.is_empty()
-        || !method.iter().all(token)
-        || !matches!(version, b"HTTP/1.0" | b"HTTP/1.1")
-    {
-        return Some(Rejection::MalformedRequest);
-    }
-    let visible = |&b: &u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'<' | b'>');
-    (target.is_empty() || !target.iter().all(visible)).then_some(Rejection::InvalidTarget)
 }
 
 impl AsyncRead for ClientStream {
@@ -404,96 +366,10 @@ impl AsyncWrite for ClientStream {
     }
 }
 
-#[async_trait]
-impl Shutdown for ClientStream {
-    async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut *self.inner).await
-    }
-}
-
-impl UniqueID for ClientStream {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
-
-impl Ssl for ClientStream {}
-
-impl GetTimingDigest for ClientStream {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-    fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
-    }
-    fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
-    }
-}
-
-impl GetProxyDigest for ClientStream {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.inner.set_proxy_digest(digest)
-    }
-}
-
-impl GetSocketDigest for ClientStream {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-    fn set_socket_digest(&mut self, d: SocketDigest) {
-        self.inner.set_socket_digest(d)
-    }
-}
-
-#[async_trait]
-impl Peek for ClientStream {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        let rewound = &self.rewound[self.rewound_at..];
-        if !rewound.is_empty() {
-            let n = buf.len().min(rewound.len());
-            buf[..n].copy_from_slice(&rewound[..n]);
-            return Ok(true);
-        }
-        self.inner.try_peek(buf).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
-
-    #[test]
-    fn request_lines_are_strict() {
-        assert_eq!(request_line_problem(b"GET /a?b=c HTTP/1.1"), None);
-        assert_eq!(request_line_problem(b"OPTIONS * HTTP/1.1"), None);
-        for bad in [
-            &b"GET /a\0b HTTP/1.1"[..],
-            b"GET /a b HTTP/1.1",
-            b"GET /a\tb HTTP/1.1",
-            b"GET /<x> HTTP/1.1",
-            b"GET /\xc3\xa9 HTTP/1.1",
-            b"GET  /a HTTP/1.1",
-        ] {
-            let got = request_line_problem(bad);
-            let line = String::from_utf8_lossy(bad);
-            assert_eq!(got, Some(Rejection::InvalidTarget), "{line:?}");
-        }
-        for bad in [
-            &b"GET /a HTTP/2.0"[..],
-            b"G(T /a HTTP/1.1",
-            b"HELLO THERE",
-            b"GET /a",
-        ] {
-            let got = request_line_problem(bad);
-            let line = String::from_utf8_lossy(bad);
-            assert_eq!(got, Some(Rejection::MalformedRequest), "{line:?}");
-        }
-    }
 
     /// pingora's canned 400 written through the wrapper reaches the client as the gateway's
     /// JSON answer, whole, even when the socket takes it in pieces; counted once.

@@ -56,6 +56,38 @@ pub fn valid_host(v: &[u8]) -> bool {
     host_ok && port_ok
 }
 
+/// What is wrong with a request line, if anything: it must be `METHOD SP target SP
+/// HTTP/1.0|1.1`, one space each, a token method (else `malformed_request`), and a target of
+/// visible ASCII without `"`, `<`, `>` (else `invalid_target`).
+pub fn request_line_problem(line: &[u8]) -> Option<Rejection> {
+    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        // Two spaces in a row, or a space inside the target, are an invalid target when the
+        // line still starts with a method and ends with a version.
+        let looks_like_request = line
+            .split(|&b| b == b' ')
+            .next()
+            .is_some_and(|m| !m.is_empty() && m.iter().all(token))
+            && (line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0"));
+        return Some(if looks_like_request {
+            Rejection::InvalidTarget
+        } else {
+            Rejection::MalformedRequest
+        });
+    };
+    if method.is_empty()
+        || !method.iter().all(token)
+        || !matches!(version, b"HTTP/1.0" | b"HTTP/1.1")
+    {
+        return Some(Rejection::MalformedRequest);
+    }
+    let visible = |&b: &u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'<' | b'>');
+    (target.is_empty() || !target.iter().all(visible)).then_some(Rejection::InvalidTarget)
+}
+
 /// Whether `token` is listed in any of the `Connection` values.
 pub fn connection_lists(connection: &[&[u8]], token: &[u8]) -> bool {
     connection.iter().any(|v| {
@@ -236,5 +268,33 @@ mod tests {
         )
         .unwrap();
         assert!(f.expect_continue && !f.idempotent && f.body == RequestBody::Length(3));
+    }
+
+    #[test]
+    fn request_lines_are_strict() {
+        assert_eq!(request_line_problem(b"GET /a?b=c HTTP/1.1"), None);
+        assert_eq!(request_line_problem(b"OPTIONS * HTTP/1.1"), None);
+        for bad in [
+            &b"GET /a\0b HTTP/1.1"[..],
+            b"GET /a b HTTP/1.1",
+            b"GET /a\tb HTTP/1.1",
+            b"GET /<x> HTTP/1.1",
+            b"GET /\xc3\xa9 HTTP/1.1",
+            b"GET  /a HTTP/1.1",
+        ] {
+            let got = request_line_problem(bad);
+            let line = String::from_utf8_lossy(bad);
+            assert_eq!(got, Some(Rejection::InvalidTarget), "{line:?}");
+        }
+        for bad in [
+            &b"GET /a HTTP/2.0"[..],
+            b"G(T /a HTTP/1.1",
+            b"HELLO THERE",
+            b"GET /a",
+        ] {
+            let got = request_line_problem(bad);
+            let line = String::from_utf8_lossy(bad);
+            assert_eq!(got, Some(Rejection::MalformedRequest), "{line:?}");
+        }
     }
 }

@@ -1,0 +1,226 @@
+//! pingora's engine, the part that is not a phase: the request's lines as received, the
+//! answer written through the session ([`SessionDownstream`]), refusals, the body read whole.
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use pingora::prelude::{RequestHeader, ResponseHeader};
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType, Result};
+
+use super::RequestCtx;
+use crate::answers::ErrorAnswer;
+use crate::forward::answer::AnswerHead;
+use crate::forward::Downstream;
+use crate::pingora_compat;
+use crate::policy::body::BodyReservation;
+use crate::policy::framing::AnswerBody;
+use crate::policy::outcome::UpstreamError;
+use crate::policy::record::{Engine, Finished};
+use crate::policy::{body, Rejection};
+use crate::state::{Gateway, Snapshot};
+
+/// A request's header lines as received (pingora keeps them: see [`pingora_compat`]).
+pub(super) type Lines = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The raw target and header lines; None when the head as received is not one a strict
+/// parser accepts (pingora's is more lenient: it percent-encodes a NUL in the target, say).
+pub(super) fn lines_of(session: &Session) -> Option<(Vec<u8>, Lines)> {
+    let mut lines = Vec::new();
+    let target =
+        pingora_compat::raw_request_lines(session, |n, v| lines.push((n.to_vec(), v.to_vec())))?;
+    Some((target, lines))
+}
+
+pub(super) fn values<'a>(
+    lines: &'a Lines,
+    name: &'a str,
+) -> impl DoubleEndedIterator<Item = &'a [u8]> + 'a {
+    lines
+        .iter()
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// pingora's errors as the policy knows them.
+pub(super) fn upstream_error(e: &Error) -> UpstreamError {
+    match e.etype() {
+        ErrorType::ConnectTimedout => UpstreamError::ConnectTimeout,
+        ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+            UpstreamError::ConnectRefused
+        }
+        ErrorType::ReadTimedout => UpstreamError::ReadTimeout,
+        ErrorType::WriteTimedout => UpstreamError::WriteTimeout,
+        ErrorType::InvalidHTTPHeader | ErrorType::H1Error | ErrorType::InvalidH2 => {
+            UpstreamError::Invalid
+        }
+        _ => UpstreamError::Closed,
+    }
+}
+
+/// The answer through pingora's session.
+pub(super) struct SessionDownstream<'a> {
+    pub(super) session: &'a mut Session,
+    pub(super) lines: Vec<u8>,
+    pub(super) request_id: &'a [u8],
+    /// The head, staged until the first body piece is ready (so a body found invalid at once
+    /// can still be answered 502), and whether it has no body.
+    pub(super) head: Option<(Box<ResponseHeader>, bool)>,
+    pub(super) started: bool,
+}
+
+impl SessionDownstream<'_> {
+    async fn write_head(&mut self) -> bool {
+        let Some((resp, end)) = self.head.take() else {
+            return true;
+        };
+        self.started = true;
+        self.session.write_response_header(resp, end).await.is_ok()
+    }
+}
+
+impl Downstream for SessionDownstream<'_> {
+    fn lines(&mut self) -> &mut Vec<u8> {
+        &mut self.lines
+    }
+
+    async fn head(&mut self, head: &AnswerHead, keep_alive: bool) -> bool {
+        let mut resp = match ResponseHeader::build(head.status, None) {
+            Ok(r) => r,
+            Err(_) => return false,
+        };
+        // The status line first, then `Name: value` lines, as `forward::answer` wrote them.
+        for line in self.lines.split(|&b| b == b'\n').skip(1) {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let name = String::from_utf8_lossy(&line[..colon]).into_owned();
+            if resp
+                .append_header(name, line[colon + 1..].trim_ascii())
+                .is_err()
+            {
+                return false;
+            }
+        }
+        if resp.insert_header("X-Request-Id", self.request_id).is_err() {
+            return false;
+        }
+        if !keep_alive {
+            self.session.set_keepalive(None);
+        }
+        self.head = Some((Box::new(resp), head.body == AnswerBody::None));
+        true
+    }
+
+    async fn body(&mut self, data: &[u8]) -> bool {
+        if !self.write_head().await {
+            return false;
+        }
+        let data = Some(Bytes::copy_from_slice(data));
+        self.session.write_response_body(data, false).await.is_ok()
+    }
+
+    async fn flush(&mut self, end: bool) -> bool {
+        let no_body = self.head.as_ref().is_some_and(|(_, none)| *none);
+        if !self.write_head().await {
+            return false;
+        }
+        no_body || !end || self.session.write_response_body(None, true).await.is_ok()
+    }
+
+    async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool {
+        self.started = true;
+        answer.send(self.session).await.is_ok()
+    }
+
+    fn started(&self) -> bool {
+        self.started
+    }
+}
+
+impl Gateway {
+    /// Answer the request with the rejection's status and JSON body, count it, record it.
+    pub(super) async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        reason: Rejection,
+        retry_after: Option<u64>,
+        headers: &[(&'static str, String)],
+        unread_body: bool,
+    ) -> Result<bool> {
+        ctx.rejection = Some(reason);
+        self.metrics.reject(reason);
+        let answer = ErrorAnswer::refusal(
+            reason,
+            retry_after,
+            headers,
+            &ctx.request_id,
+            unread_body,
+            false,
+        );
+        let _ = answer.send(session).await;
+        Ok(true)
+    }
+
+    /// Read the whole body (nginx's `proxy_request_buffering on`) under the policy's rules.
+    pub(super) async fn read_body(
+        &self,
+        session: &mut Session,
+        snap: &Snapshot,
+        expect_continue: bool,
+    ) -> std::result::Result<(Bytes, BodyReservation), Option<Rejection>> {
+        let cfg = &snap.config;
+        if expect_continue {
+            let go_on = ResponseHeader::build(100, Some(0)).map_err(|_| None)?;
+            session
+                .write_response_header(Box::new(go_on), false)
+                .await
+                .map_err(|_| None)?;
+        }
+        let mut held = BytesMut::new();
+        let mut reserved = self.bodies.reservation();
+        let started = Instant::now();
+        loop {
+            body::check_progress(cfg, held.len(), started.elapsed(), false).map_err(Some)?;
+            match tokio::time::timeout(cfg.body_idle_timeout, session.read_request_body()).await {
+                Err(_) => return Err(Some(Rejection::ClientTimeout)),
+                // pingora's own refusals of the body's framing (a bad chunk size) are a
+                // malformed request; a read that failed is a client that went away.
+                Ok(Err(e)) => {
+                    return Err(match e.etype() {
+                        ErrorType::ReadTimedout => Some(Rejection::ClientTimeout),
+                        ErrorType::ReadError | ErrorType::ConnectionClosed => None,
+                        _ => Some(Rejection::MalformedRequest),
+                    })
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => {
+                    reserved
+                        .grow(cfg.total_body_bytes, chunk.len())
+                        .map_err(Some)?;
+                    held.extend_from_slice(&chunk);
+                    body::check_progress(cfg, held.len(), started.elapsed(), true).map_err(Some)?;
+                }
+            }
+        }
+        Ok((held.freeze(), reserved))
+    }
+
+    /// The request's record, before its outcome is known.
+    pub(super) fn finished<'a>(ctx: &'a RequestCtx, req: &'a RequestHeader) -> Finished<'a> {
+        Finished {
+            started: ctx.started,
+            status: 0,
+            backend: None,
+            rejection: ctx.rejection,
+            client_ip: ctx.client_ip,
+            method: req.method.as_str().as_bytes(),
+            target: req.raw_path(),
+            request_id: &ctx.request_id,
+            error: None,
+            engine: Engine::Pingora,
+        }
+    }
+}

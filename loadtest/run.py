@@ -43,7 +43,7 @@ WORKERS = int(os.environ.get("WORKERS", "1"))
 CONNS = int(os.environ.get("CONNS", "50"))
 BODY_BYTES = int(os.environ.get("BODY_BYTES", "0"))
 SCENARIOS = os.environ.get("SCENARIOS", "overhead,equal_load,fixed_rate,instructions,items_get,items_post,flood,slowloris,"
-                           "backend_killed,slow_backend,seed_backend").split(",")
+                           "backend_killed,slow_backend,slow_body,seed_backend").split(",")
 EQUAL_RATE = int(os.environ.get("EQUAL_RATE", "0"))
 # BASELINE_BIN: another build's directory (its `gateway`), measured beside this one as
 # "floodgate-before" in the same interleaved rounds (an A/B of a change).
@@ -507,6 +507,40 @@ def scenario_slowloris(upstreams):
     return out
 
 
+def scenario_slow_body(upstreams):
+    """Trickled bodies: from four IPs, as many connections as the per-IP cap allows (20), each a
+    whole `POST` head with a chunked body then one byte a second, never finished; three other
+    IPs send normal traffic. Others' success and p99, and the heads the upstream got without
+    their body (it counts heads of requests with a body, and bodies received whole): nginx
+    buffers bodies (`proxy_request_buffering on`), HAProxy streams them, Floodgate buffers."""
+    limits = dict(PROTECT, per_ip_conn=20, header_timeout=5)
+    secs = 3 if SMOKE else 12
+    attackers = ["127.0.0.6"] if SMOKE else ["127.0.0.6", "127.0.0.7", "127.0.0.8", "127.0.0.9"]
+    bodies = f"http://{upstreams[0]}/__bodies"
+
+    def heads_without_body():
+        with urllib.request.urlopen(bodies, timeout=5) as r:
+            started, done = (int(x) for x in r.read().split())
+        return started - done
+    out = {}
+    for name in PROXIES:
+        port, pid = start_proxy(name, upstreams, limits)
+        url = f"http://127.0.0.1:{port}/items"
+        runs = {"calm": normal_traffic(url, secs, rate=100)}
+        pending_before = heads_without_body()
+        attacker = subprocess.Popen([sys.executable, os.path.join(ROOT, "loadtest", "slowloris.py"), "127.0.0.1",
+                                     str(port), ",".join(attackers), "20", str(secs + 3), "1", "body"],
+                                    stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        runs["attack"] = normal_traffic(url, secs, rate=100)
+        runs["heads_without_body"] = heads_without_body() - pending_before
+        runs["attacker"] = json.loads(attacker.communicate()[0])
+        stop(pid)
+        out[name] = runs
+        log(f"  slow_body {name}: {json.dumps(runs)}")
+    return out
+
+
 def backend_up(name, victim):
     """Whether the proxy still counts the killed backend as up (None: the proxy cannot tell)."""
     try:
@@ -739,6 +773,9 @@ def main():
         if "slowloris" in SCENARIOS:
             log("scenario 5: slowloris connections, normal traffic from three other IPs")
             report["slowloris"] = scenario_slowloris(trivial)
+        if "slow_body" in SCENARIOS:
+            log("scenario 8: trickled request bodies at the connection cap, normal traffic from three other IPs")
+            report["slow_body"] = scenario_slow_body(trivial)
         if "slow_backend" in SCENARIOS:
             log("scenario 7: one slow backend of three (least connections / P2C over latency)")
             report["slow_backend"] = scenario_slow_backend()
@@ -919,6 +956,18 @@ def write_report(r):
         fv = r["backend_killed"]["floodgate"]
         goals.append(("Scenario 6: 0 failed idempotent requests when a backend is killed", fv["failed"] == 0,
                       f"{fv['failed']} failed of {fv['sent']}"))
+        lines.append("")
+    if "slow_body" in r:
+        lines += ["## 8. Trickled request bodies at the per-IP connection cap, normal traffic from three IPs", "",
+                  "| proxy | others' success | p99 ms (calm) | heads the upstream got without their body |",
+                  "|---|---|---|---|"]
+        for t, v in r["slow_body"].items():
+            lines.append(f"| {t} | {v['attack']['success']:.1%} | {v['attack']['p99']:.2f} ({v['calm']['p99']:.2f}) "
+                         f"| {v['heads_without_body']} |")
+        fv = r["slow_body"]["floodgate"]
+        goals.append(("Scenario 8: under trickled bodies others keep 100% success and the upstream never sees a "
+                      "head without its body", fv["attack"]["success"] >= 1.0 and fv["heads_without_body"] == 0,
+                      f"success {fv['attack']['success']:.4f}, heads without body {fv['heads_without_body']}"))
         lines.append("")
     if "slow_backend" in r:
         lines += ["## 7. One slow backend of three (50 ms late)", "",

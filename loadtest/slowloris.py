@@ -12,7 +12,10 @@ like the classic tool, reopens each one the server closes or refuses on its next
   max_open      most attacker connections open at the same time (sampled every 0.25 s)
   open_at_end   attacker connections still open at the end
 
-Usage: slowloris.py HOST PORT SOURCE_IP[,SOURCE_IP...] CONNS_PER_IP SECONDS [INTERVAL_S]
+With MODE `body`, each connection sends a whole `POST` head with a chunked body instead, then
+one byte of body per interval (a trickled body: scenario 8), never finishing it.
+
+Usage: slowloris.py HOST PORT SOURCE_IP[,SOURCE_IP...] CONNS_PER_IP SECONDS [INTERVAL_S] [MODE]
 """
 
 import asyncio
@@ -27,6 +30,7 @@ async def main():
     host, port, sources, per_ip, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), \
         int(sys.argv[4]), float(sys.argv[5])
     interval = float(sys.argv[6]) if len(sys.argv) > 6 else 1.0
+    body_mode = len(sys.argv) > 7 and sys.argv[7] == "body"
     if not ipaddress.ip_address(host).is_loopback:
         raise SystemExit("slowloris.py targets loopback addresses only")
     end = time.monotonic() + seconds
@@ -46,13 +50,17 @@ async def main():
             born = time.monotonic()
             closed_by_peer = False
             try:
-                head = b"GET /items HTTP/1.1\r\nHost: loadtest\r\n"
+                head = (b"POST /items HTTP/1.1\r\nHost: loadtest\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        if body_mode else b"GET /items HTTP/1.1\r\nHost: loadtest\r\n")
                 writer.write(head)
                 await writer.drain()
                 i = 0
                 while time.monotonic() < end:
                     # One more byte of a header line that never ends, then watch for a close.
-                    writer.write(b"X-Slow-%d: 1\r\n" % i if i % 12 == 11 else b"a")
+                    if body_mode:
+                        writer.write(b"1\r\nx\r\n")
+                    else:
+                        writer.write(b"X-Slow-%d: 1\r\n" % i if i % 12 == 11 else b"a")
                     await writer.drain()
                     i += 1
                     try:

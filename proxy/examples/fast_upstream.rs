@@ -5,6 +5,8 @@
 //! whose request body was left unread, which would make every proxy reconnect.
 //! `GET /__count` answers how many requests it served (health checks at `/ready` and itself
 //! not counted): loadtest's slow-backend scenario reads each upstream's share from it.
+//! `GET /__bodies` answers `<heads of requests with a body> <bodies received whole>`: the
+//! trickled-body scenario reads how many heads reached it without their body.
 //! Usage: fast_upstream <port> [threads] [delay ms] [body bytes]
 //! (body bytes: 0, the default, answers `{"items":[],"next":null}`; N answers N bytes.)
 
@@ -12,6 +14,9 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static SERVED: AtomicU64 = AtomicU64::new(0);
+/// Requests with a body: heads received, and bodies received whole (`GET /__bodies`).
+static BODIES_STARTED: AtomicU64 = AtomicU64::new(0);
+static BODIES_DONE: AtomicU64 = AtomicU64::new(0);
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -56,11 +61,26 @@ async fn serve(port: u16, delay: std::time::Duration, body: Bytes) {
                         let n = SERVED.load(Ordering::Relaxed).to_string();
                         return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(n))));
                     }
+                    if path == "/__bodies" {
+                        let n = format!(
+                            "{} {}",
+                            BODIES_STARTED.load(Ordering::Relaxed),
+                            BODIES_DONE.load(Ordering::Relaxed)
+                        );
+                        return Ok(Response::new(Full::new(Bytes::from(n))));
+                    }
                     if path != "/ready" {
                         SERVED.fetch_add(1, Ordering::Relaxed);
                     }
+                    let has_body = req.headers().contains_key("content-length")
+                        || req.headers().contains_key("transfer-encoding");
+                    if has_body {
+                        BODIES_STARTED.fetch_add(1, Ordering::Relaxed);
+                    }
                     // A broken body ends in the same answer; the proxy under test sees the close.
-                    let _ = req.into_body().collect().await;
+                    if req.into_body().collect().await.is_ok() && has_body {
+                        BODIES_DONE.fetch_add(1, Ordering::Relaxed);
+                    }
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }

@@ -17,7 +17,57 @@ pub struct Item {
     pub id: i64,
     pub name: String,
     pub description: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
+}
+
+/// `created_at` exactly as chrono's `Serialize` writes it (RFC 3339, `Z`, the fraction in 0, 3,
+/// 6 or 9 digits as needed), written into a stack buffer: chrono's goes through `fmt` a
+/// character at a time (`core::fmt::Write::write_char`, ~2% of the backend's CPU on
+/// `GET /items` under the seed's wrk load, 50 timestamps a page). Years outside 0..=9999 and
+/// leap seconds are left to chrono.
+fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    use chrono::{Datelike, Timelike};
+    let (year, nanos) = (t.year(), t.nanosecond());
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        return t.serialize(s);
+    }
+    let mut b = [0u8; 30];
+    let mut put = |at: usize, v: u32, width: usize| {
+        let mut v = v;
+        for i in (0..width).rev() {
+            b[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, year as u32, 4);
+    put(5, t.month(), 2);
+    put(8, t.day(), 2);
+    put(11, t.hour(), 2);
+    put(14, t.minute(), 2);
+    put(17, t.second(), 2);
+    let (frac, digits) = if nanos == 0 {
+        (0, 0)
+    } else if nanos % 1_000_000 == 0 {
+        (nanos / 1_000_000, 3)
+    } else if nanos % 1_000 == 0 {
+        (nanos / 1_000, 6)
+    } else {
+        (nanos, 9)
+    };
+    if digits > 0 {
+        put(20, frac, digits);
+    }
+    let mut len = 19;
+    if digits > 0 {
+        b[19] = b'.';
+        len = 20 + digits;
+    }
+    b[len] = b'Z';
+    for (i, c) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')] {
+        b[i] = c;
+    }
+    s.serialize_str(std::str::from_utf8(&b[..=len]).expect("ascii"))
 }
 
 /// A user resolved from an API key.
@@ -313,4 +363,43 @@ pub fn hash_key(key: &str) -> String {
 /// Where the SQLite file lives when no URL is given.
 pub fn default_sqlite_path(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join("floodgate.db")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn created_at_is_written_as_chrono_writes_it() {
+        let base = Utc.with_ymd_and_hms(2026, 12, 1, 3, 41, 18).unwrap();
+        let mut cases = vec![
+            Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+            Utc.with_ymd_and_hms(-1, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).unwrap(),
+        ];
+        for nanos in [
+            0,
+            1,
+            999,
+            1_000,
+            410_400_000,
+            410_400_000 + 1_000,
+            7_000_000,
+            999_999_999,
+        ] {
+            cases.push(base + chrono::Duration::nanoseconds(nanos));
+        }
+        for t in cases {
+            let item = Item {
+                id: 1,
+                name: "n".into(),
+                description: None,
+                created_at: t,
+            };
+            let ours = serde_json::to_value(&item).unwrap()["created_at"].clone();
+            assert_eq!(ours, serde_json::to_value(t).unwrap(), "{t:?}");
+        }
+    }
 }

@@ -96,6 +96,8 @@ pub struct FileUpstream {
     pub hosts_file: Option<std::path::PathBuf>,
     /// How a backend is chosen for a request.
     pub balance: Balance,
+    /// `hash`: what requests are keyed on: `client_ip`, `header:<name>` or `cookie:<name>`.
+    pub hash_key: HashKey,
     /// Peak-EWMA decay of `p2c_ewma`: how fast an old latency sample loses weight.
     pub ewma_decay: PositiveDuration,
     /// Passive outlier ejection.
@@ -112,6 +114,33 @@ pub enum Balance {
     LeastConn,
     /// Power of two random choices over peak-EWMA latency x (in flight + 1) / weight.
     P2cEwma,
+    /// Consistent hashing (ketama) on `hash_key`: the same key goes to the same backend, and
+    /// a backend leaving moves only its share.
+    Hash,
+}
+
+/// What `balance: hash` keys a request on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Header(String),
+    Cookie(String),
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.split_once(':') {
+            None if s == "client_ip" => Ok(HashKey::ClientIp),
+            Some(("header", name)) if !name.is_empty() => {
+                Ok(HashKey::Header(name.to_ascii_lowercase()))
+            }
+            Some(("cookie", name)) if !name.is_empty() => Ok(HashKey::Cookie(name.to_string())),
+            _ => Err(de::Error::custom(format!(
+                "hash_key {s:?}: expected client_ip, header:<name> or cookie:<name>"
+            ))),
+        }
+    }
 }
 
 /// `upstream.outlier:` N consecutive failures (5xx answers, connect failures, timeouts)
@@ -154,6 +183,7 @@ impl Default for FileUpstream {
             queue_timeout: PositiveDuration(Duration::from_secs(1)),
             hosts_file: None,
             balance: Balance::RoundRobin,
+            hash_key: HashKey::ClientIp,
             ewma_decay: PositiveDuration(Duration::from_secs(10)),
             outlier: FileOutlier::default(),
         }

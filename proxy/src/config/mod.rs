@@ -57,6 +57,7 @@ pub struct GatewayConfig {
     /// Per-backend concurrency cap (0 = none), its queue length and queue timeout.
     pub backend_queue: BackendQueue,
     pub balance: Balancing,
+    pub hash_key: HashKey,
     pub trusted_proxies: Vec<Cidr>,
     pub proxy_protocol: bool,
     pub ipv6_prefix: u8,
@@ -274,6 +275,7 @@ impl GatewayConfig {
             ));
         }
         Ok(GatewayConfig {
+            hash_key: f.upstream.hash_key.clone(),
             balance: Balancing {
                 algorithm: f.upstream.balance,
                 ewma_decay: f.upstream.ewma_decay.0,

@@ -54,6 +54,8 @@ pub struct Request<'a> {
     pub head_request: bool,
     /// The client connection closes after this request anyway.
     pub last: bool,
+    /// `balance: hash`'s key ([`crate::policy::affinity::key`]).
+    pub affinity: Option<&'a [u8]>,
 }
 
 /// How the exchange ended.
@@ -88,7 +90,7 @@ impl Gateway {
         loop {
             let Some(backend) = again
                 .take()
-                .or_else(|| self.upstreams.select(&tried, &cfg.balance))
+                .or_else(|| self.upstreams.select(&tried, &cfg.balance, req.affinity))
             else {
                 return self
                     .refuse(req, down, Rejection::NoHealthyBackend, out)

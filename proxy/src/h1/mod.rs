@@ -266,6 +266,7 @@ impl Gateway {
             idempotent: plan.idempotent,
             head_request: plan.head_request,
             last,
+            affinity: plan.affinity.as_deref(),
         };
         let mut down = RawDownstream::new(io, answer, request_id);
         let out = self.forward(snap, &req, &mut down).await;

@@ -47,6 +47,8 @@ pub struct Plan {
     pub client_ip: IpAddr,
     /// Where the request id is in the upstream head.
     pub request_id: Range<usize>,
+    /// `balance: hash`'s key.
+    pub affinity: Option<Vec<u8>>,
 }
 
 pub enum Parsed {
@@ -158,6 +160,7 @@ impl Gateway {
             body_len: body_len.unwrap_or(0),
             client_ip: client,
             request_id,
+            affinity: crate::policy::affinity::key(cfg, Some(client), lines()),
         })
     }
 }

@@ -214,12 +214,14 @@ impl ProxyHttp for Gateway {
         );
         bytes.extend_from_slice(&body);
         let request_id = ctx.request_id.clone();
+        let affinity = crate::policy::affinity::key(cfg, ctx.client_ip, all());
         let fwd = Request {
             bytes: &bytes,
             request_id: &request_id,
             idempotent: facts.idempotent,
             head_request: facts.head,
             last: facts.close,
+            affinity: affinity.as_deref(),
         };
         let mut down = SessionDownstream {
             session,
@@ -251,11 +253,10 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some(backend) = ctx
-            .again
-            .take()
-            .or_else(|| self.upstreams.select(&ctx.tried, &ctx.snap.config.balance))
-        else {
+        let Some(backend) = ctx.again.take().or_else(|| {
+            self.upstreams
+                .select(&ctx.tried, &ctx.snap.config.balance, None)
+        }) else {
             ctx.rejection = Some(Rejection::NoHealthyBackend);
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
         };

@@ -16,9 +16,11 @@
 //! | keep-alive after an error   | [`outcome::keep_alive_after_error`]        |
 //! | forwarding headers          | [`identity::Forwarding`], [`identity::replaced_by_gateway`] |
 //! | the answer's framing        | [`framing::answer_framing`]                |
+//! | backend affinity (`hash`)   | [`affinity::key`]                          |
 //! | metrics and access log      | [`record::record`]                         |
 
 pub mod admit;
+pub mod affinity;
 pub mod body;
 pub mod framing;
 pub mod identity;

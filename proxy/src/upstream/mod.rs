@@ -22,6 +22,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::lb::discovery::ServiceDiscovery;
+use pingora::lb::selection::consistent::KetamaHashing;
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, Extensions, LoadBalancer};
 use pingora::protocols::l4::socket::SocketAddr as PSocketAddr;
@@ -50,6 +51,9 @@ impl ServiceDiscovery for DiscoveryHandle {
 /// The pool of backends behind the gateway.
 pub struct Upstreams {
     lb: LoadBalancer<RoundRobin>,
+    /// The same backends on a ketama ring, for `balance: hash` (health is ours, on
+    /// [`BackendState`], so this one runs no checks).
+    ring: LoadBalancer<KetamaHashing>,
     discovery: Arc<PoolDiscovery>,
     check: Arc<ReadinessCheck>,
     metrics: Arc<Metrics>,
@@ -81,8 +85,12 @@ impl Upstreams {
         let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
         let check = Arc::new(ReadinessCheck::new(health));
         lb.set_health_check(Box::new(SharedCheck(check.clone())));
+        let ring = LoadBalancer::<KetamaHashing>::from_backends(pingora::lb::Backends::new(
+            Box::new(DiscoveryHandle(discovery.clone())),
+        ));
         Arc::new(Upstreams {
             lb,
+            ring,
             discovery,
             check,
             metrics,
@@ -212,6 +220,7 @@ impl Upstreams {
         self.discovery.current.store(Arc::new(next));
         // Our discovery never fails.
         let _ = self.lb.update().await;
+        let _ = self.ring.update().await;
     }
 
     /// Swap in new health-check settings; the next pass uses them.
@@ -223,13 +232,24 @@ impl Upstreams {
 
     /// Pick the next backend (weighted round robin) that is up by our own health state
     /// (pingora's is ignored: see [`health`]) and is not in `tried`.
-    pub fn select(&self, tried: &[SocketAddr], cfg: &Balancing) -> Option<Backend> {
+    /// `key`: what `balance: hash` hashes (the request's [`crate::policy::affinity`] key); a
+    /// request without one is balanced round robin.
+    pub fn select(
+        &self,
+        tried: &[SocketAddr],
+        cfg: &Balancing,
+        key: Option<&[u8]>,
+    ) -> Option<Backend> {
         let usable = |b: &Backend| {
             let s = state_of(b);
             s.is_up() && !s.load.is_ejected() && !b.as_inet().is_some_and(|a| tried.contains(a))
         };
-        if cfg.algorithm == Balance::RoundRobin {
-            return self.lb.select_with(b"", 256, |b, _| usable(b));
+        match (cfg.algorithm, key) {
+            (Balance::Hash, Some(key)) => return self.ring.select_with(key, 256, |b, _| usable(b)),
+            (Balance::RoundRobin | Balance::Hash, _) => {
+                return self.lb.select_with(b"", 256, |b, _| usable(b))
+            }
+            _ => {}
         }
         let pool = self.discovery.current.load();
         let candidates: Vec<&Backend> = pool.iter().filter(|b| usable(b)).collect();

@@ -192,3 +192,52 @@ async fn websocket_upgrades_are_tunnelled_and_cut_when_idle() {
         assert!(took < std::time::Duration::from_secs(5), "{engine}{took:?}");
     }
 }
+
+/// `balance: hash` on a header: a key always goes to the same backend, keys spread over all,
+/// and a backend leaving moves only its own keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashing_keeps_a_key_on_its_backend_and_a_leaving_one_moves_only_its_share() {
+    let (a, b, mut c) = (
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    );
+    let gw = GatewayProc::start(&format!(
+        "limits: {{global: null, per_ip: null}}\nupstream:\n  balance: hash\n  hash_key: \"header:X-User\"\n  backends:\n{}{HEALTH}",
+        backends_yaml(&[&a, &b, &c])
+    ))
+    .await;
+    gw.wait_backends_up(3).await;
+    let client = reqwest::Client::new();
+    let served = |user: String| {
+        let (client, url) = (client.clone(), gw.url("/items"));
+        async move {
+            let r = client.get(url).header("X-User", user).send().await.unwrap();
+            r.headers()["x-served-by"].to_str().unwrap().to_string()
+        }
+    };
+    let mut before = HashMap::new();
+    for u in 0..60 {
+        let first = served(format!("user-{u}")).await;
+        for _ in 0..3 {
+            assert_eq!(served(format!("user-{u}")).await, first, "user-{u} moved");
+        }
+        before.insert(u, first);
+    }
+    let mut per: HashMap<&str, usize> = HashMap::new();
+    for v in before.values() {
+        *per.entry(v.as_str()).or_insert(0) += 1;
+    }
+    assert_eq!(per.len(), 3, "keys spread over all three: {per:?}");
+    // c leaves (killed; marked down by its checks): only c's keys move.
+    c.kill();
+    gw.wait_backends_up(2).await;
+    for (u, was) in &before {
+        let now = served(format!("user-{u}")).await;
+        if was != "c" {
+            assert_eq!(&now, was, "user-{u} moved although its backend stayed");
+        } else {
+            assert_ne!(now, "c");
+        }
+    }
+}

@@ -196,6 +196,12 @@ def scenario_seed(db):
             load = load_average()
             g, p = wrk(url), hey_post(url)
             runs[t].append({"get": g, "post": p, "load_average_before": load})
+            if t == "floodgate backend":
+                text = urllib.request.urlopen(f"http://127.0.0.1:{OURS}/metrics", timeout=5).read().decode()
+                refused = [line for line in text.splitlines() if line.startswith(("backend_shed_total", "backend_admission_limit"))
+                           or (line.startswith("backend_requests_total") and 'status="2' not in line)]
+                runs[t][-1]["refusals_so_far"] = refused
+                log(f"  ours, so far: {'; '.join(refused)}")
             log(f"  round {i + 1} {t}: GET {g['ok_per_s']:.0f} 2xx/s (non-2xx {g['non2xx']}, errors {g['errors']}, "
                 f"wrk says {g['wrk_requests_per_sec']:.0f}/s), POST {p['ok_per_s']:.0f} 2xx/s (non-2xx {p['non2xx']}, "
                 f"errors {p['errors']}); load average {load}")

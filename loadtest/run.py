@@ -247,14 +247,16 @@ PROTECT = dict(per_ip_rate=1_000_000, per_ip_burst=100_000, global_rate=10_000_0
 
 def floodgate_conf(upstreams, limits, port=GW, metrics=GW_METRICS):
     backends = "".join(f'    - "{u}"\n' for u in upstreams)
+    # Written only when not the default, so an older build (BASELINE_BIN) reads the file too.
+    algorithm = limits.get("balance", "round_robin")
+    balance = f"  balance: {algorithm}\n" if algorithm != "round_robin" else ""
     return f"""listen: ["127.0.0.1:{port}"]
 metrics_listen: "127.0.0.1:{metrics}"
 workers: {WORKERS}
 log_level: warn
 access_log: false
 upstream:
-  balance: {limits.get('balance', 'round_robin')}
-  backends:
+{balance}  backends:
 {backends}  health_check: {{interval: 1s, timeout: 1s, failures: 2, successes: 1}}
   retry_idempotent: true
 limits:

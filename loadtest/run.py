@@ -77,7 +77,7 @@ def free_ports(n):
 
 # Ports (loopback only): the trivial upstream, Floodgate and its metrics, nginx, HAProxy,
 # PostgreSQL, the seed's stack, three backends, and the three upstreams of scenario 6.
-UP, GW, GW_METRICS, NG, HA, PG, SEED_STACK, BARE, GWB, GWB_METRICS, *_rest = free_ports(14)
+UP, GW, GW_METRICS, NG, HA, PG, SEED_STACK, BARE, GWB, GWB_METRICS, *_rest = free_ports(16)
 BACKENDS, KILLED_UPSTREAMS = _rest[:3], _rest[3:]
 
 

@@ -181,9 +181,15 @@ impl ClientStream {
         }
         let mut rest = data;
         while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-            self.line.extend_from_slice(&rest[..nl]);
+            // Nearly always the whole line is in this read: checked in place, not copied.
+            let whole: &[u8] = if self.line.is_empty() {
+                &rest[..nl]
+            } else {
+                self.line.extend_from_slice(&rest[..nl]);
+                &self.line
+            };
+            let line = whole.strip_suffix(b"\r").unwrap_or(whole);
             rest = &rest[nl + 1..];
-            let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
             if line.is_empty() {
                 self.line.clear();
                 continue;

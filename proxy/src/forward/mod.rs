@@ -130,7 +130,9 @@ impl Gateway {
                     }
                 },
             };
-            let sent = std::time::Instant::now();
+            // (A clock read only when an estimate uses it.)
+            let sent = (cfg.balance.algorithm == crate::config::Balance::P2cEwma)
+                .then(std::time::Instant::now);
             let head = conn::exchange_head(
                 &mut c,
                 req.bytes,
@@ -144,7 +146,7 @@ impl Gateway {
                 Ok(h) => {
                     let ok = h.status < 500;
                     self.upstreams
-                        .observe(&state, Some(sent.elapsed()), ok, &cfg.balance);
+                        .observe(&state, sent.map(|t| t.elapsed()), ok, &cfg.balance);
                     h
                 }
                 Err((e, answered)) => {

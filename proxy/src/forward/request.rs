@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use crate::policy::identity::{replaced_by_gateway, Forwarding};
+use crate::policy::identity::replaced_by_gateway;
 
 /// Request headers that describe this hop only, never forwarded.
 fn hop_by_hop(name: &[u8]) -> bool {
@@ -35,7 +35,7 @@ pub fn write_upstream_request<'a>(
     target: &[u8],
     headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
     connection: &[&[u8]],
-    forwarding: &Forwarding,
+    forwarding: impl FnOnce(&mut Vec<u8>),
     request_id: &[u8],
     body_len: Option<usize>,
 ) -> Range<usize> {
@@ -57,9 +57,7 @@ pub fn write_upstream_request<'a>(
         }
         push(out, name, value);
     }
-    for (name, value) in forwarding.headers() {
-        push(out, name.as_bytes(), value);
-    }
+    forwarding(out);
     out.extend_from_slice(b"X-Request-Id: ");
     let start = out.len();
     out.extend_from_slice(request_id);
@@ -84,6 +82,7 @@ fn push(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::identity::Forwarding;
 
     #[test]
     fn the_upstream_request() {
@@ -112,7 +111,7 @@ mod tests {
             b"/items?a=1",
             headers.into_iter(),
             &[b"keep-alive, X-Secret"],
-            &f,
+            |out: &mut Vec<u8>| f.write(out),
             b"rid",
             Some(5),
         );

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use crate::forward::request::write_upstream_request;
 use crate::policy::framing::RequestBody;
-use crate::policy::identity::{client_ip, usable_request_id, Forwarding};
+use crate::policy::identity::{client_ip, usable_request_id, write_forwarding};
 use crate::policy::{admit, request, Rejection};
 use crate::state::{Gateway, Snapshot};
 
@@ -130,7 +130,6 @@ impl Gateway {
                 .map(|h| h.value)
         };
         let client = client_ip(peer, header("x-forwarded-for"), &cfg.trusted_proxies);
-        let forwarding = Forwarding::new(peer, client, header("x-forwarded-for"), false);
         let connection: Vec<&[u8]> = header("connection").collect();
         let generated;
         let request_id = match header("x-request-id").next() {
@@ -146,7 +145,9 @@ impl Gateway {
             target.as_bytes(),
             lines(),
             &connection,
-            &forwarding,
+            |out: &mut Vec<u8>| {
+                write_forwarding(out, peer, client, header("x-forwarded-for"), false)
+            },
             request_id,
             body_len,
         );

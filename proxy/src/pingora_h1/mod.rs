@@ -208,7 +208,7 @@ impl ProxyHttp for Gateway {
             &target,
             all(),
             &connection,
-            &forwarding,
+            |out: &mut Vec<u8>| forwarding.write(out),
             &ctx.request_id,
             has_body.then_some(body.len()),
         );

@@ -110,6 +110,44 @@ pub struct Forwarding {
     pub proto: &'static [u8],
 }
 
+/// The `X-Forwarded-For` value: every entry of every line, in order, then `peer`.
+fn push_forwarded_for<'a>(out: &mut Vec<u8>, lines: impl Iterator<Item = &'a [u8]>, peer: IpAddr) {
+    for line in lines {
+        let line = line.trim_ascii();
+        if !line.is_empty() {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b", ");
+        }
+    }
+    push_ip(out, peer);
+}
+
+fn proto(tls: bool) -> &'static [u8] {
+    if tls {
+        b"https"
+    } else {
+        b"http"
+    }
+}
+
+/// The three forwarding header lines, written straight into a request head being built
+/// (the own engine's path: no value is kept apart).
+pub fn write_forwarding<'a>(
+    out: &mut Vec<u8>,
+    peer: IpAddr,
+    client: IpAddr,
+    forwarded_for: impl Iterator<Item = &'a [u8]>,
+    tls: bool,
+) {
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    push_forwarded_for(out, forwarded_for, peer);
+    out.extend_from_slice(b"\r\nX-Real-IP: ");
+    push_ip(out, client);
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
+    out.extend_from_slice(proto(tls));
+    out.extend_from_slice(b"\r\n");
+}
+
 impl Forwarding {
     pub fn new<'a>(
         peer: IpAddr,
@@ -118,20 +156,23 @@ impl Forwarding {
         tls: bool,
     ) -> Self {
         let mut list = Vec::with_capacity(64);
-        for line in forwarded_for {
-            let line = line.trim_ascii();
-            if !line.is_empty() {
-                list.extend_from_slice(line);
-                list.extend_from_slice(b", ");
-            }
-        }
-        push_ip(&mut list, peer);
+        push_forwarded_for(&mut list, forwarded_for, peer);
         let mut real_ip = Vec::with_capacity(15);
         push_ip(&mut real_ip, client);
         Forwarding {
             forwarded_for: list,
             real_ip,
-            proto: if tls { b"https" } else { b"http" },
+            proto: proto(tls),
+        }
+    }
+
+    /// The same three lines as [`write_forwarding`].
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for (name, value) in self.headers() {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
         }
     }
 

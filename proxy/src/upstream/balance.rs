@@ -57,6 +57,14 @@ impl Load {
         self.inflight.load(Ordering::Relaxed)
     }
 
+    /// The active checks found it up again (after being down): whatever ejection it had is
+    /// over, and its count starts afresh.
+    pub fn clear_ejection(&self) {
+        self.ejected_until_us.store(0, Ordering::Relaxed);
+        self.failures_in_row.store(0, Ordering::Relaxed);
+        self.ejections_in_row.store(0, Ordering::Relaxed);
+    }
+
     pub fn is_ejected(&self) -> bool {
         self.ejected_until_us.load(Ordering::Relaxed) > now_us()
     }

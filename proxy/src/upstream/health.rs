@@ -63,7 +63,11 @@ impl HealthCheck for ReadinessCheck {
         };
         if let Some(state) = target.ext.get::<Arc<BackendState>>() {
             match state.record_check(result.is_ok(), s.successes, s.failures) {
-                Some(true) => log::info!("backend {} is up", state.label),
+                Some(true) => {
+                    // The checks decide recovery: an ejection of a backend that was down ends.
+                    state.load.clear_ejection();
+                    log::info!("backend {} is up", state.label)
+                }
                 Some(false) => log::warn!("backend {} is down", state.label),
                 None => {}
             }

@@ -266,10 +266,15 @@ impl Upstreams {
         ok: bool,
         cfg: &Balancing,
     ) {
-        if let Some(rtt) = rtt {
+        if let (Some(rtt), Balance::P2cEwma) = (rtt, cfg.algorithm) {
             state.load.observe_latency(rtt, cfg.ewma_decay);
         }
         if cfg.eject_after == 0 {
+            return;
+        }
+        if ok {
+            // A success only resets the count: no pool scan.
+            state.load.observe_result(true, cfg, 0, 0);
             return;
         }
         let pool = self.discovery.current.load();

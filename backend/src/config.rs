@@ -187,6 +187,16 @@ pub struct Settings {
     /// for one window after it returns, each takes contract/this.
     #[arg(long, env = "VENDOR_EXPECTED_INSTANCES", default_value_t = 3)]
     pub vendor_expected_instances: u32,
+    /// The vendor limiter declares Redis lost (no vendor calls for one window, then shares)
+    /// after this many failed Redis calls in a row (timeouts or errors, heartbeats included,
+    /// no answer in between) ...
+    #[arg(long, env = "VENDOR_REDIS_LOST_FAILURES", default_value_t = 3)]
+    pub vendor_redis_lost_failures: u32,
+    /// ... spanning at least this long, so one slow call or a short stall of Redis or of this
+    /// machine is not a lost Redis (a call that timed out is not sent, so waiting costs calls,
+    /// never the contract). A refused, reset or closed connection is a lost Redis at once.
+    #[arg(long, env = "VENDOR_REDIS_LOST_AFTER", default_value = "1s", value_parser = duration)]
+    pub vendor_redis_lost_after: Duration,
     /// Log level (RUST_LOG overrides).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -265,6 +275,10 @@ impl Settings {
             breaker_failures: self.vendor_breaker_failures,
             breaker_cooldown: self.vendor_breaker_cooldown,
             expected_instances: self.vendor_expected_instances.max(1),
+            redis_lost: crate::vendor::contract::LossRule {
+                failures: self.vendor_redis_lost_failures.max(1),
+                after: self.vendor_redis_lost_after,
+            },
         })
     }
 

@@ -52,6 +52,9 @@ fn vendor_message(e: &crate::vendor::VendorError) -> String {
         CircuitOpen { .. } => "the vendor is failing; calls are paused (circuit open)".into(),
         QueueTimeout { stage } => format!("timed out waiting for a vendor slot ({stage})"),
         Quota { .. } => "the vendor quota is used up; retry later".into(),
+        LimiterUnavailable { .. } => {
+            "vendor calls paused: the shared limiter (Redis) is unavailable; retry later".into()
+        }
         VendorQuota { .. } => "the vendor refused the call over its quota; retry later".into(),
         Timeout => "the vendor did not answer in time".into(),
         Upstream { detail } => format!("vendor error: {detail}"),
@@ -80,7 +83,9 @@ impl ApiError {
             ApiError::Vendor(v) => {
                 use crate::vendor::VendorError::*;
                 match v {
-                    CircuitOpen { .. } | QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                    CircuitOpen { .. } | QueueTimeout { .. } | LimiterUnavailable { .. } => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
                     Quota { .. } | VendorQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
                     Timeout => StatusCode::GATEWAY_TIMEOUT,
                     Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -98,6 +103,7 @@ impl ApiError {
                 match v {
                     CircuitOpen { retry_after }
                     | Quota { retry_after }
+                    | LimiterUnavailable { retry_after }
                     | VendorQuota { retry_after } => {
                         Some((retry_after.as_millis().div_ceil(1000) as u64).max(1))
                     }

@@ -27,7 +27,10 @@ async fn cluster_with(
 ) -> Cluster {
     let data = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/shared.db", data.path().display());
-    let db = Db::connect(&test_settings(Some(url.clone())).db()).unwrap();
+    // A loaded machine can take more than the instances' 1 s to open the fresh file.
+    let mut setup = test_settings(Some(url.clone()));
+    setup.db_acquire_timeout = Duration::from_secs(15);
+    let db = Db::connect(&setup.db()).unwrap();
     db.migrate().await.unwrap();
     db.upsert_user_key("big", "enterprise", "k-big")
         .await
@@ -100,8 +103,29 @@ fn count(results: &[(u16, Value, Duration)], status: u16) -> usize {
     results.iter().filter(|r| r.0 == status).count()
 }
 
+/// 300 concurrent calls over three instances, contract 60 per 10 s: at most 60 reach the
+/// vendor, some do, and every refusal says which stage refused. On a loaded machine Redis may
+/// really stall for longer than `VENDOR_REDIS_LOST_AFTER`; such an attempt (its refusals say
+/// `limiter_unavailable`) proves nothing either way, so it is run again on a fresh cluster, at
+/// most three times. A contract broken, or nothing admitted for any other reason, fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_calls_never_break_the_contract() {
+    for attempt in 1..=3 {
+        let unavailable = three_hundred_calls().await;
+        if unavailable == 0 {
+            return;
+        }
+        eprintln!(
+            "attempt {attempt}: {unavailable} calls refused because Redis did not answer in time \
+             (a stall of this machine?); again on a fresh cluster"
+        );
+    }
+    panic!("the shared limiter was unavailable in three attempts out of three");
+}
+
+/// One attempt: its assertions, then how many calls were refused as `limiter_unavailable`
+/// (0 for a conclusive attempt).
+async fn three_hundred_calls() -> usize {
     let vendor =
         MockVendor::start(&["--limit", "60", "--window", "10s", "--latency", "50ms"]).await;
     let redis = RedisServer::start();
@@ -121,16 +145,48 @@ async fn three_hundred_calls_never_break_the_contract() {
         "only 200, 429 and 503: {:?}",
         results.iter().map(|r| r.0).collect::<Vec<_>>()
     );
-    assert!(ok > 0 && ok <= 60, "{ok} admitted");
-    for (status, body, took) in &results {
-        assert!(*took < Duration::from_secs(4), "answered after {took:?}");
-        if *status != 200 {
-            assert!(body["stage"].is_string(), "{body}");
-        }
-    }
+    // Whatever else happened, the vendor never saw more than the contract.
     let stats = vendor.stats().await;
     assert_eq!(stats["violations"], 0, "{stats}");
     assert!(stats["max_in_window"].as_u64().unwrap() <= 60, "{stats}");
+    assert!(ok <= 60, "{ok} admitted");
+    for (status, body, took) in &results {
+        // Bounded by the queue timeout and the limiter's wait (generous for a loaded machine).
+        assert!(*took < Duration::from_secs(6), "answered after {took:?}");
+        if *status != 200 {
+            let stage = body["stage"].as_str().unwrap_or_else(|| panic!("{body}"));
+            assert!(
+                [
+                    "global_limiter",
+                    "limiter_unavailable",
+                    "local_limiter",
+                    "semaphore"
+                ]
+                .contains(&stage),
+                "{body}"
+            );
+        }
+    }
+    let unavailable = results
+        .iter()
+        .filter(|r| r.1["stage"] == "limiter_unavailable")
+        .count();
+    if unavailable > 0 {
+        // Only a Redis that really failed to answer may refuse calls this way.
+        let mut failed = 0.0;
+        for app in &cl.apps {
+            failed += metric_value(
+                &metrics_text(app).await,
+                "backend_vendor_stage_total{result=\"redis_failed\",stage=\"global_limiter\"}",
+            );
+        }
+        assert!(
+            failed > 0.0,
+            "limiter_unavailable without a failed Redis call"
+        );
+        return unavailable;
+    }
+    assert!(ok > 0, "nothing admitted: {:?}", &results[..3]);
     let per_instance = stats["max_concurrency_per_instance"].as_object().unwrap();
     // Which instances won the 60 tokens is a race (the slot comes first, then the token);
     // none may exceed its 5 slots.
@@ -141,6 +197,53 @@ async fn three_hundred_calls_never_break_the_contract() {
             "{instance} reached {max} concurrent calls"
         );
     }
+    0
+}
+
+/// One slow moment of Redis is not a lost Redis: Redis frozen (SIGSTOP) for 250 ms while
+/// calls wait for their token (each Redis call times out after `REDIS_TIMEOUT`, 100 ms), then
+/// resumed: those calls and the next ones are admitted, nothing is held for a window (a single
+/// timed-out call used to hold every vendor call of the instance for the whole window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_redis_stall_does_not_pause_vendor_calls() {
+    // A window longer than the calls may wait: a hold for one window refuses them.
+    let vendor =
+        MockVendor::start(&["--limit", "30", "--window", "10s", "--latency", "10ms"]).await;
+    let redis = RedisServer::start();
+    let cl = cluster(3, Some(&redis), |s| {
+        s.vendor_url = vendor.url();
+        s.vendor_contract = "30/10s".into();
+        s.vendor_queue_timeout = Duration::from_secs(5);
+        s.vendor_limiter_wait = Duration::from_secs(4);
+    })
+    .await;
+    let warm = flood(&cl, 3, "k-big").await;
+    assert_eq!(count(&warm, 200), 3, "{warm:?}");
+    redis.pause();
+    let during = {
+        let cl = &cl;
+        async move { flood(cl, 6, "k-big").await }
+    };
+    let resume = async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        redis.resume();
+    };
+    let (during, ()) = tokio::join!(during, resume);
+    let after = flood(&cl, 6, "k-big").await;
+    for (status, body, _) in during.iter().chain(&after) {
+        assert_eq!(*status, 200, "{body}");
+    }
+    let mut failed = 0.0;
+    for app in &cl.apps {
+        let m = metrics_text(app).await;
+        assert_eq!(metric_value(&m, "backend_vendor_limiter_degraded"), 0.0);
+        failed += metric_value(
+            &m,
+            "backend_vendor_stage_total{result=\"redis_failed\",stage=\"global_limiter\"}",
+        );
+    }
+    assert!(failed >= 1.0, "the stall was felt: calls waited on Redis");
+    assert_eq!(vendor.stats().await["violations"], 0);
 }
 
 /// Mock-vendor and three instances at a contract of 30 per 3 s, on a Redis the test can stop.
@@ -173,8 +276,18 @@ async fn redis_lost_after_uneven_use_keeps_the_contract() {
         "the window may be full: nothing admitted"
     );
     for (status, body, _) in &during {
-        assert!(*status == 429 || *status == 503, "{status} {body}");
+        // Held because Redis was lost, and said so (it used to read "the vendor quota is used
+        // up", stage global_limiter).
+        assert_eq!(*status, 503, "{body}");
+        assert_eq!(body["stage"], "limiter_unavailable", "{body}");
+        assert!(body["error"].as_str().unwrap().contains("paused"), "{body}");
     }
+    assert!(
+        metric_value(
+            &metrics_text(&cl.apps[1]).await,
+            "backend_vendor_stage_total{result=\"rejected\",stage=\"limiter_unavailable\"}"
+        ) >= 1.0
+    );
     // One window (and the margin) later, each instance has its share.
     tokio::time::sleep(Duration::from_millis(3300)).await;
     let later = flood_to(&cl, &[1, 2], 30, "k-big").await;

@@ -92,6 +92,33 @@ pub struct ContractReply {
     pub born: i64,
 }
 
+/// Why a Redis call gave no answer in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Evidence that Redis is gone: the connection was refused, reset or closed (a killed or
+    /// restarted Redis). False for a call that was only slow (a timeout, this machine or
+    /// Redis stalled for a moment) or that Redis answered with an error.
+    pub gone: bool,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+impl Failure {
+    fn of(e: &redis::RedisError) -> Failure {
+        Failure {
+            gone: e.is_connection_refusal()
+                || e.is_connection_dropped()
+                || (e.is_io_error() && !e.is_timeout()),
+            detail: e.to_string(),
+        }
+    }
+}
+
 /// Until the oldest entry (µs, -1 for none) leaves a window of `window` at `now` (µs).
 fn reset_of(oldest: i64, window: Duration, now: i64) -> Duration {
     if oldest < 0 {
@@ -134,7 +161,11 @@ impl RedisStore {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.timeout)
             .set_response_timeout(self.timeout)
-            .set_number_of_retries(1);
+            // One attempt per reconnection, no backoff (its delays start near a second): a
+            // killed Redis then shows as a refused connection (evidence that it is gone) rather
+            // than as calls that time out waiting on the retries; every call and heartbeat is
+            // the next attempt.
+            .set_number_of_retries(0);
         let c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
         self.conn.store(Some(std::sync::Arc::new(c.clone())));
         Ok(c)
@@ -179,12 +210,15 @@ impl RedisStore {
         keys: &[&str],
         counted: usize,
         args: &[String],
-    ) -> Result<Vec<i64>, String> {
+    ) -> Result<Vec<i64>, Failure> {
         let failure =
             match tokio::time::timeout(self.timeout, self.invoke(script, keys, args)).await {
                 Ok(Ok(out)) => return Ok(out),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {:?}", self.timeout),
+                Ok(Err(e)) => Failure::of(&e),
+                Err(_) => Failure {
+                    gone: false,
+                    detail: format!("no answer within {:?}", self.timeout),
+                },
             };
         // An error may be the connection's own response timeout: compensate either way
         // (removing a member that was never added changes nothing).
@@ -218,7 +252,8 @@ impl RedisStore {
         let keys: Vec<&str> = checks.iter().map(|c| c.key.as_str()).collect();
         let out = self
             .invoke_timed(&self.script, &keys, keys.len(), &args)
-            .await?;
+            .await
+            .map_err(|f| f.detail)?;
         Ok(outcome_of(checks, &out))
     }
 
@@ -240,7 +275,7 @@ impl RedisStore {
         quota: super::Quota,
         limit: u32,
         born: Option<i64>,
-    ) -> Result<ContractReply, String> {
+    ) -> Result<ContractReply, Failure> {
         let marker = format!("{key}:born");
         let args = [
             self.member(),
@@ -252,7 +287,10 @@ impl RedisStore {
             .invoke_timed(&self.contract_script, &[key, &marker], 1, &args)
             .await?;
         let [admitted, _count, oldest, now, born] = out[..] else {
-            return Err(format!("unexpected reply {out:?}"));
+            return Err(Failure {
+                gone: false,
+                detail: format!("unexpected reply {out:?}"),
+            });
         };
         Ok(ContractReply {
             admitted: (admitted >= 0).then_some(admitted == 1),

@@ -51,6 +51,8 @@ pub struct VendorSettings {
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
     pub expected_instances: u32,
+    /// When failed Redis calls mean Redis is lost (see [`contract`]).
+    pub redis_lost: contract::LossRule,
 }
 
 /// Why a vendor call did not produce the vendor's answer; each maps to one status.
@@ -62,6 +64,9 @@ pub enum VendorError {
     QueueTimeout { stage: &'static str },
     /// 429: the vendor contract is used up (our limiter said so).
     Quota { retry_after: Duration },
+    /// 503: no vendor call can be counted: Redis, which counts every instance's calls, was
+    /// lost (this instance makes no calls for one window) or did not answer in time.
+    LimiterUnavailable { retry_after: Duration },
     /// 429: the vendor refused a call over its contract (a violation seen from our side:
     /// counted in `backend_vendor_contract_rejections_total` and logged).
     VendorQuota { retry_after: Duration },
@@ -78,6 +83,7 @@ impl VendorError {
             VendorError::CircuitOpen { .. } => "circuit",
             VendorError::QueueTimeout { stage } => stage,
             VendorError::Quota { .. } => "global_limiter",
+            VendorError::LimiterUnavailable { .. } => "limiter_unavailable",
             VendorError::VendorQuota { .. } => "vendor_contract",
             VendorError::Timeout | VendorError::Upstream { .. } => "call",
         }
@@ -148,6 +154,7 @@ impl Vendor {
             s.contract_margin,
             s.expected_instances,
             redis_timeout,
+            s.redis_lost,
             metrics.clone(),
         );
         let budget = TpsBudget::new(Duration::from_secs(10), 1, s.retry_budget);
@@ -272,20 +279,29 @@ impl Vendor {
     }
 
     /// Wait for a token of the global contract, up to the limiter's own timeout (and the
-    /// queue deadline); 429 when it does not come in time.
+    /// queue deadline); 429 when the contract is used up, 503 when the shared limiter is
+    /// unavailable (Redis lost, or not answering), whichever kept the call out last.
     async fn acquire_global(&self, deadline: Instant) -> Result<(), VendorError> {
         let own_deadline = (Instant::now() + self.s.limiter_wait).min(deadline);
         loop {
-            let outcome = self.global.acquire().await;
-            let wait = match outcome {
+            let refusal = match self.global.acquire().await {
                 Ok(()) => {
                     self.stage("global_limiter", "admitted");
                     return Ok(());
                 }
-                Err(wait) => wait.max(Duration::from_millis(5)),
+                Err(refusal) => refusal,
             };
+            if let contract::Refusal::RedisFailed(_) = refusal {
+                self.stage("global_limiter", "redis_failed");
+            }
+            let wait = refusal.wait().max(Duration::from_millis(5));
             if Instant::now() + wait > own_deadline {
-                return Err(VendorError::Quota { retry_after: wait });
+                return Err(match refusal {
+                    contract::Refusal::Full(_) => VendorError::Quota { retry_after: wait },
+                    contract::Refusal::RedisFailed(_) | contract::Refusal::Held(_) => {
+                        VendorError::LimiterUnavailable { retry_after: wait }
+                    }
+                });
             }
             tokio::time::sleep(wait).await;
         }

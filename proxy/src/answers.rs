@@ -89,7 +89,7 @@ impl<'a> ErrorAnswer<'a> {
         if let Some(id) = self.request_id {
             f("X-Request-Id", id);
         }
-        for (name, value) in self.headers {
+        for (name, value) in self.headers.iter().filter(|(name, _)| !name.is_empty()) {
             f(name, value.as_bytes());
         }
     }
@@ -179,6 +179,12 @@ mod tests {
                 body.len()
             )
         );
+        // A header with no name is never written (a refusal without rate-limit headers once
+        // wrote `: ` lines, which clients refuse as a malformed answer).
+        let none = [("", String::new())];
+        let refused = ErrorAnswer::refusal(Rejection::BodyTooSlow, None, &none, b"id", true, false);
+        let text = String::from_utf8(refused.to_bytes()).unwrap();
+        assert!(!text.contains("\r\n: "), "{text}");
         let closing =
             String::from_utf8(ErrorAnswer::closing(503, "full", None).to_bytes()).unwrap();
         assert!(

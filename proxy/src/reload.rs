@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, Mutex};
 use crate::config::GatewayConfig;
 use crate::metrics::Metrics;
 use crate::state::Snapshot;
-use crate::upstream::Upstreams;
+use crate::upstream::Pools;
 
 /// Applies config changes, one at a time.
 pub struct Reloader {
@@ -30,7 +30,7 @@ pub struct Reloader {
     /// against it.
     started: GatewayConfig,
     snapshot: Arc<ArcSwap<Snapshot>>,
-    upstreams: Arc<Upstreams>,
+    pools: Arc<Pools>,
     metrics: Arc<Metrics>,
     /// Serializes reloads and DNS refreshes; holds the hash of the file in force.
     in_force: Mutex<u64>,
@@ -42,7 +42,7 @@ impl Reloader {
         started: GatewayConfig,
         started_hash: u64,
         snapshot: Arc<ArcSwap<Snapshot>>,
-        upstreams: Arc<Upstreams>,
+        pools: Arc<Pools>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         metrics.config_applied(&format!("{started_hash:016x}"));
@@ -50,7 +50,7 @@ impl Reloader {
             path,
             started,
             snapshot,
-            upstreams,
+            pools,
             metrics,
             in_force: Mutex::new(started_hash),
         })
@@ -93,18 +93,21 @@ impl Reloader {
             );
         }
         // Backends first: a name that cannot be resolved refuses the whole reload.
-        self.upstreams
+        let default = &self.pools.default;
+        default
             .set_backends(
                 &next.backends,
                 &next.backend_queue,
                 next.hosts_file.as_deref(),
             )
             .await?;
-        self.upstreams.set_health(&next.health);
+        default.set_health(&next.health);
+        self.pools.apply(&next).await?;
         crate::logging::set_level(next.log_level.filter());
         let previous = self.snapshot.load_full();
-        self.snapshot
-            .store(Arc::new(Snapshot::new(next, Some(&previous))));
+        let applied = Arc::new(Snapshot::new(next, Some(&previous)));
+        self.snapshot.store(applied.clone());
+        self.pools.retain(&applied.config);
         *in_force = hash;
         self.metrics.config_applied(&format!("{hash:016x}"));
         Ok(true)
@@ -115,11 +118,16 @@ impl Reloader {
         let _in_force = self.in_force.lock().await;
         let snap = self.snapshot.load_full();
         let c = &snap.config;
-        if let Err(e) = self
-            .upstreams
+        let refreshed = match self
+            .pools
+            .default
             .set_backends(&c.backends, &c.backend_queue, c.hosts_file.as_deref())
             .await
         {
+            Ok(()) => self.pools.apply(c).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = refreshed {
             log::warn!("backend re-resolution failed, keeping the pool: {e}");
         }
     }

@@ -21,7 +21,7 @@ use crate::downstream::dispatch::ConnectionTracked;
 use crate::metrics::{Metrics, MetricsEndpoint};
 use crate::reload;
 use crate::state::{Gateway, Snapshot};
-use crate::upstream::{HealthService, Upstreams};
+use crate::upstream::{HealthService, Pools, Upstreams};
 
 /// Options that come from the command line rather than the file.
 #[derive(Debug, Clone, Default)]
@@ -51,7 +51,9 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
         &config.backend_queue,
         config.hosts_file.as_deref(),
     ))?;
-    rt.block_on(upstreams.check_once());
+    let pools = Pools::new(upstreams.clone(), metrics.clone());
+    rt.block_on(pools.apply(&config))?;
+    rt.block_on(pools.check_once());
     drop(rt);
 
     let mut conf = ServerConf {
@@ -77,7 +79,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
     server.bootstrap();
 
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(config.clone(), None)));
-    let gateway = Gateway::new(snapshot.clone(), upstreams.clone(), metrics.clone());
+    let gateway = Gateway::new(snapshot.clone(), pools.clone(), metrics.clone());
     let own = Arc::new(gateway.clone());
     let mut http = pingora::proxy::HttpProxy::new(gateway, server.configuration.clone());
     http.handle_init_modules();
@@ -107,12 +109,12 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
     server.add_service(proxy_service);
 
     if let Some(addr) = &config.metrics_listen {
-        let scrape_upstreams = upstreams.clone();
-        let ready_upstreams = upstreams.clone();
+        let scrape_upstreams = pools.clone();
+        let ready_upstreams = pools.clone();
         let endpoint = MetricsEndpoint {
             metrics: metrics.clone(),
             on_scrape: Box::new(move || scrape_upstreams.refresh_gauges()),
-            ready: Box::new(move || ready_upstreams.any_up()),
+            ready: Box::new(move || ready_upstreams.ready()),
         };
         let mut metrics_service = Service::new("metrics".to_string(), endpoint);
         metrics_service.add_tcp(&addr.to_string());
@@ -125,7 +127,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
         config.clone(),
         opts.config_hash,
         snapshot,
-        upstreams.clone(),
+        pools.clone(),
         metrics.clone(),
     );
     server.add_service(background_service(
@@ -135,10 +137,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
             watch: config.watch,
         },
     ));
-    server.add_service(background_service(
-        "health checks",
-        HealthService(upstreams),
-    ));
+    server.add_service(background_service("health checks", HealthService(pools)));
     server.add_service(background_service(
         "drain",
         DrainWatcher {

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use crate::config::GatewayConfig;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::upstream::Upstreams;
+use crate::upstream::Pools;
 
 /// The config in force and the state built from it, swapped as one by reload.
 pub struct Snapshot {
@@ -30,7 +30,8 @@ pub struct Gateway {
     /// The config in force and its limiter state; replaced as a whole by reload, read
     /// without locks.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
-    pub upstreams: Arc<Upstreams>,
+    /// Every pool (`default` and the named ones).
+    pub pools: Arc<Pools>,
     pub metrics: Arc<Metrics>,
     /// Request bodies buffered at once, all connections together.
     pub bodies: Arc<crate::policy::body::BodyBudget>,
@@ -40,11 +41,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(
-        snapshot: Arc<ArcSwap<Snapshot>>,
-        upstreams: Arc<Upstreams>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, pools: Arc<Pools>, metrics: Arc<Metrics>) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
@@ -52,7 +49,7 @@ impl Gateway {
             ^ std::process::id().rotate_left(16);
         Gateway {
             snapshot,
-            upstreams,
+            pools,
             bodies: crate::policy::body::BodyBudget::new(metrics.buffered_body_bytes.clone()),
             metrics,
             request_id_prefix: seed,

@@ -28,8 +28,13 @@ pub struct FileConfig {
     /// Also reload when the config file changes (its directory is watched, so a Kubernetes
     /// ConfigMap's symlink swap is seen). SIGHUP always reloads.
     pub watch: bool,
-    /// The upstream pool.
+    /// The upstream pool (the pool `default`).
     pub upstream: FileUpstream,
+    /// More pools, by name (`routes:` send requests to them).
+    pub upstreams: std::collections::BTreeMap<String, super::routes::FilePool>,
+    /// Which pool (or fixed answer) a request gets by host and path; none: every request goes
+    /// to `default`.
+    pub routes: Vec<super::routes::FileRoute>,
     /// Timeouts towards upstreams and for idle downstream connections.
     pub timeouts: FileTimeouts,
     /// Who the client is: trusted proxies and IPv6 keying.
@@ -60,6 +65,8 @@ impl Default for FileConfig {
             shutdown_grace: HumanDuration(Duration::from_secs(5)),
             watch: false,
             upstream: FileUpstream::default(),
+            upstreams: Default::default(),
+            routes: Vec::new(),
             timeouts: FileTimeouts::default(),
             client: FileClient::default(),
             limits: FileLimits::default(),

@@ -6,6 +6,7 @@
 //! key path, line and column, exactly as `gateway -t` must print it.
 
 mod file;
+mod routes;
 #[cfg(test)]
 mod tests;
 mod values;
@@ -14,6 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use file::*;
+pub use routes::*;
 pub use values::*;
 
 /// FNV-1a of the file, shown in `gateway_config_info{hash}`.
@@ -48,6 +50,10 @@ pub struct GatewayConfig {
     pub shutdown_grace: Duration,
     pub watch: bool,
     pub backends: Vec<BackendSpec>,
+    /// Named pools besides `default` (`upstreams:`).
+    pub pools: Vec<PoolSpec>,
+    /// `routes:`, in file order.
+    pub routes: Vec<Route>,
     pub hosts_file: Option<std::path::PathBuf>,
     pub keepalive_pool: usize,
     pub health: HealthSettings,
@@ -219,31 +225,47 @@ impl GatewayConfig {
         Self::from_file(file)
     }
 
-    fn from_file(f: FileConfig) -> Result<Self, String> {
-        let hc = f.upstream.health_check;
-        if !hc.path.starts_with('/') {
-            return Err(format!(
-                "upstream.health_check.path: {:?} must start with '/'",
-                hc.path
-            ));
-        }
-        let mut backends: Vec<BackendSpec> = f
-            .upstream
-            .backends
-            .0
-            .into_iter()
-            .map(|b| BackendSpec {
-                address: b.address,
-                weight: b.weight.0,
-                resolve: b.resolve.map(|r| r.0),
+    fn from_file(mut f: FileConfig) -> Result<Self, String> {
+        let health = |hc: FileHealthCheck, key: &str| -> Result<HealthSettings, String> {
+            if !hc.path.starts_with('/') {
+                return Err(format!("{key}.path: {:?} must start with '/'", hc.path));
+            }
+            Ok(HealthSettings {
+                path: hc.path,
+                interval: hc.interval.0,
+                timeout: hc.timeout.0,
+                failures: hc.failures.0,
+                successes: hc.successes.0,
             })
-            .collect();
-        let count = backends.len();
-        backends.sort();
-        backends.dedup_by(|a, b| a.address == b.address);
-        if backends.len() != count {
-            return Err("upstream.backends: the same address is listed twice".into());
-        }
+        };
+        let convert =
+            |list: NonEmpty<FileBackend>, key: &str| -> Result<Vec<BackendSpec>, String> {
+                let mut backends: Vec<BackendSpec> = list
+                    .0
+                    .into_iter()
+                    .map(|b| BackendSpec {
+                        address: b.address,
+                        weight: b.weight.0,
+                        resolve: b.resolve.map(|r| r.0),
+                    })
+                    .collect();
+                let count = backends.len();
+                backends.sort();
+                backends.dedup_by(|a, b| a.address == b.address);
+                if backends.len() != count {
+                    return Err(format!("{key}: the same address is listed twice"));
+                }
+                Ok(backends)
+            };
+        let default_health = health(f.upstream.health_check.clone(), "upstream.health_check")?;
+        let backends = convert(f.upstream.backends.clone(), "upstream.backends")?;
+        let (pools, routes) = pools_and_routes(
+            std::mem::take(&mut f.upstreams),
+            std::mem::take(&mut f.routes),
+            &default_health,
+            convert,
+            health,
+        )?;
         let t = f.timeouts;
         if f.client.ipv6_prefix == 0 || f.client.ipv6_prefix > 128 {
             return Err("client.ipv6_prefix: must be 1-128".into());
@@ -321,13 +343,9 @@ impl GatewayConfig {
             backends,
             hosts_file: f.upstream.hosts_file,
             keepalive_pool: f.upstream.keepalive_pool,
-            health: HealthSettings {
-                path: hc.path,
-                interval: hc.interval.0,
-                timeout: hc.timeout.0,
-                failures: hc.failures.0,
-                successes: hc.successes.0,
-            },
+            health: default_health,
+            pools,
+            routes,
             connect_retries: f.upstream.connect_retries,
             retry_idempotent: f.upstream.retry_idempotent,
             timeouts: Timeouts {

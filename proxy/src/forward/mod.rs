@@ -22,7 +22,7 @@ use crate::policy::retry::{self, Attempts, Failure, Retry};
 use crate::policy::Rejection;
 use crate::state::{Gateway, Snapshot};
 use crate::upstream::conn::{self, UpConn, RELAY_BYTES};
-use crate::upstream::{state_of, BackendState};
+use crate::upstream::{state_of, BackendState, Upstreams};
 use answer::{AnswerHead, ChunkDecoder};
 
 /// Where an answer goes: an engine's client side.
@@ -44,6 +44,44 @@ pub trait Downstream {
     fn started(&self) -> bool;
 }
 
+/// A request its route answers without a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fixed {
+    /// No route (404), or the route's pool is gone.
+    Refused(Rejection),
+    /// The route's fixed answer.
+    Answer { status: u16, message: String },
+}
+
+/// Where a request goes: a pool, and the target it gets there; or a fixed answer. The one
+/// routing step both engines take ([`crate::policy::route::decide`]).
+pub fn routed(
+    gw: &Gateway,
+    snap: &Snapshot,
+    host: Option<&[u8]>,
+    target: &[u8],
+) -> Result<(Arc<Upstreams>, Option<Vec<u8>>), Fixed> {
+    use crate::policy::route::{decide, Routed};
+    match decide(&snap.config.routes, host, target) {
+        Routed::Pool { pool, target } => {
+            let pool = gw
+                .pools
+                .get(pool)
+                .ok_or(Fixed::Refused(Rejection::NoHealthyBackend))?;
+            let rewritten = match target {
+                std::borrow::Cow::Borrowed(_) => None,
+                std::borrow::Cow::Owned(t) => Some(t),
+            };
+            Ok((pool, rewritten))
+        }
+        Routed::Answer { status, message } => Err(Fixed::Answer {
+            status,
+            message: message.to_string(),
+        }),
+        Routed::NoRoute => Err(Fixed::Refused(Rejection::NoRoute)),
+    }
+}
+
 /// The request as the backend gets it.
 pub struct Request<'a> {
     /// Head and body ([`request::write_upstream_request`]).
@@ -56,6 +94,8 @@ pub struct Request<'a> {
     pub last: bool,
     /// `balance: hash`'s key ([`crate::policy::affinity::key`]).
     pub affinity: Option<&'a [u8]>,
+    /// The pool its route chose.
+    pub pool: &'a Upstreams,
 }
 
 /// How the exchange ended.
@@ -90,7 +130,7 @@ impl Gateway {
         loop {
             let Some(backend) = again
                 .take()
-                .or_else(|| self.upstreams.select(&tried, &cfg.balance, req.affinity))
+                .or_else(|| req.pool.select(&tried, &cfg.balance, req.affinity))
             else {
                 return self
                     .refuse(req, down, Rejection::NoHealthyBackend, out)
@@ -118,7 +158,7 @@ impl Gateway {
                     Ok(c) => c,
                     Err(e) => {
                         state.metrics.connect_failures.inc();
-                        self.upstreams.observe(&state, None, false, &cfg.balance);
+                        req.pool.observe(&state, None, false, &cfg.balance);
                         tried.push(addr);
                         if retry::decide(cfg, req.idempotent, Failure::Connect, &mut attempts)
                             == Retry::AnotherBackend
@@ -145,7 +185,7 @@ impl Gateway {
             let head = match head {
                 Ok(h) => {
                     let ok = h.status < 500;
-                    self.upstreams
+                    req.pool
                         .observe(&state, sent.map(|t| t.elapsed()), ok, &cfg.balance);
                     h
                 }
@@ -154,7 +194,7 @@ impl Gateway {
                     let decision = retry::decide(cfg, req.idempotent, failure, &mut attempts);
                     // A stale pooled connection is not the backend's failure.
                     if decision != Retry::SameBackendNewConnection {
-                        self.upstreams.observe(&state, None, false, &cfg.balance);
+                        req.pool.observe(&state, None, false, &cfg.balance);
                     }
                     match decision {
                         Retry::SameBackendNewConnection => {
@@ -319,7 +359,7 @@ impl Gateway {
         }
         c.buf = piece;
         if reusable {
-            conn::put_idle(state, c, self.upstreams.keepalive_pool);
+            conn::put_idle(state, c, req.pool.keepalive_pool);
         }
         out.keep_alive = keep_client;
         out

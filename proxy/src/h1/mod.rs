@@ -21,9 +21,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::answers::ErrorAnswer;
 use crate::downstream::ClientStream;
-use crate::forward::{Downstream, Request};
+use crate::forward::{Downstream, Fixed, Request};
 use crate::policy::record::{record, Engine, Finished, InflightGuard};
-use crate::policy::{admit, Rejection};
+use crate::policy::{admit, outcome, Rejection};
 use crate::state::{Gateway, Snapshot};
 pub use request::Handover;
 use request::{Parsed, Plan};
@@ -220,7 +220,18 @@ impl Gateway {
         let target = std::str::from_utf8(&buf[plan.target.clone()]).unwrap_or("/");
         // A refusal, its own Retry-After and headers, and whether its body is left unread.
         let refused = match admit::admit(snap, Some(plan.client_ip), target) {
-            Err(r) => Some((r.reason, Some(r.retry_after), r.headers, plan.body_len > 0)),
+            Err(r) => Some((
+                r.reason,
+                Some(r.retry_after),
+                Some(r.headers),
+                plan.body_len > 0,
+            )),
+            Ok(_) if matches!(plan.pool, Err(Fixed::Refused(_))) => {
+                let Err(Fixed::Refused(reason)) = plan.pool else {
+                    unreachable!("matched above")
+                };
+                Some((reason, None, None, plan.body_len > 0))
+            }
             Ok(wait) => {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
@@ -231,7 +242,7 @@ impl Gateway {
                             .extend_from_slice(&buf[plan.head_len..plan.head_len + plan.body_len]);
                         None
                     }
-                    Err(Some(reason)) => Some((reason, None, Default::default(), true)),
+                    Err(Some(reason)) => Some((reason, None, None, true)),
                     // The client went away mid-body: nobody to answer, nothing sent on.
                     Err(None) => {
                         let id = &upstream[plan.request_id.clone()];
@@ -249,8 +260,14 @@ impl Gateway {
         let mut done = finished(plan, buf, request_id, started);
         if let Some((reason, retry_after, headers, unread_body)) = refused {
             self.metrics.reject(reason);
-            let answer_ =
-                ErrorAnswer::refusal(reason, retry_after, &headers, request_id, unread_body, last);
+            let answer_ = ErrorAnswer::refusal(
+                reason,
+                retry_after,
+                headers.as_ref().map_or(&[][..], |h| &h[..]),
+                request_id,
+                unread_body,
+                last,
+            );
             let keep = answer_.keep_alive;
             let ok = RawDownstream::new(io, answer, request_id)
                 .error(&answer_)
@@ -260,6 +277,22 @@ impl Gateway {
             record(&self.metrics, snap.config.access_log, &done);
             return ok && keep;
         }
+        let pool = match &plan.pool {
+            Ok(pool) => pool,
+            Err(fixed) => {
+                // The route's own answer (a refusal was answered above).
+                let (status, message) = match fixed {
+                    Fixed::Answer { status, message } => (*status, message.as_str()),
+                    Fixed::Refused(r) => (r.status(), r.message()),
+                };
+                let keep = outcome::keep_alive_after_error(status, false, last);
+                let a = ErrorAnswer::for_request(status, message, request_id, keep);
+                let ok = RawDownstream::new(io, answer, request_id).error(&a).await;
+                done.status = status;
+                record(&self.metrics, snap.config.access_log, &done);
+                return ok && keep;
+            }
+        };
         let req = Request {
             bytes: &upstream[..],
             request_id,
@@ -267,6 +300,7 @@ impl Gateway {
             head_request: plan.head_request,
             last,
             affinity: plan.affinity.as_deref(),
+            pool,
         };
         let mut down = RawDownstream::new(io, answer, request_id);
         let out = self.forward(snap, &req, &mut down).await;

@@ -5,11 +5,15 @@
 use std::net::IpAddr;
 use std::ops::Range;
 
+use std::sync::Arc;
+
 use crate::forward::request::write_upstream_request;
+use crate::forward::{routed, Fixed};
 use crate::policy::framing::RequestBody;
 use crate::policy::identity::{client_ip, usable_request_id, write_forwarding};
 use crate::policy::{admit, request, Rejection};
 use crate::state::{Gateway, Snapshot};
+use crate::upstream::Upstreams;
 
 /// Most headers a request may have on this engine (pingora's own limit is 256; a head with
 /// more goes to pingora, which applies `buffers.max_headers`).
@@ -49,6 +53,8 @@ pub struct Plan {
     pub request_id: Range<usize>,
     /// `balance: hash`'s key.
     pub affinity: Option<Vec<u8>>,
+    /// The pool its route chose, or the route's own answer.
+    pub pool: Result<Arc<Upstreams>, Fixed>,
 }
 
 pub enum Parsed {
@@ -139,10 +145,15 @@ impl Gateway {
                 &generated[..]
             }
         };
+        let pool = routed(self, snap, header("host").next(), target.as_bytes());
+        let upstream_target = match &pool {
+            Ok((_, Some(stripped))) => &stripped[..],
+            _ => target.as_bytes(),
+        };
         let request_id = write_upstream_request(
             out,
             method.as_bytes(),
-            target.as_bytes(),
+            upstream_target,
             lines(),
             &connection,
             |out: &mut Vec<u8>| {
@@ -162,6 +173,7 @@ impl Gateway {
             client_ip: client,
             request_id,
             affinity: crate::policy::affinity::key(cfg, Some(client), lines()),
+            pool: pool.map(|(p, _)| p),
         })
     }
 }

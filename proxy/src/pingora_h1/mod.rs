@@ -32,7 +32,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::answers::ErrorAnswer;
 use crate::forward::request::write_upstream_request;
-use crate::forward::{Outcome, Request};
+use crate::forward::{routed, Fixed, Outcome, Request};
 use crate::pingora_compat;
 use crate::policy::framing::RequestBody;
 use crate::policy::identity::{client_ip, replaced_by_gateway, usable_request_id, Forwarding};
@@ -43,7 +43,7 @@ use crate::policy::record::{record, InflightGuard};
 use crate::policy::retry::{self, Attempts, Failure, Retry};
 use crate::policy::{admit, request, Rejection};
 use crate::state::{Gateway, Snapshot};
-use crate::upstream::state_of;
+use crate::upstream::{state_of, Upstreams};
 use session::{lines_of, upstream_error, values, SessionDownstream};
 
 /// Per-request state shared across the phases.
@@ -65,6 +65,9 @@ pub struct RequestCtx {
     attempts: Attempts,
     again: Option<Backend>,
     backend_slot: Option<OwnedSemaphorePermit>,
+    /// The pool its route chose, and the target with the route's prefix stripped.
+    pool: Option<Arc<Upstreams>>,
+    stripped: Option<Vec<u8>>,
     _inflight: InflightGuard,
 }
 
@@ -92,6 +95,8 @@ impl ProxyHttp for Gateway {
             attempts: Attempts::default(),
             again: None,
             backend_slot: None,
+            pool: None,
+            stripped: None,
             _inflight: InflightGuard::new(&self.metrics.inflight_requests),
         }
     }
@@ -156,6 +161,20 @@ impl ProxyHttp for Gateway {
                     .await
             }
         };
+        let (pool, stripped) = match routed(self, &snap, values(&lines, "host").next(), &target) {
+            Ok(chosen) => chosen,
+            Err(Fixed::Refused(r)) => {
+                return self.reject(session, ctx, r, None, &[], has_body).await
+            }
+            Err(Fixed::Answer { status, message }) => {
+                let keep = outcome::keep_alive_after_error(status, has_body, facts.close);
+                let answer = ErrorAnswer::for_request(status, &message, &ctx.request_id, keep);
+                let _ = answer.send(session).await;
+                return Ok(true);
+            }
+        };
+        ctx.pool = Some(pool.clone());
+        ctx.stripped = stripped.clone();
         session.set_keepalive((!facts.close).then(|| cfg.keepalive_timeout.as_secs().max(1)));
         // Each read of this session (a pipelined head behind this request included) waits
         // at most this long.
@@ -205,7 +224,7 @@ impl ProxyHttp for Gateway {
         write_upstream_request(
             &mut bytes,
             &method,
-            &target,
+            stripped.as_deref().unwrap_or(&target),
             all(),
             &connection,
             |out: &mut Vec<u8>| forwarding.write(out),
@@ -222,6 +241,7 @@ impl ProxyHttp for Gateway {
             head_request: facts.head,
             last: facts.close,
             affinity: affinity.as_deref(),
+            pool: &pool,
         };
         let mut down = SessionDownstream {
             session,
@@ -253,10 +273,15 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some(backend) = ctx.again.take().or_else(|| {
-            self.upstreams
-                .select(&ctx.tried, &ctx.snap.config.balance, None)
-        }) else {
+        let pool = ctx
+            .pool
+            .clone()
+            .unwrap_or_else(|| self.pools.default.clone());
+        let Some(backend) = ctx
+            .again
+            .take()
+            .or_else(|| pool.select(&ctx.tried, &ctx.snap.config.balance, None))
+        else {
             ctx.rejection = Some(Rejection::NoHealthyBackend);
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
         };
@@ -302,6 +327,9 @@ impl ProxyHttp for Gateway {
             }
         }
         req.insert_header("X-Request-Id", ctx.request_id.as_slice())?;
+        if let Some(path) = &ctx.stripped {
+            req.set_raw_path(path)?;
+        }
         Ok(())
     }
 

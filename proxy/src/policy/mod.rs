@@ -10,6 +10,7 @@
 //! | head and body size caps     | [`admit::check_head`], [`admit::check_declared_body`] |
 //! | target, Host, framing, connection | [`request::check`]                   |
 //! | the body as it arrives      | [`body::check_progress`]                   |
+//! | which route (pool or answer)| [`route::choose`]                          |
 //! | rate limits                 | [`admit::admit`] (on [`path::normalize`]d paths) |
 //! | retry after a failure       | [`retry::decide`]                          |
 //! | a backend failure's answer  | [`outcome::after_failure`]                 |
@@ -30,6 +31,7 @@ pub mod record;
 pub mod rejection;
 pub mod request;
 pub mod retry;
+pub mod route;
 #[cfg(test)]
 pub mod testing;
 

@@ -50,10 +50,12 @@ pub enum Rejection {
     /// Buffering this body would take the bodies in flight over `buffers.total_body_bytes`:
     /// 503.
     BodyBudget,
+    /// `routes:` exist and none matches the request: 404.
+    NoRoute,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 20] = [
+    pub const ALL: [Rejection; 21] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -74,6 +76,7 @@ impl Rejection {
         Rejection::InvalidTarget,
         Rejection::InvalidHost,
         Rejection::BodyBudget,
+        Rejection::NoRoute,
     ];
 
     pub fn label(self) -> &'static str {
@@ -98,6 +101,7 @@ impl Rejection {
             Rejection::InvalidTarget => "invalid_target",
             Rejection::InvalidHost => "invalid_host",
             Rejection::BodyBudget => "body_budget",
+            Rejection::NoRoute => "no_route",
         }
     }
 
@@ -114,6 +118,7 @@ impl Rejection {
             | Rejection::ProxyProtocol
             | Rejection::MalformedRequest => 400,
             Rejection::ConnectMethod => 405,
+            Rejection::NoRoute => 404,
             Rejection::UnsupportedTransferEncoding => 501,
             _ => 503,
         }
@@ -143,6 +148,7 @@ impl Rejection {
             Rejection::HeaderTimeout => "the request head did not arrive in time",
             Rejection::InvalidTarget => "invalid request target: only /path targets are served",
             Rejection::InvalidHost => "missing, repeated or invalid Host header",
+            Rejection::NoRoute => "no route for this host and path",
             Rejection::BodyBudget => {
                 "the gateway is buffering too many request bodies; retry later"
             }

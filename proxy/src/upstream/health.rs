@@ -15,7 +15,7 @@ use pingora::services::background::BackgroundService;
 use pingora::Result;
 
 use super::backend::BackendState;
-use super::Upstreams;
+use super::Pools;
 use crate::config::HealthSettings;
 
 pub(super) struct ReadinessCheck {
@@ -98,8 +98,8 @@ impl HealthCheck for SharedCheck {
     }
 }
 
-/// Runs the health checks as a pingora background service.
-pub struct HealthService(pub Arc<Upstreams>);
+/// Runs the health checks of every pool as a pingora background service.
+pub struct HealthService(pub Arc<Pools>);
 
 #[async_trait]
 impl BackgroundService for HealthService {

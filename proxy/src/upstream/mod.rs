@@ -9,9 +9,11 @@ pub mod backend;
 pub mod balance;
 pub mod conn;
 mod health;
+pub mod pools;
 
 pub use backend::{state_of, BackendState};
 pub use health::HealthService;
+pub use pools::Pools;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -317,12 +319,13 @@ impl Upstreams {
             .any(|b| state_of(b).is_up())
     }
 
-    /// Health-check every backend concurrently, then wait the configured interval; forever.
-    async fn health_loop(&self) {
-        loop {
-            self.lb.backends().run_health_check(true).await;
-            let interval = self.check.settings.load().0.interval;
-            tokio::time::sleep(interval).await;
-        }
+    /// One pass of health checks over every backend, concurrently.
+    pub async fn check_pass(&self) {
+        self.lb.backends().run_health_check(true).await;
+    }
+
+    /// The health-check interval in force.
+    pub fn interval(&self) -> Duration {
+        self.check.settings.load().0.interval
     }
 }

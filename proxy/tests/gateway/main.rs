@@ -9,3 +9,4 @@ mod own_engine;
 mod protection;
 mod proxying;
 mod reload;
+mod routing;

@@ -88,6 +88,9 @@ impl Gateway {
         else {
             return Served::Pingora;
         };
+        // The peer's address as text, for the forwarding headers of every request.
+        let mut hop = Vec::with_capacity(15);
+        crate::policy::identity::push_ip(&mut hop, peer);
         let mut shutdown = shutdown.clone();
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let mut upstream: Vec<u8> = Vec::with_capacity(1024);
@@ -116,13 +119,13 @@ impl Gateway {
                     return Served::Closed;
                 }
             }
-            // The head began when its first byte was read (or, for bytes pipelined behind the
-            // last request, when that request was answered): it must be whole by then plus
-            // `slow_clients.header_timeout`, however its bytes arrive.
-            let head_due = Instant::now() + self.snapshot.load().config.header_timeout;
+            // A head that is not whole when parsed (pipelined bytes behind the last request, or
+            // a slow client) must be whole `slow_clients.header_timeout` after that, however
+            // its bytes arrive; set then, so a whole head costs no clock read.
+            let mut head_due: Option<Instant> = None;
             let snap = self.snapshot.load_full();
             let plan = loop {
-                match self.parse_request(&buf, peer, &snap, &mut upstream) {
+                match self.parse_request(&buf, peer, &hop, &snap, &mut upstream) {
                     Parsed::Plan(p) => break p,
                     Parsed::Handover(reason) => {
                         log::debug!("to pingora's engine: {reason:?}");
@@ -140,8 +143,13 @@ impl Gateway {
                         return Served::Closed;
                     }
                     Parsed::Partial => {
-                        let more =
-                            tokio::time::timeout_at(head_due.into(), read_more(io, &mut buf));
+                        let more = tokio::time::timeout_at(
+                            (*head_due.get_or_insert_with(|| {
+                                Instant::now() + snap.config.header_timeout
+                            }))
+                            .into(),
+                            read_more(io, &mut buf),
+                        );
                         match more.await {
                             Ok(true) => {}
                             // The client went away.

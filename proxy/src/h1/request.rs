@@ -77,6 +77,7 @@ impl Gateway {
         &self,
         buf: &[u8],
         peer: IpAddr,
+        hop: &[u8],
         snap: &Snapshot,
         out: &mut Vec<u8>,
     ) -> Parsed {
@@ -157,7 +158,7 @@ impl Gateway {
             lines(),
             &connection,
             |out: &mut Vec<u8>| {
-                write_forwarding(out, peer, client, header("x-forwarded-for"), false)
+                write_forwarding(out, peer, hop, client, header("x-forwarded-for"), false)
             },
             request_id,
             body_len,

@@ -111,7 +111,11 @@ pub struct Forwarding {
 }
 
 /// The `X-Forwarded-For` value: every entry of every line, in order, then `peer`.
-fn push_forwarded_for<'a>(out: &mut Vec<u8>, lines: impl Iterator<Item = &'a [u8]>, peer: IpAddr) {
+fn push_forwarded_for<'a>(
+    out: &mut Vec<u8>,
+    lines: impl Iterator<Item = &'a [u8]>,
+    peer_text: &[u8],
+) {
     for line in lines {
         let line = line.trim_ascii();
         if !line.is_empty() {
@@ -119,7 +123,7 @@ fn push_forwarded_for<'a>(out: &mut Vec<u8>, lines: impl Iterator<Item = &'a [u8
             out.extend_from_slice(b", ");
         }
     }
-    push_ip(out, peer);
+    out.extend_from_slice(peer_text);
 }
 
 fn proto(tls: bool) -> &'static [u8] {
@@ -131,18 +135,24 @@ fn proto(tls: bool) -> &'static [u8] {
 }
 
 /// The three forwarding header lines, written straight into a request head being built
-/// (the own engine's path: no value is kept apart).
+/// (the own engine's path: no value is kept apart). `peer_text`: the peer's address as text,
+/// made once per connection.
 pub fn write_forwarding<'a>(
     out: &mut Vec<u8>,
     peer: IpAddr,
+    peer_text: &[u8],
     client: IpAddr,
     forwarded_for: impl Iterator<Item = &'a [u8]>,
     tls: bool,
 ) {
     out.extend_from_slice(b"X-Forwarded-For: ");
-    push_forwarded_for(out, forwarded_for, peer);
+    push_forwarded_for(out, forwarded_for, peer_text);
     out.extend_from_slice(b"\r\nX-Real-IP: ");
-    push_ip(out, client);
+    if client == peer {
+        out.extend_from_slice(peer_text);
+    } else {
+        push_ip(out, client);
+    }
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
     out.extend_from_slice(proto(tls));
     out.extend_from_slice(b"\r\n");
@@ -156,7 +166,9 @@ impl Forwarding {
         tls: bool,
     ) -> Self {
         let mut list = Vec::with_capacity(64);
-        push_forwarded_for(&mut list, forwarded_for, peer);
+        let mut peer_text = Vec::with_capacity(15);
+        push_ip(&mut peer_text, peer);
+        push_forwarded_for(&mut list, forwarded_for, &peer_text);
         let mut real_ip = Vec::with_capacity(15);
         push_ip(&mut real_ip, client);
         Forwarding {

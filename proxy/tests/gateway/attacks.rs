@@ -574,23 +574,7 @@ async fn outcome_of(gw: &GatewayProc, backend: &Recorder, request: &[u8]) -> (u1
 /// bytes. Seeded: `FLOODGATE_SEED=<n>` replays a failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_engines_give_every_random_request_the_same_verdict() {
-    let seed = std::env::var("FLOODGATE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (replay with FLOODGATE_SEED={seed})");
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let (seed, mut next) = seeded();
     let (own_backend, pingora_backend) = (
         Recorder::start(ok_answer).await,
         Recorder::start(ok_answer).await,

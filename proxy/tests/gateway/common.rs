@@ -590,3 +590,57 @@ pub async fn all_it_says_to(ip: &str, port: u16, request: &[u8]) -> String {
 pub async fn all_it_says(ip: &str, port: u16) -> String {
     all_it_says_to(ip, port, b"").await
 }
+
+/// A seeded generator for randomized tests: the seed from `FLOODGATE_SEED`, else the clock,
+/// printed so a failure can be replayed.
+pub fn seeded() -> (u64, impl FnMut() -> u64) {
+    let seed = std::env::var("FLOODGATE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("seed {seed} (replay with FLOODGATE_SEED={seed})");
+    let mut x = seed | 1;
+    let next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (seed, next)
+}
+
+/// Clients sending GET `url` in a loop until `stop`, each answer not 200 counted as failed:
+/// (sent, failed, the tasks).
+pub fn steady_load(
+    url: String,
+    clients: usize,
+    stop: &Arc<AtomicBool>,
+) -> (
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let tasks = (0..clients)
+        .map(|_| {
+            let (stop, sent, failed, url) =
+                (stop.clone(), sent.clone(), failed.clone(), url.clone());
+            tokio::spawn(async move {
+                let c = client();
+                while !stop.load(Ordering::SeqCst) {
+                    let ok = c.get(&url).send().await.is_ok_and(|r| r.status() == 200);
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    if !ok {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    (sent, failed, tasks)
+}

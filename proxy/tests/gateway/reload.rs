@@ -1,7 +1,7 @@
 //! Black-box tests of in-place reload: SIGHUP and file watching on the real binary, under
 //! load from the test, and DNS re-resolution through a hosts file.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,22 +25,7 @@ async fn ten_reloads_under_load_drop_nothing_and_removed_backends_get_nothing() 
     gw.wait_backends_up(1).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, sent, failed, url) =
-            (stop.clone(), sent.clone(), failed.clone(), gw.url("/items"));
-        load.push(tokio::spawn(async move {
-            let c = client();
-            while !stop.load(Ordering::SeqCst) {
-                let ok = c.get(&url).send().await.is_ok_and(|r| r.status() == 200);
-                sent.fetch_add(1, Ordering::SeqCst);
-                if !ok {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
+    let (sent, failed, load) = steady_load(gw.url("/items"), 4, &stop);
     for i in 0..10 {
         // Alternate: add b with a per-IP limit, then remove it with another limit.
         let adding = i % 2 == 0;

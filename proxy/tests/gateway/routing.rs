@@ -2,7 +2,7 @@
 //! route wins, a prefix can be stripped, a route can answer by itself, no route is 404, and a
 //! reload moves a path to another pool under load without an error.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::common::*;
@@ -145,26 +145,7 @@ async fn a_reload_moves_a_path_to_another_pool_under_load_without_an_error() {
     let gw = GatewayProc::start(&config("api")).await;
     gw.wait_backends_up(3).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..3 {
-        let (stop, sent, failed, url) = (
-            stop.clone(),
-            sent.clone(),
-            failed.clone(),
-            gw.url("/moving/x"),
-        );
-        load.push(tokio::spawn(async move {
-            let c = client();
-            while !stop.load(Ordering::SeqCst) {
-                let ok = c.get(&url).send().await.is_ok_and(|r| r.status() == 200);
-                sent.fetch_add(1, Ordering::SeqCst);
-                if !ok {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
+    let (sent, failed, load) = steady_load(gw.url("/moving/x"), 3, &stop);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     gw.rewrite(&config("web"));
     assert_eq!(gw.reload().await.1, 0.0);

@@ -14,7 +14,11 @@ use std::borrow::Cow;
 
 /// The normalised path of a request target (origin form; the query is not part of it).
 pub fn normalize(target: &str) -> Cow<'_, str> {
-    let path = target.split(['?', '#']).next().unwrap_or("");
+    let end = target
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(target.len());
+    let path = &target[..end];
     if is_normal(path) {
         return Cow::Borrowed(path);
     }
@@ -47,8 +51,24 @@ pub fn normalize(target: &str) -> Cow<'_, str> {
 
 /// Nothing to do: starts with `/`, no `%`, no `//`, no `.` segment. Nearly every request.
 fn is_normal(path: &str) -> bool {
+    // One tight pass for nearly every request; the exact rules only when a `%`, `//` or `/.`
+    // shows up (`/.well-known/` is normal).
     let b = path.as_bytes();
-    if b.first() != Some(&b'/') || b.contains(&b'%') {
+    if b.first() != Some(&b'/') {
+        return false;
+    }
+    let mut prev = 0u8;
+    for &c in b {
+        if c == b'%' || (prev == b'/' && (c == b'/' || c == b'.')) {
+            return is_normal_exactly(b);
+        }
+        prev = c;
+    }
+    true
+}
+
+fn is_normal_exactly(b: &[u8]) -> bool {
+    if b.contains(&b'%') {
         return false;
     }
     let mut prev = b'/';

@@ -48,9 +48,7 @@ pub fn valid_host(v: &[u8]) -> bool {
             None => (v, None),
         }
     };
-    let host_ok = host
-        .iter()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    let host_ok = host.iter().all(|&b| HOST[b as usize]);
     let port_ok =
         port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
     host_ok && port_ok
@@ -75,6 +73,18 @@ pub fn request_line_problem(line: &[u8]) -> Option<Rejection> {
     (target.is_empty() || !target.iter().all(|&b| TARGET[b as usize]))
         .then_some(Rejection::InvalidTarget)
 }
+
+/// Bytes of a host name: letters, digits, `-`, `.`, `_`.
+const HOST: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+        i += 1;
+    }
+    t
+};
 
 /// Bytes of a token (RFC 9110 5.6.2): a method.
 const TOKEN: [bool; 256] = {

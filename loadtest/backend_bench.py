@@ -25,17 +25,17 @@ Writes loadtest/results/backend-<date>/report.md and results.json.
 import datetime
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from harness import free_ports, log, ms, pg_bindir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, os.environ.get("BIN", "target/release"))
@@ -49,27 +49,7 @@ RESULTS = os.path.join(ROOT, "loadtest", "results", "backend-" + datetime.date.t
 PROCS = []
 
 
-def free_ports(n):
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        low = int(f.read().split()[0])
-    ports = []
-    while len(ports) < n:
-        p = random.randrange(10_000, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-        if p not in ports:
-            ports.append(p)
-    return ports
-
-
 PG, PG_SLOW, OURS, SEED, ADAPTIVE, FIXED = free_ports(6)
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 def start(name, argv, env=None, cwd=None):
@@ -102,7 +82,7 @@ def wait_http(url, timeout=30):
 
 
 def start_postgres():
-    bindir = sorted(f"/usr/lib/postgresql/{v}/bin" for v in os.listdir("/usr/lib/postgresql"))[-1]
+    bindir = pg_bindir()
     data = os.path.join(TMP, "pg")
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if os.geteuid() == 0:
@@ -121,13 +101,6 @@ def backend(name, port, db, **env):
           env={"PORT": str(port), "DATABASE_URL": db, "LOG_LEVEL": "warn", "DATA_DIR": TMP,
                "SHUTDOWN_DRAIN_DELAY": "0s", **env})
     wait_http(f"http://127.0.0.1:{port}/ready")
-
-
-def ms(v):
-    for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3), ("m", 6e4)):
-        if v.endswith(unit):
-            return float(v[:-len(unit)]) * f
-    return float(v)
 
 
 def wrk(url, conns=100, threads=10, duration=DURATION):

@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import signal
@@ -34,6 +33,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+from harness import free_ports, log, ms, pg_bindir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.environ.get("SMOKE") == "1"
@@ -57,32 +58,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROCS = []
 
 
-def free_ports(n):
-    """n distinct loopback TCP ports free right now, below the ephemeral range (the kernel
-    never hands those to outgoing connections), so a run never meets someone else's server."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        ephemeral_low = int(f.read().split()[0])
-    ports = []
-    while len(ports) < n:
-        p = random.randrange(10_000, ephemeral_low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-        if p not in ports:
-            ports.append(p)
-    return ports
-
-
 # Ports (loopback only): the trivial upstream, Floodgate and its metrics, nginx, HAProxy,
 # PostgreSQL, the seed's stack, three backends, and the three upstreams of scenario 6.
 UP, GW, GW_METRICS, NG, HA, PG, SEED_STACK, BARE, GWB, GWB_METRICS, *_rest = free_ports(16)
 BACKENDS, KILLED_UPSTREAMS = _rest[:3], _rest[3:]
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 def start(name, argv, env=None, cwd=None):
@@ -160,16 +139,6 @@ def peak_rss_mb(pid):
         except OSError:
             pass
     return total / 1024
-
-
-def ms(v):
-    if v.endswith("us"):
-        return float(v[:-2]) / 1000
-    if v.endswith("ms"):
-        return float(v[:-2])
-    if v.endswith("s"):
-        return float(v[:-1]) * 1000
-    return float(v)
 
 
 def wrk(url, conns=CONNS, duration=DURATION, script=None, threads=2):
@@ -353,9 +322,7 @@ def start_fast_upstream(port, delay_ms=None):
 
 
 def start_postgres():
-    bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
-    if not os.path.exists(os.path.join(bindir, "initdb")):
-        bindir = sorted(d for d in (f"/usr/lib/postgresql/{v}/bin" for v in os.listdir("/usr/lib/postgresql")))[-1]
+    bindir = pg_bindir()
     data = os.path.join(TMP, "pg")
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if os.geteuid() == 0:

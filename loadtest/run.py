@@ -177,12 +177,13 @@ def hey_post_seed(url):
     return r
 
 
-def loadgen_argv(url, source, conns, seconds, rate=0):
-    return [os.path.join(BIN, "examples", "loadgen"), url, source, str(conns), str(seconds), str(rate)]
+def loadgen_argv(url, source, conns, seconds, rate=0, host=None):
+    return [os.path.join(BIN, "examples", "loadgen"), url, source, str(conns), str(seconds), str(rate),
+            *([host] if host else [])]
 
 
-def loadgen(url, source, conns, seconds, rate=0):
-    out = subprocess.run(loadgen_argv(url, source, conns, seconds, rate), capture_output=True, text=True,
+def loadgen(url, source, conns, seconds, rate=0, host=None):
+    out = subprocess.run(loadgen_argv(url, source, conns, seconds, rate, host), capture_output=True, text=True,
                          check=True).stdout
     return json.loads(out)
 
@@ -522,7 +523,7 @@ def backend_up(name, victim):
     try:
         if name == "floodgate":
             text = urllib.request.urlopen(f"http://127.0.0.1:{GW_METRICS}/metrics", timeout=1).read().decode()
-            m = re.search(rf'^gateway_backend_up{{backend="{re.escape(victim)}"}} (\d+)', text, re.M)
+            m = re.search(rf'^gateway_backend_up{{backend="{re.escape(victim)}",pool="default"}} (\d+)', text, re.M)
             return m is not None and m.group(1) == "1"
         if name == "haproxy":
             with socket.socket(socket.AF_UNIX) as sock:
@@ -536,43 +537,84 @@ def backend_up(name, victim):
     return None  # nginx: passive checks only, no state to read
 
 
+def callgrind_per_request(name, argv, port, host=None):
+    """User-space instructions per 200 answer of one proxy (`argv`, listening on `port`) run
+    alone under callgrind, counting only while loadgen sends a fixed rate after a warm-up."""
+    secs, rate = (1, 300) if SMOKE else (5, 1000)
+    dump = os.path.join(TMP, "callgrind.out")
+    for f in os.listdir(TMP):
+        if f.startswith("callgrind.out"):
+            os.remove(os.path.join(TMP, f))
+    # Under valgrind, glibc copies of more than ~8 KB use `rep movsb`, which callgrind counts
+    # one instruction per byte (hardware runs it as one fast string instruction): pingora's
+    # ~11 KB of per-request future moves counted as ~10k instructions. The tunable keeps
+    # every copy in glibc's vector loop, counted as the instructions it is.
+    p = start(f"callgrind-{name.replace(' ', '-')}", ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                                      f"--callgrind-out-file={dump}", *argv],
+              env={"GLIBC_TUNABLES": "glibc.cpu.x86_rep_movsb_threshold=2147483647"})
+    url = f"http://127.0.0.1:{port}/items"
+    wait_http(url, timeout=120)
+    loadgen(url, "127.0.0.1", 50, 2 if not SMOKE else 1, rate, host=host)  # warm-up: pools, caches, lazy init
+    subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], capture_output=True, check=True)
+    g = loadgen(url, "127.0.0.1", 50, secs, rate, host=host)
+    subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], capture_output=True, check=True)
+    subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, check=True)
+    total = 0
+    for f in os.listdir(TMP):
+        if f.startswith("callgrind.out."):
+            with open(os.path.join(TMP, f)) as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("totals:"))
+    stop(p.pid)
+    ok = g["statuses"].get("200", 0)
+    result = {"requests": ok, "instructions": total / max(ok, 1)}
+    log(f"  instructions {name}: {result['instructions']:,.0f} per request ({ok} requests)")
+    return result
+
+
 def scenario_instructions(upstreams):
     """User-space instructions per request, counted by valgrind's callgrind: unlike time, the
     count is the same run after run whatever else the machine is doing, so it shows small
     differences the timed scenarios cannot. Each proxy runs alone under callgrind (nginx as
     one process, no master), is warmed up, then counts only while loadgen sends a fixed rate.
     Kernel work (the syscalls, the same ones for every proxy) is not counted."""
-    secs, rate = (1, 300) if SMOKE else (5, 1000)
     out = {}
     for name in PROXIES + [BARE_PINGORA]:
         argv, port = proxy_argv(name, upstreams, port=free_ports(1)[0])
-        dump = os.path.join(TMP, "callgrind.out")
-        for f in os.listdir(TMP):
-            if f.startswith("callgrind.out"):
-                os.remove(os.path.join(TMP, f))
-        # Under valgrind, glibc copies of more than ~8 KB use `rep movsb`, which callgrind counts
-        # one instruction per byte (hardware runs it as one fast string instruction): pingora's
-        # ~11 KB of per-request future moves counted as ~10k instructions. The tunable keeps
-        # every copy in glibc's vector loop, counted as the instructions it is.
-        p = start(f"callgrind-{name.replace(' ', '-')}", ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                                                          f"--callgrind-out-file={dump}", *argv],
-                  env={"GLIBC_TUNABLES": "glibc.cpu.x86_rep_movsb_threshold=2147483647"})
-        url = f"http://127.0.0.1:{port}/items"
-        wait_http(url, timeout=120)
-        loadgen(url, "127.0.0.1", 50, 2 if not SMOKE else 1, rate)  # warm-up: pools, caches, lazy init
-        subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], capture_output=True, check=True)
-        g = loadgen(url, "127.0.0.1", 50, secs, rate)
-        subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], capture_output=True, check=True)
-        subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, check=True)
-        total = 0
-        for f in os.listdir(TMP):
-            if f.startswith("callgrind.out."):
-                with open(os.path.join(TMP, f)) as fh:
-                    total += next(int(line.split()[1]) for line in fh if line.startswith("totals:"))
-        stop(p.pid)
-        ok = g["statuses"].get("200", 0)
-        out[name] = {"requests": ok, "instructions": total / max(ok, 1)}
-        log(f"  instructions {name}: {out[name]['instructions']:,.0f} per request ({ok} requests)")
+        out[name] = callgrind_per_request(name, argv, port)
+    return out
+
+
+def routes_yaml(n):
+    """`n` routes in the shape of a large edge config: a hundred host names, a few wildcard
+    domains, prefixes of many lengths, some with methods; the request (`Host: api.test`,
+    `GET /items`) matches the last one, after the host map, the suffixes and every prefix
+    length of its table were probed."""
+    if n == 0:
+        return ""
+    lines = ["routes:"]
+    for i in range(n - 1):
+        host = f"h{i % 100}.example.com" if i % 3 else f"*.d{i % 7}.example.net"
+        if i % 5 == 0:
+            host = "api.test"
+        path = "/" + "/".join(f"s{i}" for _ in range(1 + i % 6)) + "/"
+        methods = ", methods: [POST]" if i % 4 == 0 else ""
+        lines.append(f'  - {{host: "{host}", path: {path}{methods}, pool: default}}')
+    lines.append('  - {host: "api.test", path: /, pool: default}')
+    return "\n".join(lines) + "\n"
+
+
+def scenario_routes(upstreams):
+    """The cost of route matching: instructions per request (callgrind) with 0, 1, 100 and
+    10,000 routes, the request matching the last route in the file."""
+    out = {}
+    for n in (0, 1, 100, 10000):
+        name = f"floodgate-{n}-routes"
+        path = os.path.join(TMP, f"{name}.yaml")
+        port = free_ports(1)[0]
+        with open(path, "w") as f:
+            f.write(floodgate_conf(upstreams, PROTECT, port, free_ports(1)[0]) + routes_yaml(n))
+        argv = [os.path.join(BIN, "gateway"), "-c", path, "--upgrade-sock", os.path.join(TMP, f"{name}.sock")]
+        out[str(n)] = callgrind_per_request(name, argv, port, host="api.test")
     return out
 
 
@@ -752,6 +794,9 @@ def main():
         if "instructions" in SCENARIOS:
             log("user-space instructions per request (callgrind)")
             report["instructions"] = scenario_instructions(trivial)
+        if "routes" in SCENARIOS:
+            log("route matching: instructions per request with 0, 1, 100 and 10,000 routes")
+            report["routes"] = scenario_routes(trivial)
         if "flood" in SCENARIOS:
             log("scenario 4: flood from one IP, normal traffic from three others")
             report["flood"] = scenario_flood(trivial)
@@ -864,6 +909,15 @@ def write_report(r):
             lines += ["", f"Floodgate / pingora's example: {ratio(ins['floodgate']['instructions'], ins[BARE_PINGORA]['instructions']):.2f} "
                       "(plain GETs take Floodgate's own HTTP/1 path, proxy/src/fast.rs, with every protection on; "
                       "pingora's example runs pingora's HTTP/1 session and proxy loop, with none)."]
+        lines.append("")
+    if "routes" in r:
+        ro = r["routes"]
+        lines += ["## Route matching (callgrind)", "",
+                  "Floodgate alone under callgrind as above, with N routes (`loadtest/run.py` `routes_yaml`: a hundred "
+                  "host names, wildcard domains, prefixes of six lengths, some with methods); the request matches the last route.", "",
+                  "| routes | instructions / request | / no routes |", "|---|---|---|"]
+        for n, v in ro.items():
+            lines.append(f"| {n} | {v['instructions']:,.0f} | {ratio(v['instructions'], ro['0']['instructions']):.3f} |")
         lines.append("")
     if "seed_backend" in r:
         b = r["seed_backend"]

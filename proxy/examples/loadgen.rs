@@ -4,7 +4,7 @@
 //! one JSON line: sent, per-status counts, errors, p50/p90/p99 ms, and when the first and last
 //! failed request (error or status >= 500) ended, in seconds from the start (-1 when none
 //! failed).
-//! Usage: loadgen <url> <source-ip> <connections> <seconds> [rate per second, 0 = max]
+//! Usage: loadgen <url> <source-ip> <connections> <seconds> [rate per second, 0 = max] [Host]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -73,7 +73,7 @@ async fn request(stream: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> Optio
 async fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
     if a.len() < 4 {
-        eprintln!("usage: loadgen <url> <source-ip> <connections> <seconds> [rate]");
+        eprintln!("usage: loadgen <url> <source-ip> <connections> <seconds> [rate] [host]");
         std::process::exit(2);
     }
     let url = a[0].strip_prefix("http://").expect("http:// url");
@@ -84,7 +84,8 @@ async fn main() {
     let conns: usize = a[2].parse().expect("connections");
     let secs: f64 = a[3].parse().expect("seconds");
     let rate: f64 = a.get(4).and_then(|r| r.parse().ok()).unwrap_or(0.0);
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n\r\n").into_bytes();
+    let host = a.get(5).map_or(hostport, |h| h.as_str());
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let per_conn_interval = (rate > 0.0).then(|| Duration::from_secs_f64(conns as f64 / rate));

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub dns_errors: IntCounter,
     /// Requests by the HTTP/1 path that served them: [fast, pingora].
     pub http1_path: [IntCounter; 2],
+    /// `gateway_route_requests_total{route,pool,code}`: requests that matched a route of
+    /// `routes:` (none without routes).
+    route_requests: IntCounterVec,
 }
 
 /// Handles for one backend's series, resolved when it joins the pool.
@@ -90,7 +93,7 @@ impl Metrics {
                 "gateway_backend_up",
                 "1 when the backend passes health checks and receives traffic, else 0.",
             ),
-            &["backend"],
+            &["pool", "backend"],
         )
         .expect("valid metric");
         let downstream_connections = IntGauge::new(
@@ -118,7 +121,7 @@ impl Metrics {
                 "gateway_backend_ejections_total",
                 "Passive outlier ejections (upstream.outlier): N failures in a row.",
             ),
-            &["backend"],
+            &["pool", "backend"],
         )
         .expect("valid metric");
         let connect_failures = IntCounterVec::new(
@@ -182,8 +185,17 @@ impl Metrics {
             &["path"],
         )
         .expect("valid metric");
+        let route_requests = IntCounterVec::new(
+            Opts::new(
+                "gateway_route_requests_total",
+                "Requests that matched a route of `routes:`, by route, its pool (\"-\" for a fixed answer) and status class.",
+            ),
+            &["route", "pool", "code"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(route_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reloads.clone()),
             Box::new(http1_path.clone()),
             Box::new(config_loaded_at.clone()),
             Box::new(config_info.clone()),
@@ -229,22 +241,30 @@ impl Metrics {
             dns_ok: dns.with_label_values(&["success"]),
             dns_errors: dns.with_label_values(&["error"]),
             http1_path: ["fast", "pingora"].map(|p| http1_path.with_label_values(&[p])),
+            route_requests,
         })
     }
 
     /// Resolve the series of one backend (called when it joins the pool, not per request).
-    pub fn backend(&self, label: &str) -> BackendMetrics {
+    pub fn backend(&self, pool: &str, label: &str) -> BackendMetrics {
         BackendMetrics {
             requests: CLASSES.map(|c| self.requests.with_label_values(&[c, label])),
-            up: self.backend_up.with_label_values(&[label]),
+            up: self.backend_up.with_label_values(&[pool, label]),
             connect_failures: self.connect_failures.with_label_values(&[label]),
-            ejections: self.ejections.with_label_values(&[label]),
+            ejections: self.ejections.with_label_values(&[pool, label]),
         }
     }
 
-    /// Drop the series of a backend that left the pool.
-    pub fn forget_backend(&self, label: &str) {
-        let _ = self.backend_up.remove_label_values(&[label]);
+    /// Count a request a route of `routes:` took.
+    pub fn route_request(&self, route: &str, pool: &str, status: u16) {
+        self.route_requests
+            .with_label_values(&[route, pool, CLASSES[class_index(status)]])
+            .inc();
+    }
+
+    /// Drop the series of a backend that left its pool.
+    pub fn forget_backend(&self, pool: &str, label: &str) {
+        let _ = self.backend_up.remove_label_values(&[pool, label]);
     }
 
     /// Record the config now in force.

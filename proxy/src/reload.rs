@@ -97,7 +97,7 @@ impl Reloader {
         default
             .set_backends(
                 &next.backends,
-                &next.backend_queue,
+                &next.upstream().queue,
                 next.hosts_file.as_deref(),
             )
             .await?;
@@ -121,7 +121,7 @@ impl Reloader {
         let refreshed = match self
             .pools
             .default
-            .set_backends(&c.backends, &c.backend_queue, c.hosts_file.as_deref())
+            .set_backends(&c.backends, &c.upstream().queue, c.hosts_file.as_deref())
             .await
         {
             Ok(()) => self.pools.apply(c).await,

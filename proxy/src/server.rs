@@ -39,7 +39,12 @@ pub struct RunOptions {
 /// Build the pingora server (proxy, metrics listener, health checks) from a validated config.
 pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Result<Server> {
     let metrics = Metrics::new();
-    let upstreams = Upstreams::new(&config.health, config.keepalive_pool, metrics.clone());
+    let upstreams = Upstreams::new(
+        "default",
+        &config.health,
+        config.keepalive_pool,
+        metrics.clone(),
+    );
     // Resolve the initial pool and run one health pass (bounded by the check timeout) before
     // serving, so the first requests (at a cold start, or right after an `--upgrade`
     // hand-over) find the backends that are up instead of none.
@@ -48,7 +53,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
         .build()?;
     rt.block_on(upstreams.set_backends(
         &config.backends,
-        &config.backend_queue,
+        &config.upstream().queue,
         config.hosts_file.as_deref(),
     ))?;
     let pools = Pools::new(upstreams.clone(), metrics.clone());

@@ -52,18 +52,13 @@ pub struct GatewayConfig {
     pub backends: Vec<BackendSpec>,
     /// Named pools besides `default` (`upstreams:`).
     pub pools: Vec<PoolSpec>,
-    /// `routes:`, in file order.
-    pub routes: Vec<Route>,
+    /// `routes:`, compiled; its `default` route (the pool `default`, with `upstream:`'s
+    /// settings) is every request's when there are none.
+    pub routes: RouteTable,
     pub hosts_file: Option<std::path::PathBuf>,
     pub keepalive_pool: usize,
     pub health: HealthSettings,
-    pub connect_retries: usize,
-    pub retry_idempotent: bool,
     pub timeouts: Timeouts,
-    /// Per-backend concurrency cap (0 = none), its queue length and queue timeout.
-    pub backend_queue: BackendQueue,
-    pub balance: Balancing,
-    pub hash_key: HashKey,
     pub trusted_proxies: Vec<Cidr>,
     pub proxy_protocol: bool,
     pub ipv6_prefix: u8,
@@ -195,10 +190,19 @@ impl GatewayConfig {
         keys
     }
 
-    /// The shortest `resolve` interval among the backends, if any backend is a DNS name to
-    /// follow.
+    /// The default pool's settings (`upstream:`'s balancing, queue, timeouts, retries).
+    pub fn upstream(&self) -> &PoolSettings {
+        &self.routes.default.settings
+    }
+
+    /// The shortest `resolve` interval among the backends of every pool, if any backend is a
+    /// DNS name to follow.
     pub fn resolve_interval(&self) -> Option<Duration> {
-        self.backends.iter().filter_map(|b| b.resolve).min()
+        self.backends
+            .iter()
+            .chain(self.pools.iter().flat_map(|p| p.backends.iter()))
+            .filter_map(|b| b.resolve)
+            .min()
     }
 
     /// Read and validate a config file: what start-up, `gateway -t` and every reload run.
@@ -259,14 +263,44 @@ impl GatewayConfig {
             };
         let default_health = health(f.upstream.health_check.clone(), "upstream.health_check")?;
         let backends = convert(f.upstream.backends.clone(), "upstream.backends")?;
+        let t = f.timeouts;
+        let timeouts = Timeouts {
+            connect: t.connect.0,
+            read: t.read.0,
+            write: t.write.0,
+            idle: t.idle.0,
+            websocket_idle: t.websocket_idle.0,
+        };
+        let u = &f.upstream;
+        let settings = PoolSettings {
+            hash_key: u.hash_key.clone(),
+            balance: Balancing {
+                algorithm: u.balance,
+                ewma_decay: u.ewma_decay.0,
+                eject_after: u.outlier.consecutive_failures,
+                base_ejection: u.outlier.base_ejection.0,
+                max_ejection_percent: u.outlier.max_ejection_percent.min(100),
+            },
+            queue: BackendQueue {
+                max_concurrent: u.max_concurrent_per_backend,
+                max_queue: u.max_queue,
+                timeout: u.queue_timeout.0,
+            },
+            timeouts,
+            connect_retries: u.connect_retries,
+            retry_idempotent: u.retry_idempotent,
+        };
         let (pools, routes) = pools_and_routes(
             std::mem::take(&mut f.upstreams),
             std::mem::take(&mut f.routes),
-            &default_health,
+            Inherited {
+                settings: &settings,
+                health: &default_health,
+                max_body_bytes: f.buffers.max_body_bytes,
+            },
             convert,
             health,
         )?;
-        let t = f.timeouts;
         if f.client.ipv6_prefix == 0 || f.client.ipv6_prefix > 128 {
             return Err("client.ipv6_prefix: must be 1-128".into());
         }
@@ -297,19 +331,6 @@ impl GatewayConfig {
             ));
         }
         Ok(GatewayConfig {
-            hash_key: f.upstream.hash_key.clone(),
-            balance: Balancing {
-                algorithm: f.upstream.balance,
-                ewma_decay: f.upstream.ewma_decay.0,
-                eject_after: f.upstream.outlier.consecutive_failures,
-                base_ejection: f.upstream.outlier.base_ejection.0,
-                max_ejection_percent: f.upstream.outlier.max_ejection_percent.min(100),
-            },
-            backend_queue: BackendQueue {
-                max_concurrent: f.upstream.max_concurrent_per_backend,
-                max_queue: f.upstream.max_queue,
-                timeout: f.upstream.queue_timeout.0,
-            },
             trusted_proxies: f.client.trusted_proxies,
             proxy_protocol: f.client.proxy_protocol,
             ipv6_prefix: f.client.ipv6_prefix,
@@ -346,15 +367,7 @@ impl GatewayConfig {
             health: default_health,
             pools,
             routes,
-            connect_retries: f.upstream.connect_retries,
-            retry_idempotent: f.upstream.retry_idempotent,
-            timeouts: Timeouts {
-                connect: t.connect.0,
-                read: t.read.0,
-                write: t.write.0,
-                idle: t.idle.0,
-                websocket_idle: t.websocket_idle.0,
-            },
+            timeouts,
         })
     }
 }

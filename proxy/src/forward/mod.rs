@@ -16,6 +16,7 @@ use std::sync::Arc;
 use pingora::lb::Backend;
 
 use crate::answers::ErrorAnswer;
+use crate::config::{PoolSettings, Route};
 use crate::policy::framing::AnswerBody;
 use crate::policy::outcome::{self, AfterFailure, UpstreamError};
 use crate::policy::retry::{self, Attempts, Failure, Retry};
@@ -53,32 +54,58 @@ pub enum Fixed {
     Answer { status: u16, message: String },
 }
 
-/// Where a request goes: a pool, and the target it gets there; or a fixed answer. The one
-/// routing step both engines take ([`crate::policy::route::decide`]).
-pub fn routed(
+/// The route a request takes (the default route when it matched none: its limits and caps
+/// apply to the 404), and where that sends it: a pool with the target it gets there (`None`:
+/// the client's), or a fixed answer.
+pub struct Chosen {
+    pub route: Arc<Route>,
+    pub to: Result<(Arc<Upstreams>, Option<Vec<u8>>), Fixed>,
+}
+
+/// The one routing step every engine takes ([`crate::policy::route::decide`]). `header`:
+/// the first value of a request header by lower-case name.
+pub fn routed<'h>(
     gw: &Gateway,
     snap: &Snapshot,
     host: Option<&[u8]>,
+    method: &[u8],
     target: &[u8],
-) -> Result<(Arc<Upstreams>, Option<Vec<u8>>), Fixed> {
+    header: &impl Fn(&str) -> Option<&'h [u8]>,
+) -> Chosen {
     use crate::policy::route::{decide, Routed};
-    match decide(&snap.config.routes, host, target) {
-        Routed::Pool { pool, target } => {
-            let pool = gw
-                .pools
-                .get(pool)
-                .ok_or(Fixed::Refused(Rejection::NoHealthyBackend))?;
-            let rewritten = match target {
-                std::borrow::Cow::Borrowed(_) => None,
-                std::borrow::Cow::Owned(t) => Some(t),
+    let table = &snap.config.routes;
+    match decide(table, host, method, target, header) {
+        Routed::Pool { route, target } => {
+            let to = match gw.pools.get(route.pool_name()) {
+                Some(pool) => Ok((
+                    pool,
+                    match target {
+                        std::borrow::Cow::Borrowed(_) => None,
+                        std::borrow::Cow::Owned(t) => Some(t),
+                    },
+                )),
+                None => Err(Fixed::Refused(Rejection::NoHealthyBackend)),
             };
-            Ok((pool, rewritten))
+            Chosen {
+                route: route.clone(),
+                to,
+            }
         }
-        Routed::Answer { status, message } => Err(Fixed::Answer {
+        Routed::Answer {
+            route,
             status,
-            message: message.to_string(),
-        }),
-        Routed::NoRoute => Err(Fixed::Refused(Rejection::NoRoute)),
+            message,
+        } => Chosen {
+            route: route.clone(),
+            to: Err(Fixed::Answer {
+                status,
+                message: message.to_string(),
+            }),
+        },
+        Routed::NoRoute => Chosen {
+            route: table.default.clone(),
+            to: Err(Fixed::Refused(Rejection::NoRoute)),
+        },
     }
 }
 
@@ -96,6 +123,8 @@ pub struct Request<'a> {
     pub affinity: Option<&'a [u8]>,
     /// The pool its route chose.
     pub pool: &'a Upstreams,
+    /// How it is sent there: the route's balancing, queue, timeouts and retries.
+    pub settings: &'a PoolSettings,
 }
 
 /// How the exchange ended.
@@ -114,14 +143,9 @@ pub struct Outcome {
 
 impl Gateway {
     /// Proxy one buffered request to a backend and relay the answer to `down`.
-    pub async fn forward<D: Downstream>(
-        &self,
-        snap: &Snapshot,
-        req: &Request<'_>,
-        down: &mut D,
-    ) -> Outcome {
-        let cfg = &snap.config;
-        let t = cfg.timeouts;
+    pub async fn forward<D: Downstream>(&self, req: &Request<'_>, down: &mut D) -> Outcome {
+        let set = req.settings;
+        let t = set.timeouts;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempts = Attempts::default();
         let mut fresh_only = false;
@@ -130,7 +154,7 @@ impl Gateway {
         loop {
             let Some(backend) = again
                 .take()
-                .or_else(|| req.pool.select(&tried, &cfg.balance, req.affinity))
+                .or_else(|| req.pool.select(&tried, &set.balance, req.affinity))
             else {
                 return self
                     .refuse(req, down, Rejection::NoHealthyBackend, out)
@@ -140,7 +164,7 @@ impl Gateway {
             let state = state_of(&backend).clone();
             // In flight from here (its queue wait included), for `least_conn` and `p2c_ewma`.
             let _load = state.load.begin();
-            let _slot = match state.gate.enter(&cfg.backend_queue).await {
+            let _slot = match state.gate.enter(&set.queue).await {
                 Ok(slot) => slot,
                 Err(reason) => return self.refuse(req, down, reason, out).await,
             };
@@ -158,9 +182,9 @@ impl Gateway {
                     Ok(c) => c,
                     Err(e) => {
                         state.metrics.connect_failures.inc();
-                        req.pool.observe(&state, None, false, &cfg.balance);
+                        req.pool.observe(&state, None, false, &set.balance);
                         tried.push(addr);
-                        if retry::decide(cfg, req.idempotent, Failure::Connect, &mut attempts)
+                        if retry::decide(set, req.idempotent, Failure::Connect, &mut attempts)
                             == Retry::AnotherBackend
                         {
                             self.metrics.retries_connect.inc();
@@ -171,7 +195,7 @@ impl Gateway {
                 },
             };
             // (A clock read only when an estimate uses it.)
-            let sent = (cfg.balance.algorithm == crate::config::Balance::P2cEwma)
+            let sent = (set.balance.algorithm == crate::config::Balance::P2cEwma)
                 .then(std::time::Instant::now);
             let head = conn::exchange_head(
                 &mut c,
@@ -186,15 +210,15 @@ impl Gateway {
                 Ok(h) => {
                     let ok = h.status < 500;
                     req.pool
-                        .observe(&state, sent.map(|t| t.elapsed()), ok, &cfg.balance);
+                        .observe(&state, sent.map(|t| t.elapsed()), ok, &set.balance);
                     h
                 }
                 Err((e, answered)) => {
                     let failure = Failure::AfterSend { reused, answered };
-                    let decision = retry::decide(cfg, req.idempotent, failure, &mut attempts);
+                    let decision = retry::decide(set, req.idempotent, failure, &mut attempts);
                     // A stale pooled connection is not the backend's failure.
                     if decision != Retry::SameBackendNewConnection {
-                        req.pool.observe(&state, None, false, &cfg.balance);
+                        req.pool.observe(&state, None, false, &set.balance);
                     }
                     match decision {
                         Retry::SameBackendNewConnection => {

@@ -5,6 +5,7 @@
 
 use std::ops::Range;
 
+use crate::config::Route;
 use crate::policy::identity::replaced_by_gateway;
 
 /// Request headers that describe this hop only, never forwarded.
@@ -26,13 +27,14 @@ fn hop_by_hop(name: &[u8]) -> bool {
 
 /// Writes the upstream request head into `out` (the caller appends the body); returns where
 /// the request id is in it. `connection`: the values of the client's `Connection` headers
-/// (the names they list are hop-by-hop too). `body_len`: None when the request had no body
-/// framing at all.
+/// (the names they list are hop-by-hop too). `route`: its header edits (`request_headers`).
+/// `body_len`: None when the request had no body framing at all.
 #[allow(clippy::too_many_arguments)]
 pub fn write_upstream_request<'a>(
     out: &mut Vec<u8>,
     method: &[u8],
     target: &[u8],
+    route: &Route,
     headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
     connection: &[&[u8]],
     forwarding: impl FnOnce(&mut Vec<u8>),
@@ -50,12 +52,19 @@ pub fn write_upstream_request<'a>(
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
         })
     };
+    let edits = !route.set_headers.is_empty() || !route.remove_headers.is_empty();
     for (name, value) in headers {
-        if hop_by_hop(name) || replaced_by_gateway(name) || (!connection.is_empty() && listed(name))
+        if hop_by_hop(name)
+            || replaced_by_gateway(name)
+            || (!connection.is_empty() && listed(name))
+            || (edits && route.edits_header(name))
         {
             continue;
         }
         push(out, name, value);
+    }
+    for (name, value) in &route.set_headers {
+        push(out, name.as_bytes(), value.as_bytes());
     }
     forwarding(out);
     out.extend_from_slice(b"X-Request-Id: ");
@@ -109,6 +118,10 @@ mod tests {
             &mut out,
             b"POST",
             b"/items?a=1",
+            &crate::config::GatewayConfig::parse("upstream: {backends: [\"127.0.0.1:9\"]}")
+                .unwrap()
+                .routes
+                .default,
             headers.into_iter(),
             &[b"keep-alive, X-Secret"],
             |out: &mut Vec<u8>| f.write(out),
@@ -124,5 +137,36 @@ mod tests {
              X-Forwarded-Proto: http\r\nX-Request-Id: rid\r\nContent-Length: 5\r\n\r\nhello"
         );
         assert_eq!(&out[id], b"rid");
+    }
+
+    #[test]
+    fn a_route_sets_and_removes_request_headers() {
+        let cfg = crate::config::GatewayConfig::parse(
+            "upstream: {backends: [\"127.0.0.1:9\"]}\nroutes:\n  - {path: /, pool: default, request_headers: {set: {Host: internal, X-Env: prod}, remove: [Cookie]}}\n",
+        )
+        .unwrap();
+        let headers: Vec<(&[u8], &[u8])> = vec![
+            (b"host", b"public.example"),
+            (b"cookie", b"a=1"),
+            (b"X-ENV", b"spoofed"),
+            (b"X-Ok", b"1"),
+        ];
+        let mut out = Vec::new();
+        write_upstream_request(
+            &mut out,
+            b"GET",
+            b"/",
+            &cfg.routes.routes[0],
+            headers.into_iter(),
+            &[],
+            |_: &mut Vec<u8>| {},
+            b"rid",
+            None,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "GET / HTTP/1.1\r\nX-Ok: 1\r\nHost: internal\r\nX-Env: prod\r\nX-Request-Id: rid\r\n\r\n"
+        );
     }
 }

@@ -29,7 +29,8 @@ pub(super) async fn read(
     let started = Instant::now();
     while buf.len() < want {
         let got = buf.len() - plan.head_len;
-        body::check_progress(cfg, got, started.elapsed(), false).map_err(Some)?;
+        // The declared length was checked against the route's cap.
+        body::check_progress(cfg, plan.body_len, got, started.elapsed(), false).map_err(Some)?;
         buf.reserve((want - buf.len()).min(RELAY_BYTES * 4));
         match tokio::time::timeout(cfg.body_idle_timeout, io.read_buf(buf)).await {
             Err(_) => return Err(Some(Rejection::ClientTimeout)),

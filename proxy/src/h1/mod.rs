@@ -205,6 +205,7 @@ impl Gateway {
             request_id: &id,
             error: None,
             engine: Engine::Own,
+            route: None,
         };
         record(&self.metrics, self.snapshot.load().config.access_log, &done);
     }
@@ -227,7 +228,7 @@ impl Gateway {
         let mut held = self.bodies.reservation();
         let target = std::str::from_utf8(&buf[plan.target.clone()]).unwrap_or("/");
         // A refusal, its own Retry-After and headers, and whether its body is left unread.
-        let refused = match admit::admit(snap, Some(plan.client_ip), target) {
+        let refused = match admit::admit(snap, Some(plan.client_ip), &plan.route, target) {
             Err(r) => Some((
                 r.reason,
                 Some(r.retry_after),
@@ -309,9 +310,10 @@ impl Gateway {
             last,
             affinity: plan.affinity.as_deref(),
             pool,
+            settings: &plan.route.settings,
         };
         let mut down = RawDownstream::new(io, answer, request_id);
-        let out = self.forward(snap, &req, &mut down).await;
+        let out = self.forward(&req, &mut down).await;
         self.finish(snap, done, &out);
         out.keep_alive
     }
@@ -319,7 +321,7 @@ impl Gateway {
 
 /// A request's record, before its outcome is known.
 fn finished<'a>(
-    plan: &Plan,
+    plan: &'a Plan,
     buf: &'a [u8],
     request_id: &'a [u8],
     started: Instant,
@@ -335,5 +337,6 @@ fn finished<'a>(
         request_id,
         error: None,
         engine: Engine::Own,
+        route: Some(&plan.route),
     }
 }

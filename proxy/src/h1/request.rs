@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use std::sync::Arc;
 
+use crate::config::Route;
 use crate::forward::request::write_upstream_request;
 use crate::forward::{routed, Fixed};
 use crate::policy::framing::RequestBody;
@@ -55,6 +56,8 @@ pub struct Plan {
     pub affinity: Option<Vec<u8>>,
     /// The pool its route chose, or the route's own answer.
     pub pool: Result<Arc<Upstreams>, Fixed>,
+    /// The route it took (the default route when none matched).
+    pub route: Arc<Route>,
 }
 
 pub enum Parsed {
@@ -121,20 +124,36 @@ impl Gateway {
         if let Err(r) = admit::check_head(snap, req.headers.len(), head_bytes) {
             return Parsed::Refused(r);
         }
-        let body_len = match facts.body {
-            RequestBody::None => None,
-            RequestBody::Length(n) => match admit::check_declared_body(snap, n) {
-                Ok(()) => Some(n as usize),
-                Err(r) => return Parsed::Refused(r),
-            },
-            RequestBody::Chunked => return Parsed::Handover(Handover::Chunked),
-        };
+        if facts.body == RequestBody::Chunked {
+            return Parsed::Handover(Handover::Chunked);
+        }
         let headers = &*req.headers;
         let header = |name: &'static str| {
             headers
                 .iter()
                 .filter(move |h| h.name.eq_ignore_ascii_case(name))
                 .map(|h| h.value)
+        };
+        let first = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value)
+        };
+        let chosen = routed(
+            self,
+            snap,
+            header("host").next(),
+            method.as_bytes(),
+            target.as_bytes(),
+            &first,
+        );
+        let body_len = match facts.body {
+            RequestBody::Length(n) => match admit::check_declared_body(&chosen.route, n) {
+                Ok(()) => Some(n as usize),
+                Err(r) => return Parsed::Refused(r),
+            },
+            _ => None,
         };
         let client = client_ip(peer, header("x-forwarded-for"), &cfg.trusted_proxies);
         let connection: Vec<&[u8]> = header("connection").collect();
@@ -146,15 +165,15 @@ impl Gateway {
                 &generated[..]
             }
         };
-        let pool = routed(self, snap, header("host").next(), target.as_bytes());
-        let upstream_target = match &pool {
-            Ok((_, Some(stripped))) => &stripped[..],
+        let upstream_target = match &chosen.to {
+            Ok((_, Some(rewritten))) => &rewritten[..],
             _ => target.as_bytes(),
         };
         let request_id = write_upstream_request(
             out,
             method.as_bytes(),
             upstream_target,
+            &chosen.route,
             lines(),
             &connection,
             |out: &mut Vec<u8>| {
@@ -173,8 +192,9 @@ impl Gateway {
             body_len: body_len.unwrap_or(0),
             client_ip: client,
             request_id,
-            affinity: crate::policy::affinity::key(cfg, Some(client), lines()),
-            pool: pool.map(|(p, _)| p),
+            affinity: crate::policy::affinity::key(&chosen.route.settings, Some(client), lines()),
+            pool: chosen.to.map(|(p, _)| p),
+            route: chosen.route,
         })
     }
 }

@@ -9,7 +9,7 @@ pub mod rate;
 
 use std::sync::Arc;
 
-use crate::config::{GatewayConfig, RateSpec};
+use crate::config::{GatewayConfig, RateSpec, Route};
 use rate::{KeyedLimiter, SharedLimiter};
 
 /// The rate limiters of one config.
@@ -18,6 +18,8 @@ pub struct Limits {
     pub per_ip: Option<Arc<KeyedLimiter>>,
     /// Longest prefix first; `None`: no per-IP limit under that prefix.
     pub routes: Vec<(String, Option<Arc<KeyedLimiter>>)>,
+    /// By route index (`routes:`), the route's name and its own per-IP `limit`.
+    pub by_route: Vec<Option<(String, Arc<KeyedLimiter>)>>,
 }
 
 impl Limits {
@@ -50,11 +52,33 @@ impl Limits {
                 (prefix.clone(), keyed(spec, old))
             })
             .collect();
+        // A route's limiter is kept by its name (and settings), wherever it moved in the file.
+        let by_route = cfg
+            .routes
+            .routes
+            .iter()
+            .map(|r| {
+                let old = previous.and_then(|p| {
+                    p.by_route
+                        .iter()
+                        .flatten()
+                        .find(|(name, _)| *name == r.name)
+                        .map(|(_, l)| l)
+                });
+                keyed(&r.limit, old).map(|l| (r.name.clone(), l))
+            })
+            .collect();
         Limits {
             global,
             per_ip,
             routes,
+            by_route,
         }
+    }
+
+    /// A route's own per-IP limiter (`routes[i].limit`), if it has one.
+    pub fn for_route(&self, route: &Route) -> Option<&Arc<KeyedLimiter>> {
+        self.by_route.get(route.index)?.as_ref().map(|(_, l)| l)
     }
 
     /// The per-IP limiter for a path: the longest matching route prefix, else the default.
@@ -65,5 +89,39 @@ impl Limits {
             }
         }
         self.per_ip.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(routes: &str) -> GatewayConfig {
+        GatewayConfig::parse(&format!(
+            "upstream:\n  backends: [\"127.0.0.1:9\"]\nroutes:\n{routes}"
+        ))
+        .unwrap()
+    }
+
+    /// A reload keeps a route's limiter (its clients' state) by the route's name, wherever the
+    /// route moved in the file, and starts afresh when its limit changed.
+    #[test]
+    fn a_reload_keeps_route_limiters_by_name() {
+        let a = cfg("  - {name: llm, path: /llm, pool: default, limit: {rate: 1r/s}}\n");
+        let old = Limits::build(&a, None);
+        let moved = cfg("  - {path: /x, pool: default}\n  - {name: llm, path: /llm2, pool: default, limit: {rate: 1r/s}}\n");
+        let kept = Limits::build(&moved, Some(&old));
+        let route = &moved.routes.routes[1];
+        assert!(Arc::ptr_eq(
+            kept.for_route(route).unwrap(),
+            old.for_route(&a.routes.routes[0]).unwrap()
+        ));
+        assert!(kept.for_route(&moved.routes.routes[0]).is_none());
+        let changed = cfg("  - {name: llm, path: /llm, pool: default, limit: {rate: 2r/s}}\n");
+        let fresh = Limits::build(&changed, Some(&kept));
+        assert!(!Arc::ptr_eq(
+            fresh.for_route(&changed.routes.routes[0]).unwrap(),
+            kept.for_route(route).unwrap()
+        ));
     }
 }

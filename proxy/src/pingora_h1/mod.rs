@@ -31,6 +31,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::answers::ErrorAnswer;
+use crate::config::{PoolSettings, Route};
 use crate::forward::request::write_upstream_request;
 use crate::forward::{routed, Fixed, Outcome, Request};
 use crate::pingora_compat;
@@ -65,10 +66,21 @@ pub struct RequestCtx {
     attempts: Attempts,
     again: Option<Backend>,
     backend_slot: Option<OwnedSemaphorePermit>,
-    /// The pool its route chose, and the target with the route's prefix stripped.
+    /// The route it took, the pool that chose, and the target as the route rewrote it.
+    route: Option<Arc<Route>>,
     pool: Option<Arc<Upstreams>>,
     stripped: Option<Vec<u8>>,
     _inflight: InflightGuard,
+}
+
+impl RequestCtx {
+    /// Its route's balancing, queue, timeouts and retries (the default pool's before routing).
+    fn settings(&self) -> &PoolSettings {
+        match &self.route {
+            Some(r) => &r.settings,
+            None => self.snap.config.upstream(),
+        }
+    }
 }
 
 #[async_trait]
@@ -95,6 +107,7 @@ impl ProxyHttp for Gateway {
             attempts: Attempts::default(),
             again: None,
             backend_slot: None,
+            route: None,
             pool: None,
             stripped: None,
             _inflight: InflightGuard::new(&self.metrics.inflight_requests),
@@ -132,13 +145,29 @@ impl ProxyHttp for Gateway {
             Ok(f) => f,
             Err(r) => return self.reject(session, ctx, r, None, &[], true).await,
         };
+        let header = |name: &str| {
+            lines
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v.as_slice())
+        };
+        let chosen = routed(
+            self,
+            &snap,
+            values(&lines, "host").next(),
+            &method,
+            &target,
+            &header,
+        );
+        let route = chosen.route.clone();
+        ctx.route = Some(route.clone());
         let head_bytes = admit::head_size(
             method.len(),
             target.len(),
             lines.iter().map(|(n, v)| (n.len(), v.len())),
         );
         let declared = match facts.body {
-            RequestBody::Length(n) => admit::check_declared_body(&snap, n),
+            RequestBody::Length(n) => admit::check_declared_body(&route, n),
             _ => Ok(()),
         };
         if let Err(r) = admit::check_head(&snap, lines.len(), head_bytes).and(declared) {
@@ -146,7 +175,7 @@ impl ProxyHttp for Gateway {
         }
         let has_body = facts.body != RequestBody::None;
         let target_text = String::from_utf8_lossy(&target);
-        let wait = match admit::admit(&snap, ctx.client_ip, &target_text) {
+        let wait = match admit::admit(&snap, ctx.client_ip, &route, &target_text) {
             Ok(wait) => wait,
             Err(r) => {
                 return self
@@ -161,7 +190,7 @@ impl ProxyHttp for Gateway {
                     .await
             }
         };
-        let (pool, stripped) = match routed(self, &snap, values(&lines, "host").next(), &target) {
+        let (pool, stripped) = match chosen.to {
             Ok(chosen) => chosen,
             Err(Fixed::Refused(r)) => {
                 return self.reject(session, ctx, r, None, &[], has_body).await
@@ -196,7 +225,10 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
         // The reservation holds the body's bytes against the budget until it was forwarded.
-        let (body, _reserved) = match self.read_body(session, &snap, facts.expect_continue).await {
+        let (body, _reserved) = match self
+            .read_body(session, &snap, route.max_body_bytes, facts.expect_continue)
+            .await
+        {
             Ok(b) => b,
             Err(Some(r)) => return self.reject(session, ctx, r, None, &[], true).await,
             // The client went away: nobody to answer.
@@ -225,6 +257,7 @@ impl ProxyHttp for Gateway {
             &mut bytes,
             &method,
             stripped.as_deref().unwrap_or(&target),
+            &route,
             all(),
             &connection,
             |out: &mut Vec<u8>| forwarding.write(out),
@@ -233,7 +266,7 @@ impl ProxyHttp for Gateway {
         );
         bytes.extend_from_slice(&body);
         let request_id = ctx.request_id.clone();
-        let affinity = crate::policy::affinity::key(cfg, ctx.client_ip, all());
+        let affinity = crate::policy::affinity::key(&route.settings, ctx.client_ip, all());
         let fwd = Request {
             bytes: &bytes,
             request_id: &request_id,
@@ -242,6 +275,7 @@ impl ProxyHttp for Gateway {
             last: facts.close,
             affinity: affinity.as_deref(),
             pool: &pool,
+            settings: &route.settings,
         };
         let mut down = SessionDownstream {
             session,
@@ -250,7 +284,7 @@ impl ProxyHttp for Gateway {
             head: None,
             started: false,
         };
-        let out: Outcome = self.forward(&snap, &fwd, &mut down).await;
+        let out: Outcome = self.forward(&fwd, &mut down).await;
         let req = down.session.req_header().clone();
         let done = Self::finished(ctx, &req);
         self.finish(&snap, done, &out);
@@ -280,25 +314,21 @@ impl ProxyHttp for Gateway {
         let Some(backend) = ctx
             .again
             .take()
-            .or_else(|| pool.select(&ctx.tried, &ctx.snap.config.balance, None))
+            .or_else(|| pool.select(&ctx.tried, &ctx.settings().balance, None))
         else {
             ctx.rejection = Some(Rejection::NoHealthyBackend);
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
         };
         let addr = *backend.as_inet().expect("backends are inet addresses");
         ctx.backend_slot = None;
-        match state_of(&backend)
-            .gate
-            .enter(&ctx.snap.config.backend_queue)
-            .await
-        {
+        match state_of(&backend).gate.enter(&ctx.settings().queue).await {
             Ok(slot) => ctx.backend_slot = slot,
             Err(reason) => {
                 ctx.rejection = Some(reason);
                 return Error::e_explain(ErrorType::HTTPStatus(503), reason.message());
             }
         }
-        let t = ctx.snap.config.timeouts;
+        let t = ctx.settings().timeouts;
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(t.connect);
         peer.options.total_connection_timeout = Some(t.connect);
@@ -315,11 +345,20 @@ impl ProxyHttp for Gateway {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let route = ctx.route.clone();
+        let edits = |name: &str| {
+            route
+                .as_ref()
+                .is_some_and(|r| r.edits_header(name.as_bytes()))
+        };
         let names: Vec<String> = req.headers.keys().map(|k| k.as_str().to_string()).collect();
         for name in names {
-            if replaced_by_gateway(name.as_bytes()) {
+            if replaced_by_gateway(name.as_bytes()) || edits(&name) {
                 req.remove_header(&name);
             }
+        }
+        for (name, value) in route.iter().flat_map(|r| r.set_headers.iter()) {
+            req.insert_header(name.clone(), value.as_str())?;
         }
         if let Some(f) = &ctx.forwarding {
             for (name, value) in f.headers() {
@@ -356,7 +395,8 @@ impl ProxyHttp for Gateway {
         if let Some(addr) = peer.address().as_inet() {
             ctx.tried.push(*addr);
         }
-        let retry = retry::decide(&ctx.snap.config, true, Failure::Connect, &mut ctx.attempts)
+        let settings = ctx.settings().clone();
+        let retry = retry::decide(&settings, true, Failure::Connect, &mut ctx.attempts)
             == Retry::AnotherBackend;
         if retry {
             self.metrics.retries_connect.inc();
@@ -379,7 +419,8 @@ impl ProxyHttp for Gateway {
             reused: client_reused,
             answered: session.response_written().is_some(),
         };
-        let decision = retry::decide(&ctx.snap.config, idempotent, failure, &mut ctx.attempts);
+        let settings = ctx.settings().clone();
+        let decision = retry::decide(&settings, idempotent, failure, &mut ctx.attempts);
         match decision {
             Retry::SameBackendNewConnection => ctx.again = ctx.backend.clone(),
             Retry::AnotherBackend => {

@@ -169,6 +169,7 @@ impl Gateway {
         &self,
         session: &mut Session,
         snap: &Snapshot,
+        cap: usize,
         expect_continue: bool,
     ) -> std::result::Result<(Bytes, BodyReservation), Option<Rejection>> {
         let cfg = &snap.config;
@@ -183,7 +184,7 @@ impl Gateway {
         let mut reserved = self.bodies.reservation();
         let started = Instant::now();
         loop {
-            body::check_progress(cfg, held.len(), started.elapsed(), false).map_err(Some)?;
+            body::check_progress(cfg, cap, held.len(), started.elapsed(), false).map_err(Some)?;
             match tokio::time::timeout(cfg.body_idle_timeout, session.read_request_body()).await {
                 Err(_) => return Err(Some(Rejection::ClientTimeout)),
                 // pingora's own refusals of the body's framing (a bad chunk size) are a
@@ -201,7 +202,8 @@ impl Gateway {
                         .grow(cfg.total_body_bytes, chunk.len())
                         .map_err(Some)?;
                     held.extend_from_slice(&chunk);
-                    body::check_progress(cfg, held.len(), started.elapsed(), true).map_err(Some)?;
+                    body::check_progress(cfg, cap, held.len(), started.elapsed(), true)
+                        .map_err(Some)?;
                 }
             }
         }
@@ -221,6 +223,7 @@ impl Gateway {
             request_id: &ctx.request_id,
             error: None,
             engine: Engine::Pingora,
+            route: ctx.route.as_deref(),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::identity::limit_key;
 use super::path;
 use super::Rejection;
+use crate::config::Route;
 use crate::limits::rate::{Decision, Gcra};
 use crate::state::Snapshot;
 
@@ -28,9 +29,10 @@ pub fn check_head(snap: &Snapshot, headers: usize, head_bytes: usize) -> Result<
     Ok(())
 }
 
-/// A declared `Content-Length` over `buffers.max_body_bytes`: 413 before any of it is read.
-pub fn check_declared_body(snap: &Snapshot, length: u64) -> Result<(), Rejection> {
-    if length > snap.config.max_body_bytes as u64 {
+/// A declared `Content-Length` over the route's body cap (`max_body_bytes`, by default
+/// `buffers.max_body_bytes`): 413 before any of it is read.
+pub fn check_declared_body(route: &Route, length: u64) -> Result<(), Rejection> {
+    if length > route.max_body_bytes as u64 {
         return Err(Rejection::BodyTooLarge);
     }
     Ok(())
@@ -64,11 +66,13 @@ pub fn ceil_secs(d: Duration) -> u64 {
 }
 
 /// The rate limits: the client's own first (an abuser is refused without using the shared
-/// budget), then this instance's ceiling. Route limits match the normalised path
-/// ([`path::normalize`]). Ok: how long to hold the request first (`delay` limits).
+/// budget), then this instance's ceiling. The client's own limit is its route's `limit`,
+/// else the longest `limits.routes` prefix of the normalised path ([`path::normalize`]),
+/// else `limits.per_ip`. Ok: how long to hold the request first (`delay` limits).
 pub fn admit(
     snap: &Snapshot,
     client_ip: Option<IpAddr>,
+    route: &Route,
     target: &str,
 ) -> Result<Duration, Refusal> {
     let cfg = &snap.config;
@@ -83,7 +87,11 @@ pub fn admit(
     let mut wait = Duration::ZERO;
     let exempt = client_ip.is_some_and(|ip| cfg.exempt.iter().any(|n| n.contains(ip)));
     if let (Some(ip), false) = (client_ip, exempt) {
-        if let Some(limiter) = snap.limits.per_ip_for(&path::normalize(target)) {
+        let limiter = match snap.limits.for_route(route) {
+            Some(l) => Some(l),
+            None => snap.limits.per_ip_for(&path::normalize(target)),
+        };
+        if let Some(limiter) = limiter {
             match limiter.check(limit_key(ip, cfg.ipv6_prefix)) {
                 Decision::Allow { wait: w, .. } => wait = wait.max(w),
                 Decision::Reject { retry_after } => {
@@ -116,6 +124,10 @@ mod tests {
         Snapshot::new(GatewayConfig::parse(yaml).expect("valid config"), None)
     }
 
+    fn d(snap: &Snapshot) -> &Route {
+        &snap.config.routes.default
+    }
+
     const BASE: &str = "upstream:\n  backends: [\"127.0.0.1:9\"]\n";
 
     #[test]
@@ -125,14 +137,14 @@ mod tests {
         ));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!(admit(&snap, Some(a), "/").is_ok());
-        let r = admit(&snap, Some(a), "/").unwrap_err();
+        assert!(admit(&snap, Some(a), d(&snap), "/").is_ok());
+        let r = admit(&snap, Some(a), d(&snap), "/").unwrap_err();
         assert_eq!(r.reason, Rejection::RateLimitIp);
         assert!(r.retry_after >= 1);
         assert_eq!(r.headers[0].0, "RateLimit-Policy");
         // Refused per IP without spending the global budget: b still gets through.
-        assert!(admit(&snap, Some(b), "/").is_ok());
-        let r = admit(&snap, Some("192.0.2.3".parse().unwrap()), "/").unwrap_err();
+        assert!(admit(&snap, Some(b), d(&snap), "/").is_ok());
+        let r = admit(&snap, Some("192.0.2.3".parse().unwrap()), d(&snap), "/").unwrap_err();
         assert_eq!(r.reason, Rejection::RateLimitGlobal);
     }
 
@@ -143,13 +155,13 @@ mod tests {
             "{BASE}limits:\n  routes:\n    - {{prefix: /llm, per_ip: {{rate: 1r/m, burst: 0}}}}\n"
         ));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
-        assert!(admit(&snap, Some(a), "/llm").is_ok());
+        assert!(admit(&snap, Some(a), d(&snap), "/llm").is_ok());
         for spelling in ["/llm", "/%6clm", "//llm", "/x/../llm?q=1", "/./llm/"] {
-            let r = admit(&snap, Some(a), spelling).unwrap_err();
+            let r = admit(&snap, Some(a), d(&snap), spelling).unwrap_err();
             assert_eq!(r.reason, Rejection::RateLimitIp, "{spelling}");
         }
         // Case-sensitive, as nginx's `location`.
-        assert!(admit(&snap, Some(a), "/LLM").is_ok());
+        assert!(admit(&snap, Some(a), d(&snap), "/LLM").is_ok());
     }
 
     #[test]
@@ -159,7 +171,7 @@ mod tests {
         ));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..5 {
-            assert!(admit(&snap, Some(a), "/").is_ok());
+            assert!(admit(&snap, Some(a), d(&snap), "/").is_ok());
         }
     }
 
@@ -171,8 +183,11 @@ mod tests {
         assert!(check_head(&snap, 3, 100).is_ok());
         assert_eq!(check_head(&snap, 4, 10), Err(Rejection::HeaderTooLarge));
         assert_eq!(check_head(&snap, 1, 101), Err(Rejection::HeaderTooLarge));
-        assert!(check_declared_body(&snap, 10).is_ok());
-        assert_eq!(check_declared_body(&snap, 11), Err(Rejection::BodyTooLarge));
+        assert!(check_declared_body(d(&snap), 10).is_ok());
+        assert_eq!(
+            check_declared_body(d(&snap), 11),
+            Err(Rejection::BodyTooLarge)
+        );
         assert_eq!(head_size(3, 1, [(4, 9)].into_iter()), 3 + 1 + 12 + 17);
     }
 }

@@ -4,11 +4,11 @@
 
 use std::net::IpAddr;
 
-use crate::config::{Balance, GatewayConfig, HashKey};
+use crate::config::{Balance, HashKey, PoolSettings};
 
 /// The key, from the client address and the request's header lines (name, value).
 pub fn key<'a>(
-    cfg: &GatewayConfig,
+    cfg: &PoolSettings,
     client: Option<IpAddr>,
     mut headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Option<Vec<u8>> {
@@ -34,6 +34,7 @@ pub fn key<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::GatewayConfig;
 
     fn cfg(key: &str) -> GatewayConfig {
         GatewayConfig::parse(&format!(
@@ -48,24 +49,27 @@ mod tests {
             vec![(b"X-User", b"alice"), (b"Cookie", b"a=1; session=s3; b=2")];
         let ip = Some("192.0.2.7".parse().unwrap());
         assert_eq!(
-            key(&cfg("client_ip"), ip, h.iter().copied()),
+            key(cfg("client_ip").upstream(), ip, h.iter().copied()),
             Some(b"192.0.2.7".to_vec())
         );
         assert_eq!(
-            key(&cfg("header:x-user"), ip, h.iter().copied()),
+            key(cfg("header:x-user").upstream(), ip, h.iter().copied()),
             Some(b"alice".to_vec())
         );
         assert_eq!(
-            key(&cfg("cookie:session"), ip, h.iter().copied()),
+            key(cfg("cookie:session").upstream(), ip, h.iter().copied()),
             Some(b"s3".to_vec())
         );
-        assert_eq!(key(&cfg("cookie:none"), ip, h.iter().copied()), None);
+        assert_eq!(
+            key(cfg("cookie:none").upstream(), ip, h.iter().copied()),
+            None
+        );
         assert!(GatewayConfig::parse(
             "upstream:\n  backends: [\"127.0.0.1:9\"]\n  hash_key: \"body\"\n"
         )
         .is_err());
         // Another algorithm: no key.
         let rr = GatewayConfig::parse("upstream:\n  backends: [\"127.0.0.1:9\"]\n").unwrap();
-        assert_eq!(key(&rr, ip, h.iter().copied()), None);
+        assert_eq!(key(rr.upstream(), ip, h.iter().copied()), None);
     }
 }

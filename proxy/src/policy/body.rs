@@ -12,15 +12,17 @@ use super::Rejection;
 use crate::config::GatewayConfig;
 
 /// Whether the body read so far may go on: `bytes` received after `elapsed` since its first
-/// byte was awaited; `finished`: the body is complete. Over `buffers.max_body_bytes`: 413; an
-/// unfinished body slower than `slow_clients.body_min_rate` after its grace time: 408.
+/// byte was awaited; `finished`: the body is complete. Over `cap` (its route's
+/// `max_body_bytes`, by default `buffers.max_body_bytes`): 413; an unfinished body slower
+/// than `slow_clients.body_min_rate` after its grace time: 408.
 pub fn check_progress(
     cfg: &GatewayConfig,
+    cap: usize,
     bytes: usize,
     elapsed: Duration,
     finished: bool,
 ) -> Result<(), Rejection> {
-    if bytes > cfg.max_body_bytes {
+    if bytes > cap {
         return Err(Rejection::BodyTooLarge);
     }
     // A finished body is taken whatever its pace; an unfinished one must keep up.
@@ -97,21 +99,21 @@ mod tests {
         .unwrap();
         let s = Duration::from_secs;
         // Within the grace, anything goes.
-        assert!(check_progress(&cfg, 0, s(2), false).is_ok());
+        assert!(check_progress(&cfg, cfg.max_body_bytes, 0, s(2), false).is_ok());
         // After it: 100 bytes a second on average since the start, plus the grace.
         assert_eq!(
-            check_progress(&cfg, 0, s(3), false),
+            check_progress(&cfg, cfg.max_body_bytes, 0, s(3), false),
             Err(Rejection::BodyTooSlow)
         );
-        assert!(check_progress(&cfg, 200, s(4), false).is_ok());
+        assert!(check_progress(&cfg, cfg.max_body_bytes, 200, s(4), false).is_ok());
         assert_eq!(
-            check_progress(&cfg, 200, s(5), false),
+            check_progress(&cfg, cfg.max_body_bytes, 200, s(5), false),
             Err(Rejection::BodyTooSlow)
         );
         // A finished body is taken whatever its pace.
-        assert!(check_progress(&cfg, 200, s(60), true).is_ok());
+        assert!(check_progress(&cfg, cfg.max_body_bytes, 200, s(60), true).is_ok());
         assert_eq!(
-            check_progress(&cfg, 1001, s(0), false),
+            check_progress(&cfg, cfg.max_body_bytes, 1001, s(0), false),
             Err(Rejection::BodyTooLarge)
         );
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Rejection;
+use crate::config::Route;
 use crate::metrics::{class_index, Metrics};
 use crate::upstream::BackendState;
 
@@ -32,6 +33,8 @@ pub struct Finished<'a> {
     pub request_id: &'a [u8],
     pub error: Option<&'a str>,
     pub engine: Engine,
+    /// The route it took, once known.
+    pub route: Option<&'a Route>,
 }
 
 /// Counts a request as in flight for exactly as long as it lives.
@@ -82,6 +85,9 @@ pub fn record(metrics: &Metrics, access_log: bool, done: &Finished) {
             "-"
         }
     };
+    if let Some(r) = done.route.filter(|r| r.index != usize::MAX && status > 0) {
+        metrics.route_request(&r.name, r.pool_name(), status);
+    }
     if access_log {
         log::info!(target: "access", "{}", access_line(done, backend_label, elapsed.as_secs_f64() * 1000.0));
     }
@@ -103,6 +109,9 @@ fn access_line(done: &Finished, backend: &str, ms: f64) -> String {
     escape_into(&mut line, done.target);
     let _ = write!(line, "\" {} backend={backend} {ms:.3}ms id=", done.status);
     escape_into(&mut line, done.request_id);
+    if let Some(r) = done.route {
+        let _ = write!(line, " route={} pool={}", r.name, r.pool_name());
+    }
     if let Some(e) = done.error {
         line.push_str(" error=\"");
         escape_into(&mut line, e.as_bytes());
@@ -129,6 +138,7 @@ mod tests {
             request_id: b"x\" status=200 evil=\"1",
             error: None,
             engine: Engine::Own,
+            route: None,
         };
         let line = access_line(&done, "-", 1.0);
         assert_eq!(line.matches('"').count(), 2, "{line}");

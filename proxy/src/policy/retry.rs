@@ -11,7 +11,7 @@
 //! - anything else after sending: another backend only for idempotent methods, and only with
 //!   `upstream.retry_idempotent`.
 
-use crate::config::GatewayConfig;
+use crate::config::PoolSettings;
 
 /// What the engine saw of a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub enum Retry {
 
 /// The decision, and the history updated with it.
 pub fn decide(
-    cfg: &GatewayConfig,
+    cfg: &PoolSettings,
     idempotent: bool,
     failure: Failure,
     attempts: &mut Attempts,
@@ -86,6 +86,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::GatewayConfig;
 
     fn cfg(extra: &str) -> GatewayConfig {
         GatewayConfig::parse(&format!(
@@ -100,11 +101,14 @@ mod tests {
         let mut a = Attempts::default();
         for _ in 0..2 {
             assert_eq!(
-                decide(&c, false, Failure::Connect, &mut a),
+                decide(c.upstream(), false, Failure::Connect, &mut a),
                 Retry::AnotherBackend
             );
         }
-        assert_eq!(decide(&c, false, Failure::Connect, &mut a), Retry::No);
+        assert_eq!(
+            decide(c.upstream(), false, Failure::Connect, &mut a),
+            Retry::No
+        );
     }
 
     #[test]
@@ -116,14 +120,14 @@ mod tests {
         };
         let mut a = Attempts::default();
         assert_eq!(
-            decide(&c, true, stale, &mut a),
+            decide(c.upstream(), true, stale, &mut a),
             Retry::SameBackendNewConnection
         );
         // The new connection failed too: no more (retry_idempotent is off).
-        assert_eq!(decide(&c, true, stale, &mut a), Retry::No);
+        assert_eq!(decide(c.upstream(), true, stale, &mut a), Retry::No);
         // Never for a POST: the backend may have acted on it.
         assert_eq!(
-            decide(&c, false, stale, &mut Attempts::default()),
+            decide(c.upstream(), false, stale, &mut Attempts::default()),
             Retry::No
         );
         // An answer had begun: not a stale connection.
@@ -131,7 +135,10 @@ mod tests {
             reused: true,
             answered: true,
         };
-        assert_eq!(decide(&c, true, begun, &mut Attempts::default()), Retry::No);
+        assert_eq!(
+            decide(c.upstream(), true, begun, &mut Attempts::default()),
+            Retry::No
+        );
     }
 
     #[test]
@@ -142,11 +149,14 @@ mod tests {
             answered: true,
         };
         let mut a = Attempts::default();
-        assert_eq!(decide(&on, true, fresh, &mut a), Retry::AnotherBackend);
-        assert_eq!(a.backends_failed, 1);
-        assert_eq!(decide(&on, false, fresh, &mut a), Retry::No);
         assert_eq!(
-            decide(&cfg(""), true, fresh, &mut Attempts::default()),
+            decide(on.upstream(), true, fresh, &mut a),
+            Retry::AnotherBackend
+        );
+        assert_eq!(a.backends_failed, 1);
+        assert_eq!(decide(on.upstream(), false, fresh, &mut a), Retry::No);
+        assert_eq!(
+            decide(cfg("").upstream(), true, fresh, &mut Attempts::default()),
             Retry::No
         );
     }

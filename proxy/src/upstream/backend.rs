@@ -141,7 +141,7 @@ mod tests {
     #[test]
     fn health_is_counted_per_address_with_thresholds() {
         let m = crate::metrics::Metrics::new();
-        let s = BackendState::new("x".into(), m.backend("x"), 0);
+        let s = BackendState::new("x".into(), m.backend("default", "x"), 0);
         assert!(!s.is_up());
         // The first pass brings a new backend up.
         assert_eq!(s.record_check(true, 2, 3), Some(true));

@@ -64,6 +64,8 @@ pub struct Upstreams {
     /// Idle connections kept per backend (`upstream.keepalive_pool`; restart-only, so it is
     /// fixed here at start for every engine).
     pub keepalive_pool: usize,
+    /// `default`, or its name under `upstreams:` (the `pool` label of its backends' series).
+    pub name: String,
 }
 
 /// The addresses a hosts-format file gives `name` (first match wins, like /etc/hosts).
@@ -81,7 +83,12 @@ fn hosts_lookup(hosts: &str, name: &str) -> Option<Vec<std::net::IpAddr>> {
 }
 
 impl Upstreams {
-    pub fn new(health: &HealthSettings, keepalive_pool: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        name: &str,
+        health: &HealthSettings,
+        keepalive_pool: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let discovery = Arc::new(PoolDiscovery::default());
         let backends = pingora::lb::Backends::new(Box::new(DiscoveryHandle(discovery.clone())));
         let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
@@ -98,6 +105,7 @@ impl Upstreams {
             metrics,
             resolved: Mutex::new(HashMap::new()),
             keepalive_pool,
+            name: name.to_string(),
         })
     }
 
@@ -202,7 +210,7 @@ impl Upstreams {
         for &(sa, weight) in resolved {
             let state = existing.get(&sa).cloned().unwrap_or_else(|| {
                 let label = sa.to_string();
-                let metrics = self.metrics.backend(&label);
+                let metrics = self.metrics.backend(&self.name, &label);
                 Arc::new(BackendState::new(label, metrics, max_concurrent))
             });
             state.gate.resize(max_concurrent);
@@ -216,7 +224,7 @@ impl Upstreams {
         }
         for b in old.iter() {
             if !next.iter().any(|n| n.addr == b.addr) {
-                self.metrics.forget_backend(&state_of(b).label);
+                self.metrics.forget_backend(&self.name, &state_of(b).label);
             }
         }
         self.discovery.current.store(Arc::new(next));

@@ -52,6 +52,7 @@ impl Pools {
             let pool = match current.get(&spec.name) {
                 Some(p) => p.clone(),
                 None => Upstreams::new(
+                    &spec.name,
                     &spec.health,
                     self.default.keepalive_pool,
                     self.metrics.clone(),
@@ -59,7 +60,7 @@ impl Pools {
             };
             pool.set_backends(
                 &spec.backends,
-                &cfg.backend_queue,
+                &spec.settings.queue,
                 cfg.hosts_file.as_deref(),
             )
             .await

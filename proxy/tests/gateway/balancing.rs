@@ -88,7 +88,10 @@ async fn a_failing_backend_is_ejected_within_the_share_and_comes_back() {
     let ejections = |m: &str, up: &Upstream| {
         metric_value(
             m,
-            &format!("gateway_backend_ejections_total{{backend=\"{}\"}}", up.addr),
+            &format!(
+                "gateway_backend_ejections_total{{backend=\"{}\",pool=\"default\"}}",
+                up.addr
+            ),
         )
     };
     let m = gw.metrics().await;

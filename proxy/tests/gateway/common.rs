@@ -34,6 +34,8 @@ pub struct UpstreamState {
     pub max_inflight: AtomicUsize,
     /// The last request's headers, as `name: value` lines.
     pub last_headers: std::sync::Mutex<Vec<(String, String)>>,
+    /// The last request's target (path and query), as it arrived.
+    pub last_target: std::sync::Mutex<String>,
     /// Request bodies received completely, and the largest one.
     pub bodies: AtomicU64,
     pub max_body: AtomicUsize,
@@ -129,6 +131,10 @@ impl Upstream {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    pub fn target(&self) -> String {
+        self.state.last_target.lock().unwrap().clone()
+    }
+
     pub fn header(&self, name: &str) -> Option<String> {
         self.state
             .last_headers
@@ -158,6 +164,10 @@ async fn handle(
             .unwrap());
     }
     state.requests.fetch_add(1, Ordering::SeqCst);
+    *state.last_target.lock().unwrap() = req
+        .uri()
+        .path_and_query()
+        .map_or_else(String::new, |p| p.to_string());
     *state.last_headers.lock().unwrap() = req
         .headers()
         .iter()

@@ -97,7 +97,10 @@ async fn killed_upstream_is_retried_then_marked_down_then_back() {
     assert_eq!(
         metric_value(
             &metrics,
-            &format!("gateway_backend_up{{backend=\"{}\"}}", b.addr)
+            &format!(
+                "gateway_backend_up{{backend=\"{}\",pool=\"default\"}}",
+                b.addr
+            )
         ),
         0.0
     );
@@ -249,7 +252,13 @@ async fn metrics_count_what_the_test_did_and_headers_are_forwarded() {
         9.0
     );
     assert_eq!(
-        metric_value(&m, &format!("gateway_backend_up{{backend=\"{}\"}}", a.addr)),
+        metric_value(
+            &m,
+            &format!(
+                "gateway_backend_up{{backend=\"{}\",pool=\"default\"}}",
+                a.addr
+            )
+        ),
         1.0
     );
     assert_eq!(metric_value(&m, "gateway_inflight_requests"), 0.0);

@@ -235,7 +235,7 @@ async fn named_backends_are_resolved_and_followed() {
     loop {
         let m = gw.metrics().await;
         if m.contains(&format!(
-            "gateway_backend_up{{backend=\"127.0.0.2:{port}\"}} 1"
+            "gateway_backend_up{{backend=\"127.0.0.2:{port}\",pool=\"default\"}} 1"
         )) {
             break;
         }

@@ -82,6 +82,121 @@ async fn host_and_path_routes_on_both_engines() {
     }
 }
 
+/// What a route sets, on both engines: methods and a header narrow it, its target is
+/// rewritten, its header edits reach the pool (and a client cannot pre-empt them), its body
+/// cap and its own rate limit hold, and its requests are counted by route and pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_settings_on_both_engines() {
+    let (default, api, web) = (
+        Upstream::start("default").await,
+        Upstream::start("api").await,
+        Upstream::start("web").await,
+    );
+    let routes = "routes:\n  - {name: reads, path: /api/, pool: api, replace_prefix: /v2/, request_headers: {set: {X-Env: prod}, remove: [X-Secret]}}\n  - {name: writes, path: /api/, methods: [POST], pool: web, max_body_bytes: 10}\n  - {name: canary, path: /api/, header: {name: X-Canary, value: \"1\"}, pool: web}\n  - {name: limited, path: /limited/, pool: api, limit: {rate: 1r/m, burst: 1}}\n";
+    for engine in ["fast_path: true\n", "fast_path: false\n"] {
+        let gw = GatewayProc::start(&format!(
+            "{engine}upstream:\n  backends: [\"{}\"]\n{HEALTH}{}{routes}",
+            default.addr,
+            pools(&api, &web)
+        ))
+        .await;
+        gw.wait_backends_up(3).await;
+        let client = reqwest::Client::new();
+        let r = client
+            .get(gw.url("/api/items?x=1"))
+            .header("X-Secret", "s")
+            .header("X-Env", "spoofed")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{engine}");
+        assert_eq!(api.target(), "/v2/items?x=1", "{engine}");
+        assert_eq!(api.header("x-env").as_deref(), Some("prod"), "{engine}");
+        assert_eq!(api.header("x-secret"), None, "{engine}");
+        let served = |r: &reqwest::Response| {
+            r.headers()
+                .get("x-served-by")
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        // The method and the header narrow the `/api/` routes.
+        let r = client
+            .post(gw.url("/api/items"))
+            .body("0123456789")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status().as_u16(), served(&r).as_deref()),
+            (200, Some("web")),
+            "{engine}"
+        );
+        let r = client
+            .get(gw.url("/api/items"))
+            .header("X-Canary", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(served(&r).as_deref(), Some("web"), "{engine}");
+        // The write route's body cap: declared, and chunked (read by pingora's engine).
+        let r = client
+            .post(gw.url("/api/items"))
+            .body("0123456789a")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413, "{engine}");
+        let chunks = futures_util::stream::iter(
+            ["01234567", "89abcdef"].map(|c| Ok::<_, std::io::Error>(c.as_bytes().to_vec())),
+        );
+        let r = client
+            .post(gw.url("/api/items"))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413, "{engine}");
+        // A bigger body is fine where the route does not cap it (PUT takes `reads`).
+        let r = client
+            .put(gw.url("/api/items"))
+            .body("x".repeat(1000))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status().as_u16(), served(&r).as_deref()),
+            (200, Some("api")),
+            "{engine}"
+        );
+        // The route's own limit: 1 now and 1 of burst, then 429 with Retry-After; other
+        // routes are not affected.
+        for _ in 0..2 {
+            let r = client.get(gw.url("/limited/x")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{engine}");
+        }
+        let r = client.get(gw.url("/limited/x")).send().await.unwrap();
+        assert_eq!(r.status(), 429, "{engine}");
+        assert!(r.headers().contains_key("retry-after"), "{engine}");
+        let r = client.get(gw.url("/api/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{engine}");
+        let m = gw.metrics().await;
+        assert!(
+            metric_value(
+                &m,
+                "gateway_route_requests_total{code=\"2xx\",pool=\"api\",route=\"reads\"}"
+            ) >= 2.0,
+            "{engine}{m}"
+        );
+        assert_eq!(
+            metric_value(
+                &m,
+                "gateway_route_requests_total{code=\"4xx\",pool=\"api\",route=\"limited\"}"
+            ),
+            1.0,
+            "{engine}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_route_is_404_and_bad_routes_are_refused_by_dash_t() {
     let (default, api, web) = (

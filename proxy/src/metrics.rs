@@ -50,6 +50,29 @@ pub struct Metrics {
     route_requests: IntCounterVec,
 }
 
+/// A route's `gateway_route_requests_total` handles by status class, resolved once (a route
+/// is part of the config: a reload's routes resolve theirs again, to the same series).
+#[derive(Default)]
+pub struct RouteSeries(std::sync::OnceLock<[IntCounter; 5]>);
+
+impl Clone for RouteSeries {
+    fn clone(&self) -> Self {
+        RouteSeries::default()
+    }
+}
+
+impl PartialEq for RouteSeries {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for RouteSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteSeries")
+    }
+}
+
 /// Handles for one backend's series, resolved when it joins the pool.
 pub struct BackendMetrics {
     pub requests: [IntCounter; 5],
@@ -255,11 +278,12 @@ impl Metrics {
         }
     }
 
-    /// Count a request a route of `routes:` took.
-    pub fn route_request(&self, route: &str, pool: &str, status: u16) {
-        self.route_requests
-            .with_label_values(&[route, pool, CLASSES[class_index(status)]])
-            .inc();
+    /// Count a request a route of `routes:` took (its series resolved on its first request).
+    pub fn route_request(&self, series: &RouteSeries, route: &str, pool: &str, status: u16) {
+        series.0.get_or_init(|| {
+            CLASSES.map(|c| self.route_requests.with_label_values(&[route, pool, c]))
+        })[class_index(status)]
+        .inc();
     }
 
     /// Drop the series of a backend that left its pool.

@@ -86,7 +86,7 @@ pub fn record(metrics: &Metrics, access_log: bool, done: &Finished) {
         }
     };
     if let Some(r) = done.route.filter(|r| r.index != usize::MAX && status > 0) {
-        metrics.route_request(&r.name, r.pool_name(), status);
+        metrics.route_request(&r.series, &r.name, r.pool_name(), status);
     }
     if access_log {
         log::info!(target: "access", "{}", access_line(done, backend_label, elapsed.as_secs_f64() * 1000.0));

@@ -30,7 +30,17 @@ fn in_table<'t, 'h>(
     if let Some(r) = table.exact.get(path).and_then(first) {
         return Some(r);
     }
+    // Past `/`, only prefixes that share the path's second byte can match.
+    let second = path.as_bytes().get(1).copied();
+    let may = |len: usize| {
+        len <= 1
+            || second
+                .is_some_and(|b| table.second_bytes[usize::from(b >> 6)] & (1 << (b & 63)) != 0)
+    };
     for &len in &table.prefix_lengths {
+        if !may(len) {
+            continue;
+        }
         if let Some(prefix) = path.get(..len) {
             if let Some(r) = table.prefixes.get(prefix).and_then(first) {
                 return Some(r);
@@ -50,13 +60,14 @@ pub fn choose<'t, 'h>(
     header: &impl Fn(&str) -> Option<&'h [u8]>,
 ) -> Option<&'t Arc<Route>> {
     let host = host
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .map(|h| normalize_host(h.trim()))
+        .and_then(|h| std::str::from_utf8(h.trim_ascii()).ok())
+        .map(normalize_host)
         .unwrap_or_default();
+    let host: &str = &host;
     let routes = &table.routes;
     if let Some(r) = table
         .exact_hosts
-        .get(&host)
+        .get(host)
         .and_then(|t| in_table(t, routes, path, method, header))
     {
         return Some(r);
@@ -180,7 +191,7 @@ mod tests {
         hv: Option<&[u8]>,
     ) -> Option<usize> {
         use crate::config::HostMatch;
-        let host = normalize_host(host);
+        let host = normalize_host(host).into_owned();
         let header = |_: &str| hv;
         // (route, (host kind, host length, exact path, path length, conditions))
         type Ranked = (usize, (u8, usize, u8, usize, usize));

@@ -73,6 +73,12 @@ async fn host_and_path_routes_on_both_engines() {
         let (status, _, body) = get(&gw, "www.example.com", "/old").await;
         assert_eq!(status, 410, "{engine}");
         assert!(body.contains("gone for good"), "{engine}{body}");
+        // Every spelling of `/old` takes its route: a client cannot walk around a route
+        // by dot segments, doubled slashes or percent-encoded unreserved characters.
+        for spelling in ["/api/../old", "//old", "/%6fld", "/./old", "/x/%2e%2e/old"] {
+            let (status, _, _) = get(&gw, "www.example.com", spelling).await;
+            assert_eq!(status, 410, "{engine}{spelling}");
+        }
         // `/old/x` is not the exact `/old`: the `/` route.
         assert_eq!(
             get(&gw, "www.example.com", "/old/x").await.1,

@@ -24,7 +24,9 @@ pub struct Settings {
     /// Instance id sent in `X-Served-By` (default: backend-<port>).
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
-    /// `postgres://user:pass@host:port/db`; unset: embedded SQLite under DATA_DIR.
+    /// `postgres://user:pass@host:port/db`; unset: embedded SQLite under DATA_DIR. TLS:
+    /// `?sslmode=require` (encrypted, unverified), `verify-full` (and the host name) with
+    /// `&sslrootcert=CA-FILE`; no sslmode (nor PGSSLMODE): plaintext.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
     /// Directory of the embedded SQLite file (data/floodgate.db).
@@ -43,9 +45,20 @@ pub struct Settings {
     /// Batched insert statements in flight at once (each holds one pooled connection).
     #[arg(long, env = "INSERT_WRITERS", default_value_t = 4)]
     pub insert_writers: usize,
-    /// `redis://host:port`; unset: limits are kept in-process (one instance's scope).
+    /// `redis://host:port`, or `rediss://host:port` over TLS; unset: limits are kept
+    /// in-process (one instance's scope).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// `rediss://`: the CA certificates (PEM) that verify Redis, instead of the system's.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// `rediss://`: a client certificate (PEM), for a Redis that asks for one
+    /// (`tls-auth-clients yes`, Redis's default); with REDIS_CLIENT_KEY_FILE.
+    #[arg(long, env = "REDIS_CLIENT_CERT_FILE")]
+    pub redis_client_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "REDIS_CLIENT_KEY_FILE")]
+    pub redis_client_key_file: Option<PathBuf>,
     /// Admission control: `adaptive` (a limit that follows latency, with a short wait for a
     /// slot) or `fixed` (the `MAX_IN_FLIGHT` cap, no waiting). Probes are always exempt.
     #[arg(long, env = "ADMISSION", value_enum, default_value = "adaptive")]
@@ -131,13 +144,16 @@ pub struct Settings {
     /// How long an API-key lookup is cached (a revoked key works at most this long).
     #[arg(long, env = "API_KEY_CACHE_TTL", default_value = "30s", value_parser = duration)]
     pub api_key_cache_ttl: Duration,
-    /// The vendor endpoint `POST /llm` calls.
+    /// The vendor endpoint `POST /llm` calls (`https://` over TLS).
     #[arg(
         long,
         env = "VENDOR_URL",
         default_value = "http://127.0.0.1:9000/v1/complete"
     )]
     pub vendor_url: String,
+    /// `https://`: the CA certificates (PEM) that verify the vendor, instead of the system's.
+    #[arg(long, env = "VENDOR_CA_FILE")]
+    pub vendor_ca_file: Option<PathBuf>,
     /// Longest a call may wait for admission (local limiter, global limiter, semaphore).
     #[arg(long, env = "VENDOR_QUEUE_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub vendor_queue_timeout: Duration,
@@ -230,6 +246,16 @@ impl Settings {
         }
     }
 
+    /// The Redis client's TLS files (empty values count as unset).
+    pub fn redis_tls(&self) -> crate::tls::RedisTlsFiles {
+        let set = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        crate::tls::RedisTlsFiles {
+            ca: set(&self.redis_ca_file),
+            client_cert: set(&self.redis_client_cert_file),
+            client_key: set(&self.redis_client_key_file),
+        }
+    }
+
     /// The admission control's settings.
     pub fn admission(&self) -> Result<crate::admission::AdmissionSettings, String> {
         if self.admission_min == 0 || self.admission_min > self.admission_max {
@@ -260,6 +286,10 @@ impl Settings {
         }
         Ok(crate::vendor::VendorSettings {
             url: self.vendor_url.clone(),
+            ca_file: self
+                .vendor_ca_file
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
             queue_timeout: self.vendor_queue_timeout,
             local_rate: quota("VENDOR_LOCAL_RATE", &self.vendor_local_rate)?,
             contract: quota("VENDOR_CONTRACT", &self.vendor_contract)?,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 /// An item as stored and returned.
@@ -135,6 +135,42 @@ fn refused_value(d: &dyn sqlx::error::DatabaseError, code: &str) -> bool {
         || matches!(sqlite_primary, Some(18..=20))
 }
 
+/// `DATABASE_URL`'s connect options. TLS is libpq's `sslmode` (`require`: encrypted, the
+/// certificate unchecked; `verify-ca`: signed by a trusted CA; `verify-full`: and naming the
+/// host), with `sslrootcert` (a CA file, added to the system's store by sqlx, where libpq
+/// trusts only it), `sslcert` and `sslkey`. One thing differs from libpq: a URL without
+/// `sslmode` (and no `PGSSLMODE`) connects in plaintext, as it always has here, rather than
+/// libpq's `prefer` (TLS when offered, never verified: no defence against an active attacker,
+/// yet TLS's cost on every connection). Certificate files named in the URL are read here, so
+/// a wrong path fails at start naming the parameter.
+fn pg_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    let mut options = PgConnectOptions::from_str(url)?;
+    let parsed = url::Url::parse(url).map_err(|e| sqlx::Error::Configuration(e.into()))?;
+    let mut sslmode = std::env::var_os("PGSSLMODE").is_some();
+    for (key, value) in parsed.query_pairs() {
+        let file = || std::path::PathBuf::from(&*value);
+        let inline = value.starts_with("-----BEGIN");
+        let checked = match &*key {
+            "sslmode" | "ssl-mode" => {
+                sslmode = true;
+                Ok(())
+            }
+            "sslrootcert" | "ssl-root-cert" | "ssl-ca" | "sslcert" | "ssl-cert" if !inline => {
+                crate::tls::read_certificates(&format!("DATABASE_URL {key}"), &file()).map(|_| ())
+            }
+            "sslkey" | "ssl-key" if !inline => {
+                crate::tls::read_private_key(&format!("DATABASE_URL {key}"), &file()).map(|_| ())
+            }
+            _ => Ok(()),
+        };
+        checked.map_err(|e| sqlx::Error::Configuration(e.into()))?;
+    }
+    if !sslmode {
+        options = options.ssl_mode(PgSslMode::Disable);
+    }
+    Ok(options)
+}
+
 /// The connection pool of whichever engine is configured.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -171,6 +207,7 @@ impl Db {
     pub fn connect(s: &DbSettings) -> Result<Db, sqlx::Error> {
         match s.url.as_deref() {
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let options = pg_options(url)?;
                 // sqlx pings every connection it takes from the pool by default: a second
                 // round trip to PostgreSQL for every query (a GET /items was a ping and a
                 // query: twice the wake-ups and context switches, which dominate its cost on
@@ -190,7 +227,7 @@ impl Db {
                             Ok(true)
                         })
                     })
-                    .connect_lazy(url)?;
+                    .connect_lazy_with(options);
                 Ok(Db::Postgres(pool))
             }
             other => {
@@ -212,6 +249,21 @@ impl Db {
                     .connect_lazy_with(opts);
                 Ok(Db::Sqlite(pool))
             }
+        }
+    }
+
+    /// The TLS mode of PostgreSQL connections (None on SQLite), for the startup log.
+    pub fn tls_mode(&self) -> Option<&'static str> {
+        match self {
+            Db::Postgres(p) => Some(match p.connect_options().get_ssl_mode() {
+                PgSslMode::Disable => "disable",
+                PgSslMode::Allow => "allow",
+                PgSslMode::Prefer => "prefer",
+                PgSslMode::Require => "require",
+                PgSslMode::VerifyCa => "verify-ca",
+                PgSslMode::VerifyFull => "verify-full",
+            }),
+            Db::Sqlite(_) => None,
         }
     }
 

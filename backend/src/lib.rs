@@ -15,6 +15,7 @@
 //! - [`writes`]: `POST /items` inserts, group-committed on PostgreSQL.
 //! - [`error`]: the API's errors and their one JSON shape.
 //! - [`metrics`]: every Prometheus metric.
+//! - [`tls`]: TLS to the vendor, PostgreSQL and Redis (rustls).
 
 pub mod admission;
 pub mod callers;
@@ -26,5 +27,6 @@ pub mod ratelimit;
 pub mod readiness;
 pub mod routes;
 pub mod startup;
+pub mod tls;
 pub mod vendor;
 pub mod writes;

@@ -58,6 +58,12 @@ pub enum StartError {
     },
     #[error("database settings: {0}")]
     Database(#[from] sqlx::Error),
+    /// PostgreSQL refused or could not be reached (a TLS failure says so here).
+    #[error("cannot connect to PostgreSQL (sslmode={sslmode}): {source}")]
+    Connect {
+        sslmode: &'static str,
+        source: crate::db::DbError,
+    },
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
@@ -67,13 +73,21 @@ pub enum StartError {
 impl Server {
     /// Connect the database, apply migrations, bind the listener.
     pub async fn build(settings: Settings) -> Result<Server, StartError> {
+        crate::tls::init();
         let db = Db::connect(&settings.db())?;
+        if let Some(sslmode) = db.tls_mode() {
+            // Before the migrations, whose error would name them rather than the connection.
+            db.ping()
+                .await
+                .map_err(|source| StartError::Connect { sslmode, source })?;
+        }
         db.migrate().await?;
         Self::build_with_db(settings, db)
     }
 
     /// Bind with an already-connected database.
     pub fn build_with_db(settings: Settings, db: Db) -> Result<Server, StartError> {
+        crate::tls::init();
         let addr = SocketAddr::new(settings.host, settings.port);
         let listener = bind(addr, settings.listen_backlog)
             .map_err(|source| StartError::Bind { addr, source })?;
@@ -97,13 +111,15 @@ impl Server {
         .map_err(StartError::Config)?;
         let redis_store = || -> Result<Option<ratelimit::redis::RedisStore>, StartError> {
             match settings.redis_url.as_deref().filter(|u| !u.is_empty()) {
-                Some(url) => ratelimit::redis::RedisStore::new(
-                    url,
-                    &settings.instance_id(),
-                    settings.redis_timeout,
-                )
-                .map(Some)
-                .map_err(|e| StartError::Config(format!("REDIS_URL: {e}"))),
+                Some(url) => crate::tls::redis_client(url, &settings.redis_tls())
+                    .map(|client| {
+                        Some(ratelimit::redis::RedisStore::with_client(
+                            client,
+                            &settings.instance_id(),
+                            settings.redis_timeout,
+                        ))
+                    })
+                    .map_err(|e| StartError::Config(format!("REDIS_URL: {e}"))),
                 None => Ok(None),
             }
         };
@@ -162,13 +178,17 @@ impl Server {
         let graceful = GracefulShutdown::new();
         let s = &app.settings;
         log::info!(
-            "{} listening on {} ({} storage, admission {})",
+            "{} listening on {} ({} storage{}, admission {})",
             s.instance_id(),
             listener
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
             app.db.engine(),
+            app.db
+                .tls_mode()
+                .map(|m| format!(" with sslmode={m}"))
+                .unwrap_or_default(),
             match s.admission {
                 crate::admission::Mode::Fixed => format!("fixed at {}", s.max_in_flight),
                 crate::admission::Mode::Adaptive => format!(

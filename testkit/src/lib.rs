@@ -1,7 +1,11 @@
 //! Test kit shared by the workspace's black-box tests: free ports that are safe to reuse, and
 //! throwaway PostgreSQL clusters and Redis servers (free port, temp directory, stopped on
-//! drop). A server that cannot start fails the test with the reason: nothing is skipped and
-//! no server someone else started is used.
+//! drop), either of them with TLS on (certificates from [`TestCa`]). A server that cannot
+//! start fails the test with the reason: nothing is skipped and no server someone else
+//! started is used.
+
+mod tls;
+pub use tls::TestCa;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -78,10 +82,19 @@ pub struct PgServer {
     pub port: u16,
     dir: tempfile::TempDir,
     bin: PathBuf,
+    /// `ssl=on` with the certificate and key copied into the cluster's directory.
+    tls: bool,
 }
 
 impl PgServer {
     pub fn start() -> PgServer {
+        Self::start_with(None)
+    }
+
+    /// A cluster that also accepts TLS (`ssl=on`), with `ca`'s server certificate: clients
+    /// choose with `sslmode` (plaintext is still accepted, so a test can tell them apart in
+    /// `pg_stat_ssl`).
+    pub fn start_with(tls: Option<&TestCa>) -> PgServer {
         let bin = pg_bindir();
         let dir = tempfile::Builder::new().prefix("fg-pg-").tempdir().unwrap();
         if is_root() {
@@ -104,10 +117,33 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(ca) = tls {
+            // PostgreSQL refuses a key that others can read: the copies are the server
+            // user's, mode 0600.
+            use std::os::unix::fs::PermissionsExt;
+            for (from, to) in [
+                (ca.server_cert(), "server.pem"),
+                (ca.server_key(), "server.key"),
+            ] {
+                let to = dir.path().join(to);
+                std::fs::copy(from, &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if is_root() {
+                    let ok = Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(&to)
+                        .status()
+                        .unwrap()
+                        .success();
+                    assert!(ok, "chown of {} failed", to.display());
+                }
+            }
+        }
         let pg = PgServer {
             port: free_port(),
             dir,
             bin,
+            tls: tls.is_some(),
         };
         pg.start_again();
         pg
@@ -115,11 +151,19 @@ impl PgServer {
 
     /// (Re)start the cluster on its port.
     pub fn start_again(&self) {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
             self.dir.path().display()
         );
+        if self.tls {
+            let d = self.dir.path();
+            opts += &format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                d.join("server.pem").display(),
+                d.join("server.key").display()
+            );
+        }
         let out = pg_command(&self.bin, "pg_ctl")
             .arg("-D")
             .arg(self.dir.path().join("data"))
@@ -159,15 +203,31 @@ impl Drop for PgServer {
     }
 }
 
+/// TLS for a [`RedisServer`]: its port is TLS only (`--port 0 --tls-port`).
+#[derive(Clone, Copy)]
+pub struct RedisTls<'a> {
+    /// Signs the server certificate and, when asked for, the clients'.
+    pub ca: &'a TestCa,
+    /// `--tls-auth-clients`: whether clients must show a certificate `ca` signed.
+    pub client_certificates: bool,
+}
+
 /// A private redis-server on a free port; killed on drop.
 pub struct RedisServer {
     pub port: u16,
     child: Option<std::process::Child>,
     dir: tempfile::TempDir,
+    /// TLS files and `--tls-auth-clients`, when the port is TLS.
+    tls: Option<(PathBuf, PathBuf, PathBuf, bool)>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// A server whose one port is TLS (`rediss://`) with `tls`'s certificates, or plaintext.
+    pub fn start_with(tls: Option<RedisTls>) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("fg-redis-")
             .tempdir()
@@ -176,6 +236,14 @@ impl RedisServer {
             port: free_port(),
             child: None,
             dir,
+            tls: tls.map(|t| {
+                (
+                    t.ca.server_cert(),
+                    t.ca.server_key(),
+                    t.ca.ca(),
+                    t.client_certificates,
+                )
+            }),
         };
         r.start_again();
         r
@@ -183,24 +251,53 @@ impl RedisServer {
 
     /// (Re)start on the same port.
     pub fn start_again(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let port = self.port.to_string();
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &port]),
+            Some((cert, key, ca, auth)) => cmd
+                .args(["--port", "0", "--tls-port", &port])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", if *auth { "yes" } else { "no" }]),
+        };
+        // Its log says when it is ready (a TLS port does not answer a plaintext PING).
+        let log = self.dir.path().join("redis.log");
+        let child = cmd
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server not found: run `make deps` (apt package redis-server)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.pong() {
+        while !self.ready(&log) {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on {}",
-                self.port
+                Instant::now() < deadline && exited.is_none(),
+                "redis-server did not start on {} ({exited:?}): {}",
+                self.port,
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ready(&self, log: &Path) -> bool {
+        match self.tls {
+            None => self.pong(),
+            Some(_) => std::fs::read_to_string(log)
+                .is_ok_and(|l| l.contains("Ready to accept connections")),
         }
     }
 
@@ -214,8 +311,14 @@ impl RedisServer {
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// `redis://`, or `rediss://` when the port is TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     fn signal(&self, sig: &str) {

@@ -5,6 +5,9 @@
 //! `POST /<anything>` answers `{"id", "model", "completion"}` after `--latency`;
 //! `GET /stats` reports calls, violations and the highest concurrency seen (in total and per
 //! calling instance, from `X-Floodgate-Instance`); `GET /health` answers 200.
+//!
+//! With `--tls-cert` and `--tls-key` it serves HTTPS only (rustls; HTTP/1.1 and h2 by ALPN),
+//! so the backend's `VENDOR_URL=https://...` can be tested.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -51,6 +54,35 @@ struct Opts {
     /// Share of calls that never answer (held until the client gives up).
     #[arg(long, env = "MOCK_VENDOR_TIMEOUT_RATE", default_value_t = 0.0)]
     timeout_rate: f64,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "MOCK_VENDOR_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "MOCK_VENDOR_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// The TLS acceptor for `--tls-cert` and `--tls-key`; exits with the reason when they fail.
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        eprintln!("mock-vendor: {what}: {e}");
+        std::process::exit(2)
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .unwrap_or_else(|e| fail(&format!("--tls-cert {}", cert.display()), &e));
+    let key = PrivateKeyDer::from_pem_file(key)
+        .unwrap_or_else(|e| fail(&format!("--tls-key {}", key.display()), &e));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|e| fail("TLS versions", &e))
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap_or_else(|e| fail("--tls-cert and --tls-key", &e));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 #[derive(Default)]
@@ -198,21 +230,40 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .unwrap_or_else(|e| panic!("cannot listen on {}: {e}", opts.listen));
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)),
+        _ => None,
+    };
     eprintln!(
-        "mock-vendor on {}: contract {} calls per {:?}, latency {:?}",
-        opts.listen, opts.limit, opts.window, opts.latency
+        "mock-vendor on {} ({}): contract {} calls per {:?}, latency {:?}",
+        opts.listen,
+        if tls.is_some() { "https" } else { "http" },
+        opts.limit,
+        opts.window,
+        opts.latency
     );
     let stats = Arc::new(Stats::default());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (opts, stats) = (opts.clone(), stats.clone());
+        let (opts, stats, tls) = (opts.clone(), stats.clone(), tls.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(opts.clone(), stats.clone(), req));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            match tls {
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                }
+                Some(tls) => {
+                    // A failed handshake (an untrusting client) just ends the connection.
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), tls.accept(stream));
+                    if let Ok(Ok(stream)) = handshake.await {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            }
         });
     }
 }

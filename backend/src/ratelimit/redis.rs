@@ -140,16 +140,27 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
+    /// A store at `url` (`redis://`, or `rediss://` trusting the system's CA store).
     pub fn new(url: &str, instance: &str, timeout: Duration) -> redis::RedisResult<Self> {
-        Ok(RedisStore {
-            client: redis::Client::open(url)?,
+        crate::tls::init();
+        Ok(Self::with_client(
+            redis::Client::open(url)?,
+            instance,
+            timeout,
+        ))
+    }
+
+    /// A store through `client` (see [`crate::tls::redis_client`] for TLS settings).
+    pub fn with_client(client: redis::Client, instance: &str, timeout: Duration) -> Self {
+        RedisStore {
+            client,
             conn: ArcSwapOption::empty(),
             script: redis::Script::new(SCRIPT),
             contract_script: redis::Script::new(CONTRACT_SCRIPT),
             timeout,
             instance: format!("{instance}-{:08x}", rand::random::<u32>()),
             seq: std::sync::atomic::AtomicU64::new(0),
-        })
+        }
     }
 
     /// The connection manager, made on first use (Redis may be down at start); it then

@@ -34,6 +34,8 @@ use contract::Contract;
 #[derive(Debug, Clone)]
 pub struct VendorSettings {
     pub url: String,
+    /// `https://`: CA certificates (PEM) trusted instead of the system's store.
+    pub ca_file: Option<std::path::PathBuf>,
     pub queue_timeout: Duration,
     pub local_rate: Quota,
     pub contract: Quota,
@@ -138,11 +140,23 @@ impl Vendor {
         metrics: Arc<Metrics>,
         instance: &str,
     ) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
+        crate::tls::init();
+        let mut client = reqwest::Client::builder()
             .connect_timeout(s.connect_timeout)
-            .pool_max_idle_per_host(s.concurrency)
+            .pool_max_idle_per_host(s.concurrency);
+        if let Some(path) = &s.ca_file {
+            // The vendor's own CA only, as curl's --cacert: not also every public CA.
+            let pem = crate::tls::read_certificates("VENDOR_CA_FILE", path)?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("VENDOR_CA_FILE={}: {e}", path.display()))?;
+            client = client.tls_built_in_root_certs(false);
+            for cert in certs {
+                client = client.add_root_certificate(cert);
+            }
+        }
+        let client = client
             .build()
-            .map_err(|e| format!("vendor HTTP client: {e}"))?;
+            .map_err(|e| format!("vendor HTTP client: {}", crate::tls::error_chain(&e)))?;
         // governor spaces calls evenly: one every window/limit, no burst beyond one.
         let period = s.local_rate.window / s.local_rate.limit.max(1);
         let local = DefaultDirectRateLimiter::direct(
@@ -342,7 +356,7 @@ impl Vendor {
             Ok(Err(e)) if e.is_timeout() => Attempt::Retryable(VendorError::Timeout, None),
             Ok(Err(e)) => Attempt::Retryable(
                 VendorError::Upstream {
-                    detail: format!("cannot reach the vendor: {e}"),
+                    detail: format!("cannot reach the vendor: {}", crate::tls::error_chain(&e)),
                 },
                 None,
             ),

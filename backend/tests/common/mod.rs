@@ -10,7 +10,7 @@ use floodgate_backend::startup::Server;
 use tokio::sync::oneshot;
 
 #[allow(unused_imports)]
-pub use testkit::{free_port, metric_value, PgServer, RedisServer};
+pub use testkit::{free_port, metric_value, PgServer, RedisServer, RedisTls, TestCa};
 
 /// A running backend instance in this process.
 pub struct TestApp {
@@ -79,8 +79,12 @@ pub async fn spawn_app(mut settings: Settings) -> TestApp {
 
 /// Poll `url` until it answers `status`.
 pub async fn wait_for_status(url: &str, status: u16, within: Duration) {
+    wait_for_status_with(&reqwest::Client::new(), url, status, within).await
+}
+
+/// Poll `url` with client `c` until it answers `status`.
+pub async fn wait_for_status_with(c: &reqwest::Client, url: &str, status: u16, within: Duration) {
     let deadline = Instant::now() + within;
-    let c = reqwest::Client::new();
     loop {
         let got = c.get(url).send().await.map(|r| r.status().as_u16());
         if got.as_ref().is_ok_and(|s| *s == status) {
@@ -98,21 +102,45 @@ pub async fn wait_for_status(url: &str, status: u16, within: Duration) {
 pub struct MockVendor {
     pub port: u16,
     child: std::process::Child,
+    /// `http://127.0.0.1:port`, or `https://` when serving TLS.
+    base: String,
+    /// Trusts the vendor's CA when it serves TLS.
+    client: reqwest::Client,
 }
 
 impl MockVendor {
     pub async fn start(flags: &[&str]) -> MockVendor {
+        Self::start_with(flags, None).await
+    }
+
+    /// Serving HTTPS only, with `tls`'s server certificate when given.
+    pub async fn start_with(flags: &[&str], tls: Option<&TestCa>) -> MockVendor {
         let port = free_port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mock-vendor"))
-            .arg("--listen")
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mock-vendor"));
+        cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(flags)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mock-vendor runs");
-        let v = MockVendor { port, child };
-        wait_for_status(
-            &format!("http://127.0.0.1:{port}/health"),
+            .stderr(std::process::Stdio::null());
+        let mut client = reqwest::Client::builder();
+        if let Some(ca) = tls {
+            cmd.arg("--tls-cert")
+                .arg(ca.server_cert())
+                .arg("--tls-key")
+                .arg(ca.server_key());
+            let pem = std::fs::read(ca.ca()).unwrap();
+            client = client.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        }
+        let child = cmd.spawn().expect("mock-vendor runs");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let v = MockVendor {
+            port,
+            child,
+            base: format!("{scheme}://127.0.0.1:{port}"),
+            client: client.build().unwrap(),
+        };
+        wait_for_status_with(
+            &v.client,
+            &format!("{}/health", v.base),
             200,
             Duration::from_secs(10),
         )
@@ -121,16 +149,11 @@ impl MockVendor {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1/complete", self.port)
+        format!("{}/v1/complete", self.base)
     }
 
     pub async fn stats(&self) -> serde_json::Value {
-        reqwest::get(format!("http://127.0.0.1:{}/stats", self.port))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&self.client, &format!("{}/stats", self.base)).await
     }
 }
 

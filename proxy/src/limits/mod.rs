@@ -147,8 +147,7 @@ impl Limits {
                         .find(|(name, _)| *name == r.name)
                         .map(|(_, l)| l)
                 });
-                make(&format!("route:{}", r.name), &r.limit, true, old)
-                    .map(|l| (r.name.clone(), l))
+                make(&format!("route:{}", r.name), &r.limit, true, old).map(|l| (r.name.clone(), l))
             })
             .collect();
         Limits {

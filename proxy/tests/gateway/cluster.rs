@@ -255,7 +255,10 @@ async fn redis_killed_mid_run_falls_back_to_the_share_and_returns() {
         first_back <= 60.0 + 10.0,
         "no burst at the return: {first_back}"
     );
-    assert!(back >= 35.0, "shared counting again, above the share: {back}");
+    assert!(
+        back >= 35.0,
+        "shared counting again, above the share: {back}"
+    );
     assert_eq!(gws[0].metric("gateway_cluster_limits_degraded").await, 0.0);
     assert!(
         gws[0]
@@ -355,16 +358,25 @@ async fn a_spray_of_addresses_under_their_share_never_reaches_redis() {
         let mut pending = Vec::new();
         for _ in 0..2 {
             let (head, _) = read_answer(&mut conn, &mut pending, false).await;
-            assert!(head.starts_with("HTTP/1.1 200"), "{ip} (seed {seed}): {head}");
+            assert!(
+                head.starts_with("HTTP/1.1 200"),
+                "{ip} (seed {seed}): {head}"
+            );
         }
     }
-    assert_eq!(keys(&mut db), Vec::<String>::new(), "cold keys stay out of Redis");
+    assert_eq!(
+        keys(&mut db),
+        Vec::<String>::new(),
+        "cold keys stay out of Redis"
+    );
     // One address over its share on one replica: one key (one window), with an expiry.
     let mut conn = tcp_from("127.1.9.9", gws[0].port).await;
     let mut pending = Vec::new();
     let mut codes = Vec::new();
     for _ in 0..6 {
-        conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let (head, _) = read_answer(&mut conn, &mut pending, false).await;
         codes.push(head[9..12].to_string());
     }
@@ -374,9 +386,19 @@ async fn a_spray_of_addresses_under_their_share_never_reaches_redis() {
     }
     let hot = keys(&mut db);
     assert_eq!(hot.len(), 1, "{hot:?} after {codes:?}");
-    assert!(hot[0].ends_with(&format!("{:x}", u32::from(std::net::Ipv4Addr::new(127, 1, 9, 9)))));
+    assert!(hot[0].ends_with(&format!(
+        "{:x}",
+        u32::from(std::net::Ipv4Addr::new(127, 1, 9, 9))
+    )));
     let ttl: i64 = redis::cmd("PTTL").arg(&hot[0]).query(&mut db).unwrap();
     assert!(ttl > 0 && ttl <= 4_000, "expires with its bucket: {ttl} ms");
-    let bytes: i64 = redis::cmd("MEMORY").arg("USAGE").arg(&hot[0]).query(&mut db).unwrap();
-    println!("one synced key: {} ({bytes} bytes by MEMORY USAGE, {ttl} ms to live)", hot[0]);
+    let bytes: i64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(&hot[0])
+        .query(&mut db)
+        .unwrap();
+    println!(
+        "one synced key: {} ({bytes} bytes by MEMORY USAGE, {ttl} ms to live)",
+        hot[0]
+    );
 }

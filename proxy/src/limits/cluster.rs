@@ -12,19 +12,21 @@
 //! - Per-key limits (per IP) first admit a key on this replica's **share** (the limit divided
 //!   by the live replica count) in a local table, as a local limit would; only a key that goes
 //!   over its share (the local threshold) becomes *hot*: it gets a slot in a fixed-size lease
-//!   table and a bucket in Redis. Cold keys (a spray of spoofed addresses) never reach Redis.
+//!   table and a bucket in Redis, charged first with what the share admitted. Cold keys (a
+//!   spray of spoofed addresses) never reach Redis.
 //! - Redis unreachable or slower than `cluster.timeout`: the replica is *degraded* and admits
 //!   on its share alone (`gateway_cluster_limits_degraded` 1) until a sync succeeds again; what
-//!   the global limit admitted meanwhile is charged to Redis first, and a bucket Redis does not
-//!   know (a restarted Redis) starts empty, so the return brings no burst.
+//!   the global limit admitted meanwhile is charged to Redis first, and a bucket a restarted
+//!   Redis lost starts empty within its window, so the return brings no burst. After a call
+//!   that timed out (a frozen Redis runs it when it resumes) only heartbeats are sent until one
+//!   is answered, so nothing is charged or granted twice.
 //!
-//! The bound (README, "Cluster-wide limits"): in any period T the cluster's leases admit at
-//! most `N·T + max(B, L) + 1 + R·L` for a limit of N/s with burst B over R replicas with
-//! leases of at most L (`L = ceil(N·sync_interval / R)`): Redis grants at most
-//! `N·T + max(B, L) + 1` in T (its bucket holds at least one lease), and a replica can hold at
-//! most L granted before T began. A per-key limit adds what the replicas' shares admitted
-//! while the key was still under its share there (at most `B + R` in a burst, then N/R a
-//! second per replica where the key stays under its share).
+//! The bound (README, "Cluster-wide limits"): in any period T a limit of N/s with burst B over
+//! R replicas with leases of at most L (`L = ceil(N·sync_interval / R)`) admits at most
+//! `N·T + max(B, L) + 1 + R·L`: Redis grants at most `N·T + max(B, L) + 1` in T (its bucket
+//! holds at least one lease; shares' admissions are charged to it), and a replica can hold at
+//! most L granted before T began. Not covered: a per-key client that stays under its share on
+//! some replicas while over it on others gets those shares on top (N/R a second each).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

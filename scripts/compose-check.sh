@@ -36,14 +36,16 @@ flock -w 1800 8 || { echo "compose-check: FAILED: another compose check holds th
 PROJECT=fgcheck$$
 NET=${PROJECT}_default
 export COMPOSE_PROJECT_NAME=$PROJECT
-# Two free ports below the kernel's ephemeral range (a port from that range can be taken by any
-# outgoing connection before Docker binds it).
-read -r FLOODGATE_PORT FLOODGATE_METRICS_PORT < <(python3 -c '
+# Four free ports (two per gateway replica) below the kernel's ephemeral range (a port from
+# that range can be taken by any outgoing connection before Docker binds it).
+read -r FLOODGATE_PORT FLOODGATE_METRICS_PORT FLOODGATE_PORT_2 FLOODGATE_METRICS_PORT_2 < <(python3 -c '
 import random, socket
 low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 got = []
-while len(got) < 2:
+while len(got) < 4:
     p = random.randrange(20000, min(low, 32768) - 1)
+    if p in got:
+        continue
     s = socket.socket()
     try:
         s.bind(("127.0.0.1", p)); got.append(p)
@@ -51,7 +53,7 @@ while len(got) < 2:
         pass
     s.close()
 print(*got)')
-export FLOODGATE_BIND=127.0.0.1 FLOODGATE_PORT FLOODGATE_METRICS_PORT
+export FLOODGATE_BIND=127.0.0.1 FLOODGATE_PORT FLOODGATE_METRICS_PORT FLOODGATE_PORT_2 FLOODGATE_METRICS_PORT_2
 GW=http://127.0.0.1:$FLOODGATE_PORT
 METRICS=http://127.0.0.1:$FLOODGATE_METRICS_PORT/metrics
 OUT=$(mktemp -d /tmp/floodgate-compose-check.XXXXXX)
@@ -155,6 +157,18 @@ dc up -d "${WAIT[@]}" >"$OUT/up.log" 2>&1 || { cat "$OUT/up.log" >&2; fail "comp
 wait_healthy 180 || fail "services not healthy within 180s"
 wait_backends_up 3 30 || fail "gateway: $(backends_up) of 3 backends up"
 pass "up: postgres, redis, mock-vendor, 3 backends, gateway healthy; gateway routes to 3 backends ($(( $(date +%s) - tu ))s)"
+# The two gateway replicas count each other through Redis (the global limit is cluster-wide).
+for m in "$METRICS" "http://127.0.0.1:$FLOODGATE_METRICS_PORT_2/metrics"; do
+  for _ in $(seq 1 20); do
+    r=$(curl -s --max-time 10 "$m" | awk '/^gateway_cluster_replicas / {print $2}')
+    d=$(curl -s --max-time 10 "$m" | awk '/^gateway_cluster_limits_degraded / {print $2}')
+    [ "$r" = 2 ] && [ "$d" = 0 ] && break
+    sleep 0.5
+  done
+  [ "$r" = 2 ] && [ "$d" = 0 ] || fail "gateway at $m: $r replicas counted, degraded $d"
+done
+[ "$(code "http://127.0.0.1:$FLOODGATE_PORT_2/items")" = 200 ] || fail "GET /items through gateway-2"
+pass "two gateway replicas share the global limit through Redis (each counts 2 replicas, not degraded); gateway-2 serves"
 grep -q fg_demo_free_key <<<"$(dc logs --no-color migrate)" || fail "migrate did not seed the demo keys"
 [ "$(docker inspect -f '{{.State.ExitCode}}' "$(cid migrate)")" = 0 ] || fail "migrate exit code"
 pass "migrate ran once before the backends: migrations applied, demo keys seeded"

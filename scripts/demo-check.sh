@@ -76,4 +76,25 @@ sleep 0.5
 # daemonizes). Not by name: a gateway someone else runs on this machine is not the demo's.
 left=$(pgrep -g "$demo" || true)
 [ -z "$left" ] || fail "processes left behind: $left"
-echo "demo-check: OK (round robin over 3, /llm, per-IP and per-user 429, metrics, reload, wrk and hey clean, 30 NUL posts 422 with every backend kept, a backend SIGTERMed under load with none failed, nothing left running)"
+# GATEWAYS=2: a second replica on :8010; one client's /llm limit (20/min, burst 5) holds across
+# both through the demo's Redis (scope: cluster): 6 pass (7 at most: a lease), not 12.
+set -m
+GATEWAYS=2 DEMO_SECONDS=600 scripts/demo.sh > /tmp/floodgate-demo2.out 2>&1 &
+demo=$!
+set +m
+for _ in $(seq 1 300); do grep -q "Ctrl-C stops everything" /tmp/floodgate-demo2.out && break; sleep 0.2; done
+grep -q "Ctrl-C stops everything" /tmp/floodgate-demo2.out || { cat /tmp/floodgate-demo2.out; fail "GATEWAYS=2 demo did not start"; }
+grep -q "localhost:8010" /tmp/floodgate-demo2.out || fail "GATEWAYS=2: no second gateway announced"
+codes=$(for i in $(seq 1 6); do for p in 8000 8010; do code --interface 127.0.0.3 -XPOST localhost:$p/llm; echo; done; done)
+passed=$(grep -vc 429 <<<"$codes" || true)
+{ [ "$passed" -ge 6 ] && [ "$passed" -le 7 ]; } || fail "GATEWAYS=2: $passed of 12 /llm requests passed the gateways (want 6-7: one limit for both): $(echo $codes)"
+m2=$(curl -s localhost:9110/metrics)
+grep -q '^gateway_cluster_replicas 2$' <<<"$m2" || fail "GATEWAYS=2: the replicas do not count each other: $(grep '^gateway_cluster' <<<"$m2")"
+kill -INT "$demo"
+wait "$demo" || true
+sleep 0.5
+left=$(pgrep -g "$demo" || true)
+[ -z "$left" ] || fail "GATEWAYS=2: processes left behind: $left"
+echo "demo-check: GATEWAYS=2: one client's /llm limit across :8000 and :8010: $passed of 12 passed ($(echo $codes))"
+
+echo "demo-check: OK (round robin over 3, /llm, per-IP and per-user 429, metrics, reload, wrk and hey clean, 30 NUL posts 422 with every backend kept, a backend SIGTERMed under load with none failed, nothing left running; GATEWAYS=2 shares the /llm limit)"

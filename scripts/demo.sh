@@ -4,12 +4,16 @@
 #   DATABASE_URL  use PostgreSQL instead of the embedded SQLite file under data/
 #   REDIS_URL     share per-user and vendor limits through this Redis; when unset and
 #                 redis-server is installed, a private one is started on :6390
+#   GATEWAYS      2: a second gateway replica on :8010 (metrics :9110); both share the /llm
+#                 per-IP limit and the global limit through the demo's Redis (`scope: cluster`)
 #   DEMO_SECONDS  stop by itself after this many seconds (scripted runs)
 #   BIN           where the binaries are (default target/release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
 CONFIG=${CONFIG:-config/gateway.yaml}
+GATEWAYS=${GATEWAYS:-1}
+case "$GATEWAYS" in 1|2) ;; *) echo "GATEWAYS must be 1 or 2" >&2; exit 1;; esac
 mkdir -p data/logs
 pids=()
 cleanup() {
@@ -29,6 +33,7 @@ wait_http() { # url
 
 # The demo's fixed ports must be free, so it never talks to somebody else's server by mistake.
 ports=(8000 8001 8002 8003 9000 9100)
+[ "$GATEWAYS" = 2 ] && ports+=(8010 9110)
 [ -z "${REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1 && ports+=(6390)
 busy=()
 for p in "${ports[@]}"; do
@@ -54,6 +59,10 @@ else
 fi
 echo "storage: $storage"
 echo "per-user limits: $limits"
+if [ "$GATEWAYS" = 2 ] && [ -z "${REDIS_URL:-}" ]; then
+  echo "GATEWAYS=2 shares the gateways' limits through Redis: install redis-server or set REDIS_URL" >&2
+  exit 1
+fi
 
 "$BIN/mock-vendor" --listen 127.0.0.1:9000 --limit 500 --window 60s --latency 200ms \
   > data/logs/mock-vendor.log 2>&1 &
@@ -64,6 +73,24 @@ for i in 1 2 3; do
     "$BIN/backend" > "data/logs/backend-$i.log" 2>&1 &
   pids+=($!)
 done
+if [ "$GATEWAYS" = 2 ]; then
+  # The same config with the /llm and global limits made cluster-wide, once per replica.
+  cluster_config() { # listen-port metrics-port
+    sed -e "s/^listen: .*/listen: [\"0.0.0.0:$1\"]/" \
+        -e "s/^metrics_listen: .*/metrics_listen: \"127.0.0.1:$2\"/" \
+        -e 's/^\(    - {prefix: \/llm, per_ip: {rate: 20r\/m, burst: 5\)}}/\1, scope: cluster}}/' \
+        -e 's/^\(  global: {rate: [^}]*\)}/\1, scope: cluster}/' \
+        -e 's/, delay: false, max_delay: 1s, scope: cluster}/, scope: cluster}/' "$CONFIG"
+    printf 'cluster: {redis: "%s", replicas: 2}\n' "$REDIS_URL"
+  }
+  cluster_config 8000 9100 > data/gateway-1.yaml
+  cluster_config 8010 9110 > data/gateway-2.yaml
+  CONFIG=data/gateway-1.yaml
+  grep -q 'prefix: /llm.*scope: cluster' "$CONFIG" || { echo "could not make /llm cluster-wide in $CONFIG" >&2; exit 1; }
+  "$BIN/gateway" -c data/gateway-2.yaml --upgrade-sock "$PWD/data/gateway-2-upgrade.sock" > data/logs/gateway-2.log 2>&1 &
+  pids+=($!)
+  echo "$!" > data/gateway-2.pid
+fi
 "$BIN/gateway" -c "$CONFIG" --upgrade-sock "$PWD/data/gateway-upgrade.sock" > data/logs/gateway.log 2>&1 &
 gateway_pid=$!
 pids+=($gateway_pid)
@@ -72,6 +99,7 @@ echo "$gateway_pid" > data/gateway.pid
 wait_http http://127.0.0.1:9000/health
 for i in 1 2 3; do wait_http "http://127.0.0.1:800$i/ready"; done
 wait_http http://127.0.0.1:8000/items
+[ "$GATEWAYS" = 2 ] && wait_http http://127.0.0.1:8010/items
 # The gateway routes to a backend once a health check passed: wait for all three.
 for _ in $(seq 1 100); do
   up=$(curl -s http://127.0.0.1:9100/metrics | grep -c '^gateway_backend_up{.*} 1$' || true)
@@ -79,9 +107,19 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+replicas=""
+if [ "$GATEWAYS" = 2 ]; then
+  replicas="
+  second gateway http://localhost:8010        (config: data/gateway-2.yaml, stats :9110)
+                 both share the /llm per-IP limit and the global limit through $REDIS_URL
+  # one client's /llm limit (20/min, burst 5: 6 at once) holds across both gateways: 6 pass (7 at most: a lease in flight), not 12
+  for i in \$(seq 1 6); do for p in 8000 8010; do curl -s -o /dev/null -w \"\$p:%{http_code} \" --interface 127.0.0.3 -XPOST localhost:\$p/llm; done; done; echo
+  curl -s localhost:9110/metrics | grep -E 'gateway_cluster_(replicas|limits_degraded)'
+"
+fi
 cat <<MSG
 
-Floodgate is running.
+Floodgate is running.$replicas
   gateway        http://localhost:8000        (config: $CONFIG)
   gateway stats  http://localhost:9100/metrics
   backends       http://localhost:8001 .. 8003 (each has /health, /ready, /metrics)

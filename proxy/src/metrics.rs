@@ -48,6 +48,14 @@ pub struct Metrics {
     /// `gateway_route_requests_total{route,pool,code}`: requests that matched a route of
     /// `routes:` (none without routes).
     route_requests: IntCounterVec,
+    /// 1 while `scope: cluster` limits run on this replica's share (Redis unreachable).
+    pub cluster_degraded: IntGauge,
+    /// Live gateway replicas counted by Redis heartbeats (or `cluster.replicas`).
+    pub cluster_replicas: IntGauge,
+    /// Reconciliations with Redis: [ok, error].
+    pub cluster_syncs: [IntCounter; 2],
+    /// Tokens Redis leased to this replica.
+    pub cluster_leased: IntCounter,
 }
 
 /// A route's `gateway_route_requests_total` handles by status class, resolved once (a route
@@ -216,9 +224,36 @@ impl Metrics {
             &["route", "pool", "code"],
         )
         .expect("valid metric");
+        let cluster_degraded = IntGauge::new(
+            "gateway_cluster_limits_degraded",
+            "1 while scope: cluster limits cannot reach Redis and admit this replica's share (limit / replicas), else 0.",
+        )
+        .expect("valid metric");
+        let cluster_replicas = IntGauge::new(
+            "gateway_cluster_replicas",
+            "Gateway replicas counted live by Redis heartbeats (cluster.replicas until counted).",
+        )
+        .expect("valid metric");
+        let cluster_syncs = IntCounterVec::new(
+            Opts::new(
+                "gateway_cluster_syncs_total",
+                "Reconciliations of scope: cluster limits with Redis, by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let cluster_leased = IntCounter::new(
+            "gateway_cluster_leased_tokens_total",
+            "Requests' worth of tokens Redis leased to this replica for scope: cluster limits.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(route_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reloads.clone()),
+            Box::new(cluster_degraded.clone()),
+            Box::new(cluster_replicas.clone()),
+            Box::new(cluster_syncs.clone()),
+            Box::new(cluster_leased.clone()),
             Box::new(http1_path.clone()),
             Box::new(config_loaded_at.clone()),
             Box::new(config_info.clone()),
@@ -265,6 +300,10 @@ impl Metrics {
             dns_errors: dns.with_label_values(&["error"]),
             http1_path: ["fast", "pingora"].map(|p| http1_path.with_label_values(&[p])),
             route_requests,
+            cluster_degraded,
+            cluster_replicas,
+            cluster_syncs: ["ok", "error"].map(|r| cluster_syncs.with_label_values(&[r])),
+            cluster_leased,
         })
     }
 

@@ -127,6 +127,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
         server.add_service(metrics_service);
     }
 
+    let snapshot_for_cluster = snapshot.clone();
     let reloader = reload::Reloader::new(
         opts.config_path.clone(),
         config.clone(),
@@ -143,6 +144,16 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
         },
     ));
     server.add_service(background_service("health checks", HealthService(pools)));
+    if let Some(cluster) = snapshot_for_cluster.load().limits.cluster.clone() {
+        server.add_service(background_service(
+            "cluster limits",
+            ClusterSync {
+                cluster,
+                snapshot: snapshot_for_cluster.clone(),
+                metrics: metrics.clone(),
+            },
+        ));
+    }
     server.add_service(background_service(
         "drain",
         DrainWatcher {
@@ -151,6 +162,26 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
         },
     ));
     Ok(server)
+}
+
+/// Reconciles the `scope: cluster` limits of the config in force with Redis
+/// ([`crate::limits::cluster::run`]).
+struct ClusterSync {
+    cluster: Arc<crate::limits::cluster::Cluster>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl BackgroundService for ClusterSync {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let snapshot = self.snapshot.clone();
+        let limiters = Box::new(move || snapshot.load().limits.cluster_limiters());
+        tokio::select! {
+            _ = crate::limits::cluster::run(self.cluster.clone(), limiters, self.metrics.clone()) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
 }
 
 /// Build and run until a shutdown signal; SIGTERM and SIGINT both drain gracefully.

@@ -41,6 +41,8 @@ pub struct FileConfig {
     pub client: FileClient,
     /// Request rate limits (per client IP, per path prefix, global).
     pub limits: FileLimits,
+    /// Shared state of `scope: cluster` limits (Redis); none: every limit is local.
+    pub cluster: Option<FileCluster>,
     /// Open-connection caps.
     pub connections: FileConnections,
     /// Request size caps.
@@ -70,6 +72,7 @@ impl Default for FileConfig {
             timeouts: FileTimeouts::default(),
             client: FileClient::default(),
             limits: FileLimits::default(),
+            cluster: None,
             connections: FileConnections::default(),
             buffers: FileBuffers::default(),
             slow_clients: FileSlowClients::default(),
@@ -295,23 +298,123 @@ impl Default for FileTimeouts {
     }
 }
 
-/// One rate limit: GCRA (nginx `limit_req`) with a burst.
+/// One rate limit: GCRA (nginx `limit_req`) with a burst, over one window (`rate:`) or
+/// several, all enforced (`rates:`), kept in this process (`scope: local`) or across the
+/// gateway's replicas through Redis (`scope: cluster`, see `cluster:`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawRateLimit")]
 pub struct FileRateLimit {
-    /// The sustained rate.
-    pub rate: RateValue,
-    /// Requests allowed over the rate at once (nginx `burst`). Default: 0.
-    #[serde(default)]
+    /// The sustained rates, one GCRA each; a request passes only when every one admits it.
+    pub rates: Vec<RateValue>,
+    /// Requests allowed over the rate at once (nginx `burst`), in every window. Default: 0.
     pub burst: u32,
     /// false: burst requests pass at once (nginx `nodelay`); true: they are delayed to the
     /// rate. Default: false.
-    #[serde(default)]
     pub delay: bool,
     /// With `delay`, the longest a request may be held; one that would wait longer is
     /// rejected at once. Default: 1s.
-    #[serde(default = "default_max_delay")]
     pub max_delay: HumanDuration,
+    /// Where the limit's state lives. Default: local.
+    pub scope: Scope,
+}
+
+/// `FileRateLimit` as written: `rate:` or `rates:`, checked into one list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    #[serde(default)]
+    rate: Option<RateValue>,
+    #[serde(default)]
+    rates: Vec<RateValue>,
+    #[serde(default)]
+    burst: u32,
+    #[serde(default)]
+    delay: bool,
+    #[serde(default = "default_max_delay")]
+    max_delay: HumanDuration,
+    #[serde(default)]
+    scope: Scope,
+}
+
+/// The most windows one limit may have (each is a word of state per key).
+pub const MAX_WINDOWS: usize = 4;
+
+impl TryFrom<RawRateLimit> for FileRateLimit {
+    type Error = String;
+    fn try_from(r: RawRateLimit) -> Result<Self, String> {
+        let rates = match (r.rate, r.rates.is_empty()) {
+            (Some(rate), true) => vec![rate],
+            (None, false) => r.rates,
+            (Some(_), false) => return Err("write either `rate` or `rates`, not both".into()),
+            (None, true) => return Err("a rate limit needs `rate` (or `rates`)".into()),
+        };
+        if rates.len() > MAX_WINDOWS {
+            return Err(format!("`rates`: at most {MAX_WINDOWS} windows"));
+        }
+        if r.delay && r.scope == Scope::Cluster {
+            return Err("`delay: true` is for `scope: local` only (a cluster limit admits or refuses at once)".into());
+        }
+        Ok(FileRateLimit {
+            rates,
+            burst: r.burst,
+            delay: r.delay,
+            max_delay: r.max_delay,
+            scope: r.scope,
+        })
+    }
+}
+
+impl FileRateLimit {
+    /// One window, local, no delay.
+    pub fn new(rate: RateValue, burst: u32) -> Self {
+        FileRateLimit {
+            rates: vec![rate],
+            burst,
+            delay: false,
+            max_delay: default_max_delay(),
+            scope: Scope::Local,
+        }
+    }
+}
+
+/// `cluster:` where `scope: cluster` limits keep their shared state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    /// `redis://host:port/db`. Required.
+    pub redis: String,
+    /// How often each replica reconciles its leases with Redis (and sends its heartbeat).
+    /// Default: 100ms.
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: PositiveDuration,
+    /// The longest one background call to Redis may take before the replica counts Redis as
+    /// unreachable and falls back to its share. Requests never wait for Redis. Default: 50ms.
+    #[serde(default = "default_cluster_timeout")]
+    pub timeout: PositiveDuration,
+    /// The replicas expected, for the fallback share (limit / replicas) until heartbeats
+    /// counted the live ones. Default: 2.
+    #[serde(default = "default_replicas")]
+    pub replicas: AtLeastOne,
+    /// Prefix of every Redis key, so that several gateway clusters can share one Redis.
+    /// Default: "floodgate".
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_sync_interval() -> PositiveDuration {
+    PositiveDuration(Duration::from_millis(100))
+}
+
+fn default_cluster_timeout() -> PositiveDuration {
+    PositiveDuration(Duration::from_millis(50))
+}
+
+fn default_replicas() -> AtLeastOne {
+    AtLeastOne(2)
+}
+
+fn default_prefix() -> String {
+    "floodgate".into()
 }
 
 fn default_max_delay() -> HumanDuration {
@@ -347,7 +450,8 @@ impl Default for FileClient {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileLimits {
-    /// Ceiling for this gateway instance across all clients; over it: 503.
+    /// Ceiling across all clients (of this instance, or of the cluster with
+    /// `scope: cluster`); over it: 503.
     pub global: Option<FileRateLimit>,
     /// Per client IP on paths no route profile matches; over it: 429.
     pub per_ip: Option<FileRateLimit>,
@@ -362,24 +466,20 @@ pub struct FileLimits {
 impl Default for FileLimits {
     fn default() -> Self {
         FileLimits {
-            global: Some(FileRateLimit {
-                rate: RateValue {
+            global: Some(FileRateLimit::new(
+                RateValue {
                     per_second: 2000.0,
                     window_secs: 1,
                 },
-                burst: 1000,
-                delay: false,
-                max_delay: default_max_delay(),
-            }),
-            per_ip: Some(FileRateLimit {
-                rate: RateValue {
+                1000,
+            )),
+            per_ip: Some(FileRateLimit::new(
+                RateValue {
                     per_second: 100.0,
                     window_secs: 1,
                 },
-                burst: 200,
-                delay: false,
-                max_delay: default_max_delay(),
-            }),
+                200,
+            )),
             routes: Vec::new(),
             exempt: Vec::new(),
             table_slots: 1 << 18,

@@ -62,6 +62,8 @@ pub struct GatewayConfig {
     pub trusted_proxies: Vec<Cidr>,
     pub proxy_protocol: bool,
     pub ipv6_prefix: u8,
+    /// `cluster:`, when any limit has `scope: cluster` (restart-only).
+    pub cluster: Option<ClusterSpec>,
     pub global_limit: Option<RateSpec>,
     pub per_ip_limit: Option<RateSpec>,
     /// Sorted longest prefix first.
@@ -87,28 +89,77 @@ pub struct GatewayConfig {
     pub fast_path: bool,
 }
 
-/// A validated rate limit.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A validated rate limit: one or more windows (all enforced), a burst, its scope.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateSpec {
-    /// Requests per second.
-    pub per_second: f64,
-    /// The window the rate was written for (1, 60, 3600 s).
-    pub window_secs: u64,
+    /// The windows, at least one, at most [`MAX_WINDOWS`], in file order.
+    pub rates: Vec<RateValue>,
     pub burst: u32,
     pub delay: bool,
     pub max_delay: Duration,
+    pub scope: Scope,
+}
+
+impl RateSpec {
+    /// One window, local, no delay.
+    pub fn single(per_second: f64, window_secs: u64, burst: u32) -> Self {
+        RateSpec::from(&FileRateLimit::new(
+            RateValue {
+                per_second,
+                window_secs,
+            },
+            burst,
+        ))
+    }
+
+    /// The tightest sustained rate, requests per second.
+    pub fn min_per_second(&self) -> f64 {
+        self.rates
+            .iter()
+            .map(|r| r.per_second)
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// This spec divided among `replicas` (the fallback share of a cluster limit): every
+    /// rate and the burst divided, the burst rounded down.
+    pub fn share(&self, replicas: u32) -> RateSpec {
+        let n = replicas.max(1);
+        RateSpec {
+            rates: self
+                .rates
+                .iter()
+                .map(|r| RateValue {
+                    per_second: r.per_second / n as f64,
+                    window_secs: r.window_secs,
+                })
+                .collect(),
+            burst: self.burst / n,
+            scope: Scope::Local,
+            ..self.clone()
+        }
+    }
 }
 
 impl From<&FileRateLimit> for RateSpec {
     fn from(f: &FileRateLimit) -> Self {
         RateSpec {
-            per_second: f.rate.per_second,
-            window_secs: f.rate.window_secs,
+            rates: f.rates.clone(),
             burst: f.burst,
             delay: f.delay,
             max_delay: f.max_delay.0,
+            scope: f.scope,
         }
     }
+}
+
+/// A validated `cluster:` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSpec {
+    pub redis: String,
+    pub sync_interval: Duration,
+    pub timeout: Duration,
+    pub replicas: u32,
+    pub prefix: String,
 }
 
 /// How backends are chosen and when one is ejected.
@@ -183,6 +234,9 @@ impl GatewayConfig {
         }
         if self.client_write_bytes != next.client_write_bytes {
             keys.push("buffers.client_write_bytes");
+        }
+        if self.cluster != next.cluster {
+            keys.push("cluster");
         }
         if self.shutdown_grace != next.shutdown_grace {
             keys.push("shutdown_grace");
@@ -263,6 +317,7 @@ impl GatewayConfig {
             };
         let default_health = health(f.upstream.health_check.clone(), "upstream.health_check")?;
         let backends = convert(f.upstream.backends.clone(), "upstream.backends")?;
+        let cluster = cluster_spec(&f)?;
         let t = f.timeouts;
         let timeouts = Timeouts {
             connect: t.connect.0,
@@ -334,6 +389,7 @@ impl GatewayConfig {
             trusted_proxies: f.client.trusted_proxies,
             proxy_protocol: f.client.proxy_protocol,
             ipv6_prefix: f.client.ipv6_prefix,
+            cluster,
             global_limit: f.limits.global.as_ref().map(RateSpec::from),
             per_ip_limit: f.limits.per_ip.as_ref().map(RateSpec::from),
             route_limits,
@@ -370,6 +426,53 @@ impl GatewayConfig {
             timeouts,
         })
     }
+}
+
+/// The `cluster:` section, checked against the limits that use it: a `scope: cluster` limit
+/// needs it, and it is refused when nothing uses it (a forgotten `scope` would otherwise
+/// silently leave every limit per process).
+fn cluster_spec(f: &FileConfig) -> Result<Option<ClusterSpec>, String> {
+    let mut scoped: Vec<String> = Vec::new();
+    let mut note = |key: String, l: &Option<FileRateLimit>| {
+        if l.as_ref().is_some_and(|l| l.scope == Scope::Cluster) {
+            scoped.push(key);
+        }
+    };
+    note("limits.global".into(), &f.limits.global);
+    note("limits.per_ip".into(), &f.limits.per_ip);
+    for (i, r) in f.limits.routes.iter().enumerate() {
+        note(format!("limits.routes[{i}].per_ip"), &r.per_ip);
+    }
+    for (i, r) in f.routes.iter().enumerate() {
+        note(format!("routes[{i}].limit"), &r.limit);
+    }
+    let Some(c) = &f.cluster else {
+        return match scoped.first() {
+            Some(key) => Err(format!(
+                "{key}: `scope: cluster` needs a top-level `cluster: {{redis: ...}}`"
+            )),
+            None => Ok(None),
+        };
+    };
+    if scoped.is_empty() {
+        return Err("cluster: no limit has `scope: cluster`".into());
+    }
+    if !(c.redis.starts_with("redis://") || c.redis.starts_with("rediss://")) {
+        return Err(format!(
+            "cluster.redis: {:?} must be a redis:// URL",
+            c.redis
+        ));
+    }
+    if c.prefix.is_empty() || c.prefix.contains(char::is_whitespace) {
+        return Err("cluster.prefix: must be a non-empty word".into());
+    }
+    Ok(Some(ClusterSpec {
+        redis: c.redis.clone(),
+        sync_interval: c.sync_interval.0,
+        timeout: c.timeout.0,
+        replicas: c.replicas.0.min(u32::MAX as usize) as u32,
+        prefix: c.prefix.clone(),
+    }))
 }
 
 /// serde_yaml reports errors raised inside a value (a bad duration, say) at the path of the

@@ -81,3 +81,81 @@ fn errors_name_key_and_line() {
     let e = err(&format!("{MINIMAL}client: {{proxy_protocol: true}}\n"));
     assert!(e.contains("client.trusted_proxies"), "{e}");
 }
+
+#[test]
+fn rate_limits_take_several_windows_and_a_scope() {
+    let c = GatewayConfig::parse(&format!(
+        "{MINIMAL}limits:\n  global: {{rates: [\"10000r/m\", \"100000r/h\"], burst: 50, scope: cluster}}\n  per_ip: {{rate: 5r/s}}\ncluster: {{redis: \"redis://127.0.0.1:6379/\"}}\n"
+    ))
+    .unwrap();
+    let g = c.global_limit.as_ref().unwrap();
+    assert_eq!(g.rates.len(), 2);
+    assert_eq!(g.rates[1].window_secs, 3600);
+    assert_eq!(g.scope, Scope::Cluster);
+    assert_eq!(c.per_ip_limit.as_ref().unwrap().scope, Scope::Local);
+    let cl = c.cluster.as_ref().unwrap();
+    assert_eq!(cl.sync_interval, Duration::from_millis(100));
+    assert_eq!(cl.timeout, Duration::from_millis(50));
+    assert_eq!(cl.replicas, 2);
+    assert_eq!(cl.prefix, "floodgate");
+    // Shares divide every window and the burst.
+    let share = g.share(2);
+    assert_eq!(share.rates[0].per_second, 10000.0 / 120.0);
+    assert_eq!(share.burst, 25);
+    assert_eq!(share.scope, Scope::Local);
+    // `cluster:` is restart-only.
+    let other = GatewayConfig::parse(&format!(
+        "{MINIMAL}limits:\n  global: {{rate: 1r/s, scope: cluster}}\ncluster: {{redis: \"redis://127.0.0.1:6380/\"}}\n"
+    ))
+    .unwrap();
+    assert_eq!(c.restart_only_changes(&other), ["cluster"]);
+}
+
+#[test]
+fn bad_rate_limits_and_cluster_sections_are_refused() {
+    let cases = [
+        ("limits:\n  per_ip: {rate: 1r/s, rates: [2r/s]}\n", "not both"),
+        ("limits:\n  per_ip: {burst: 3}\n", "needs `rate`"),
+        (
+            "limits:\n  per_ip: {rates: [1r/s, 2r/s, 3r/s, 4r/s, 5r/s]}\n",
+            "at most 4",
+        ),
+        ("limits:\n  per_ip: {rate: 1r/s, scope: galaxy}\n", "scope"),
+        (
+            "limits:\n  per_ip: {rate: 1r/s, scope: cluster}\n",
+            "limits.per_ip: `scope: cluster` needs",
+        ),
+        (
+            "limits:\n  routes:\n    - {prefix: /a, per_ip: {rate: 1r/s, scope: cluster}}\n",
+            "limits.routes[0].per_ip",
+        ),
+        (
+            "limits:\n  per_ip: {rate: 1r/s, scope: cluster, delay: true}\ncluster: {redis: \"redis://x:1/\"}\n",
+            "delay",
+        ),
+        (
+            "routes:\n  - {path: /a, pool: default, limit: {rate: 1r/s, scope: cluster}}\n",
+            "routes[0].limit: `scope: cluster` needs",
+        ),
+        (
+            "cluster: {redis: \"redis://x:1/\"}\n",
+            "no limit has `scope: cluster`",
+        ),
+        (
+            "limits:\n  global: {rate: 1r/s, scope: cluster}\ncluster: {redis: \"x:1\"}\n",
+            "redis:// URL",
+        ),
+        (
+            "limits:\n  global: {rate: 1r/s, scope: cluster}\ncluster: {redis: \"redis://x:1/\", replicas: 0}\n",
+            "at least 1",
+        ),
+        (
+            "limits:\n  global: {rate: 1r/s, scope: cluster}\ncluster: {redis: \"redis://x:1/\", sync_interval: 0s}\n",
+            "greater than zero",
+        ),
+    ];
+    for (body, says) in cases {
+        let e = err(&format!("{MINIMAL}{body}"));
+        assert!(e.contains(says), "{body}: {e}");
+    }
+}

@@ -206,6 +206,16 @@ impl<'de> Deserialize<'de> for RateValue {
     }
 }
 
+/// Where a rate limit's state lives: `local` (this process) or `cluster` (shared by every
+/// replica through Redis, `cluster:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Local,
+    Cluster,
+}
+
 /// An IP network "10.0.0.0/8", "::1/128", or a bare address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {

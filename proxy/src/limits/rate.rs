@@ -35,47 +35,89 @@ pub enum Decision {
     /// Pass, after waiting this long (zero with `nodelay`). `remaining` more requests would
     /// pass at once.
     Allow { wait: Duration, remaining: u32 },
-    /// Refuse; it would conform after `retry_after`.
-    Reject { retry_after: Duration },
+    /// Refuse; it would conform after `retry_after`. `window`: which of the limit's rates
+    /// refused it (its index in `rates`).
+    Reject {
+        retry_after: Duration,
+        window: usize,
+    },
 }
 
-/// The GCRA parameters of one rate spec.
+/// The GCRA parameters of one window of a rate spec.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Gcra {
-    pub spec: RateSpec,
+    /// Requests per second.
+    pub per_second: f64,
+    /// The unit the rate was written in (1, 60, 3600 s).
+    pub window_secs: u64,
+    pub burst: u32,
+    delay: bool,
+    max_delay: Duration,
     /// Emission interval: microseconds per request at the sustained rate.
-    interval: u64,
+    pub interval: u64,
     /// Burst tolerance: `burst` intervals.
-    tolerance: u64,
+    pub tolerance: u64,
 }
 
 impl Gcra {
-    pub fn new(spec: RateSpec) -> Self {
-        let interval = ((1e6 / spec.per_second).round() as u64).max(1);
-        Gcra {
-            spec,
-            interval,
-            tolerance: interval * spec.burst as u64,
-        }
+    /// Every window of `spec`, in its order. The first has the spec's `burst`; each further
+    /// one caps its whole window: its burst is its count per window less one (so
+    /// `rates: [10000r/m, 100000r/h]` passes the hour's 100,000 at the minute's pace, as a
+    /// minute and an hour quota do), never less than `burst`.
+    pub fn windows(spec: &RateSpec) -> Vec<Gcra> {
+        spec.rates
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let interval = ((1e6 / r.per_second).round() as u64).max(1);
+                let burst = if i == 0 {
+                    spec.burst
+                } else {
+                    let count = (r.per_second * r.window_secs as f64).round() as u32;
+                    count.saturating_sub(1).max(spec.burst)
+                };
+                Gcra {
+                    per_second: r.per_second,
+                    window_secs: r.window_secs,
+                    burst,
+                    delay: spec.delay,
+                    max_delay: spec.max_delay,
+                    interval,
+                    tolerance: interval * burst as u64,
+                }
+            })
+            .collect()
     }
 
     /// The new TAT to store (None: store nothing) and the decision, from the stored TAT.
-    fn decide(&self, stored_tat: u64, now: u64) -> (Option<u64>, Decision) {
+    fn decide(&self, stored_tat: u64, now: u64, window: usize) -> (Option<u64>, Decision) {
         let tat = stored_tat.max(now);
         let ahead = tat - now;
         if ahead > self.tolerance {
             let retry_after = Duration::from_micros(ahead - self.tolerance);
-            return (None, Decision::Reject { retry_after });
+            return (
+                None,
+                Decision::Reject {
+                    retry_after,
+                    window,
+                },
+            );
         }
-        let wait = if self.spec.delay {
+        let wait = if self.delay {
             Duration::from_micros(ahead)
         } else {
             Duration::ZERO
         };
-        if wait > self.spec.max_delay {
+        if wait > self.max_delay {
             // It would wait past the deadline: refuse now, without taking its place.
-            let retry_after = Duration::from_micros(ahead) - self.spec.max_delay;
-            return (None, Decision::Reject { retry_after });
+            let retry_after = Duration::from_micros(ahead) - self.max_delay;
+            return (
+                None,
+                Decision::Reject {
+                    retry_after,
+                    window,
+                },
+            );
         }
         let new_tat = tat + self.interval;
         let remaining =
@@ -85,32 +127,57 @@ impl Gcra {
 
     /// `RateLimit-Policy` value, e.g. `100;w=1;burst=200`.
     pub fn policy_header(&self) -> String {
-        let q = self.spec.per_second * self.spec.window_secs as f64;
+        let q = self.per_second * self.window_secs as f64;
         format!(
             "{};w={};burst={}",
             q.round() as u64,
-            self.spec.window_secs,
-            self.spec.burst
+            self.window_secs,
+            self.burst
         )
     }
 
     /// Requests that pass at once from a full bucket.
     pub fn capacity(&self) -> u32 {
-        self.spec.burst + 1
+        self.burst + 1
     }
 }
 
-/// One limit shared by every request (the global ceiling).
+/// Folds the decisions of a limit's windows: the longest wait and the fewest remaining.
+fn fold(acc: Decision, next: Decision) -> Decision {
+    match (acc, next) {
+        (
+            Decision::Allow { wait, remaining },
+            Decision::Allow {
+                wait: w,
+                remaining: r,
+            },
+        ) => Decision::Allow {
+            wait: wait.max(w),
+            remaining: remaining.min(r),
+        },
+        (_, reject) => reject,
+    }
+}
+
+const ALLOW: Decision = Decision::Allow {
+    wait: Duration::ZERO,
+    remaining: u32::MAX,
+};
+
+/// One limit shared by every request (the global ceiling): one TAT per window.
 pub struct SharedLimiter {
-    pub gcra: Gcra,
-    tat: AtomicU64,
+    pub spec: RateSpec,
+    pub gcras: Vec<Gcra>,
+    tats: Box<[AtomicU64]>,
 }
 
 impl SharedLimiter {
     pub fn new(spec: RateSpec) -> Self {
+        let gcras = Gcra::windows(&spec);
         SharedLimiter {
-            gcra: Gcra::new(spec),
-            tat: AtomicU64::new(0),
+            tats: gcras.iter().map(|_| AtomicU64::new(0)).collect(),
+            gcras,
+            spec,
         }
     }
 
@@ -119,14 +186,27 @@ impl SharedLimiter {
     }
 
     pub fn check_at(&self, now: u64) -> Decision {
-        let mut current = self.tat.load(Ordering::Acquire);
+        let mut acc = ALLOW;
+        for (i, (gcra, tat)) in self.gcras.iter().zip(self.tats.iter()).enumerate() {
+            let decision = Self::check_window(gcra, tat, now, i);
+            if let Decision::Reject { .. } = decision {
+                // The windows before it counted a request that is refused: give it back.
+                for (g, t) in self.gcras[..i].iter().zip(self.tats.iter()) {
+                    t.fetch_sub(g.interval, Ordering::AcqRel);
+                }
+                return decision;
+            }
+            acc = fold(acc, decision);
+        }
+        acc
+    }
+
+    fn check_window(gcra: &Gcra, tat: &AtomicU64, now: u64, window: usize) -> Decision {
+        let mut current = tat.load(Ordering::Acquire);
         loop {
-            let (store, decision) = self.gcra.decide(current, now);
+            let (store, decision) = gcra.decide(current, now, window);
             let Some(new) = store else { return decision };
-            match self
-                .tat
-                .compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match tat.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return decision,
                 Err(seen) => current = seen,
             }
@@ -134,20 +214,26 @@ impl SharedLimiter {
     }
 }
 
-/// One limit per key (client IP), in a fixed-size table.
+/// One limit per key (client IP), in a fixed-size table per window.
 pub struct KeyedLimiter {
-    pub gcra: Gcra,
-    slots: Box<[AtomicU64]>,
+    pub spec: RateSpec,
+    pub gcras: Vec<Gcra>,
+    tables: Vec<Box<[AtomicU64]>>,
     set_mask: usize,
 }
 
 impl KeyedLimiter {
-    /// `slots` is rounded up to a power of two, at least one set.
+    /// `slots` (per window) is rounded up to a power of two, at least one set.
     pub fn new(spec: RateSpec, slots: usize) -> Self {
         let slots = slots.next_power_of_two().max(WAYS);
+        let gcras = Gcra::windows(&spec);
         KeyedLimiter {
-            gcra: Gcra::new(spec),
-            slots: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            tables: gcras
+                .iter()
+                .map(|_| (0..slots).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            gcras,
+            spec,
             set_mask: slots / WAYS - 1,
         }
     }
@@ -158,8 +244,23 @@ impl KeyedLimiter {
 
     pub fn check_at(&self, key: u64, now: u64) -> Decision {
         let key = mix(key);
-        let set = &self.slots[(key as usize & self.set_mask) * WAYS..][..WAYS];
+        let first = (key as usize & self.set_mask) * WAYS;
         let fp = ((key >> TAT_BITS) as u16).max(1) as u64;
+        let mut acc = ALLOW;
+        for (i, (gcra, table)) in self.gcras.iter().zip(self.tables.iter()).enumerate() {
+            let decision = Self::check_window(gcra, &table[first..][..WAYS], fp, now, i);
+            if let Decision::Reject { .. } = decision {
+                for (g, t) in self.gcras[..i].iter().zip(self.tables.iter()) {
+                    Self::give_back(g, &t[first..][..WAYS], fp);
+                }
+                return decision;
+            }
+            acc = fold(acc, decision);
+        }
+        acc
+    }
+
+    fn check_window(gcra: &Gcra, set: &[AtomicU64], fp: u64, now: u64, window: usize) -> Decision {
         loop {
             // The key's own slot, else a free or expired one, else the one closest to expiry.
             let mut pick: Option<(usize, u64)> = None;
@@ -186,7 +287,7 @@ impl KeyedLimiter {
                     (i, v, 0)
                 }
             };
-            let (store, decision) = self.gcra.decide(stored_tat, now);
+            let (store, decision) = gcra.decide(stored_tat, now, window);
             let Some(new_tat) = store else {
                 return decision;
             };
@@ -201,14 +302,60 @@ impl KeyedLimiter {
         }
     }
 
+    /// Take back one request's interval from the key's slot (a later window refused it);
+    /// nothing when the slot was taken over meanwhile.
+    fn give_back(gcra: &Gcra, set: &[AtomicU64], fp: u64) {
+        for slot in set {
+            let mut v = slot.load(Ordering::Acquire);
+            while v >> TAT_BITS == fp {
+                let tat = (v & TAT_MASK).saturating_sub(gcra.interval);
+                match slot.compare_exchange(
+                    v,
+                    (fp << TAT_BITS) | tat,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return,
+                    Err(seen) => v = seen,
+                }
+            }
+        }
+    }
+
+    /// Requests of `key` its buckets still hold (admitted and not yet refilled), the most
+    /// over its windows: what a cluster limit charges when a key leaves its share.
+    pub fn pending(&self, key: u64) -> u64 {
+        let now = now_us();
+        let key = mix(key);
+        let first = (key as usize & self.set_mask) * WAYS;
+        let fp = ((key >> TAT_BITS) as u16).max(1) as u64;
+        self.gcras
+            .iter()
+            .zip(self.tables.iter())
+            .filter_map(|(g, t)| {
+                let v = t[first..][..WAYS]
+                    .iter()
+                    .map(|s| s.load(Ordering::Acquire))
+                    .find(|v| v >> TAT_BITS == fp)?;
+                Some((v & TAT_MASK).saturating_sub(now).div_ceil(g.interval))
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Slots per window.
+    pub fn slots(&self) -> usize {
+        self.tables.first().map_or(0, |t| t.len())
+    }
+
     /// Bytes of state, whatever the number of clients.
     pub fn memory_bytes(&self) -> usize {
-        self.slots.len() * 8
+        self.slots() * 8 * self.tables.len()
     }
 }
 
 /// A 64-bit finalizer (splitmix64), so set index and fingerprint are independent bits.
-fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
     z ^ (z >> 31)
@@ -220,11 +367,9 @@ mod tests {
 
     fn spec(per_second: f64, burst: u32, delay: bool, max_delay_ms: u64) -> RateSpec {
         RateSpec {
-            per_second,
-            window_secs: 1,
-            burst,
             delay,
             max_delay: Duration::from_millis(max_delay_ms),
+            ..RateSpec::single(per_second, 1, burst)
         }
     }
 
@@ -239,7 +384,9 @@ mod tests {
         let passed = (0..20).filter(|_| allowed(l.check_at(1, t))).count();
         assert_eq!(passed, 6);
         match l.check_at(1, t) {
-            Decision::Reject { retry_after } => assert_eq!(retry_after, Duration::from_millis(100)),
+            Decision::Reject { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_millis(100))
+            }
             d => panic!("{d:?}"),
         }
         // Another key is unaffected.
@@ -294,5 +441,72 @@ mod tests {
         }
         let limited = (0..1000u64).filter(|k| !allowed(l.check_at(*k, t))).count();
         assert!(limited >= 999, "{limited}");
+    }
+
+    /// Several windows, all enforced: against a plain reference (one TAT per key and window,
+    /// all advanced only when every window admits), over random keys and arrival times.
+    #[test]
+    fn several_windows_match_a_reference() {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        println!("seed {seed}");
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let spec = RateSpec {
+            rates: vec![
+                crate::config::RateValue {
+                    per_second: 20.0,
+                    window_secs: 1,
+                },
+                crate::config::RateValue {
+                    per_second: 300.0 / 60.0,
+                    window_secs: 60,
+                },
+            ],
+            ..RateSpec::single(1.0, 1, 10)
+        };
+        let keyed = KeyedLimiter::new(spec.clone(), 1 << 12);
+        let shared = SharedLimiter::new(spec);
+        let (i1, i2) = (50_000u64, 200_000u64);
+        // The minute window's burst is its count less one: 299.
+        let (t1, t2) = (i1 * 10, i2 * 299);
+        let mut reference = std::collections::HashMap::<u64, (u64, u64)>::new();
+        let mut shared_ref = (0u64, 0u64);
+        let mut now = 10_000_000u64;
+        let admit = |tats: &mut (u64, u64), now: u64| {
+            let (a, b) = (tats.0.max(now), tats.1.max(now));
+            if a - now <= t1 && b - now <= t2 {
+                *tats = (a + i1, b + i2);
+                true
+            } else {
+                false
+            }
+        };
+        let mut passed = 0;
+        for _ in 0..20_000 {
+            now += next() % 40_000;
+            let key = next() % 5;
+            let want = admit(reference.entry(key).or_default(), now);
+            assert_eq!(
+                allowed(keyed.check_at(key, now)),
+                want,
+                "key {key} at {now}"
+            );
+            let want = admit(&mut shared_ref, now);
+            passed += usize::from(want);
+            let got = shared.check_at(now);
+            assert_eq!(allowed(got), want, "shared at {now}");
+            if let Decision::Reject { window, .. } = got {
+                assert!(window < 2);
+            }
+        }
+        assert!(passed > 100, "the test exercised admissions: {passed}");
     }
 }

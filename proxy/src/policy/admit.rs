@@ -8,6 +8,7 @@ use super::path;
 use super::Rejection;
 use crate::config::Route;
 use crate::limits::rate::{Decision, Gcra};
+use crate::limits::Limiter;
 use crate::state::Snapshot;
 
 /// The measure of `buffers.max_header_bytes`: the request line and every header line, from
@@ -66,9 +67,10 @@ pub fn ceil_secs(d: Duration) -> u64 {
 }
 
 /// The rate limits: the client's own first (an abuser is refused without using the shared
-/// budget), then this instance's ceiling. The client's own limit is its route's `limit`,
-/// else the longest `limits.routes` prefix of the normalised path ([`path::normalize`]),
-/// else `limits.per_ip`. Ok: how long to hold the request first (`delay` limits).
+/// budget), then the global ceiling (this instance's, or the cluster's with `scope: cluster`).
+/// The client's own limit is its route's `limit`, else the longest `limits.routes` prefix of
+/// the normalised path ([`path::normalize`]), else `limits.per_ip`. Every window of a limit
+/// must admit the request. Ok: how long to hold the request first (`delay` limits).
 pub fn admit(
     snap: &Snapshot,
     client_ip: Option<IpAddr>,
@@ -76,12 +78,12 @@ pub fn admit(
     target: &str,
 ) -> Result<Duration, Refusal> {
     let cfg = &snap.config;
-    let refused = |reason, gcra: &Gcra, retry_after| {
+    let refused = |reason, limiter: &Limiter, retry_after, window| {
         let secs = ceil_secs(retry_after);
         Refusal {
             reason,
             retry_after: secs,
-            headers: rate_headers(gcra, secs),
+            headers: rate_headers(limiter.gcra(window), secs),
         }
     };
     let mut wait = Duration::ZERO;
@@ -94,20 +96,32 @@ pub fn admit(
         if let Some(limiter) = limiter {
             match limiter.check(limit_key(ip, cfg.ipv6_prefix)) {
                 Decision::Allow { wait: w, .. } => wait = wait.max(w),
-                Decision::Reject { retry_after } => {
-                    return Err(refused(Rejection::RateLimitIp, &limiter.gcra, retry_after));
+                Decision::Reject {
+                    retry_after,
+                    window,
+                } => {
+                    return Err(refused(
+                        Rejection::RateLimitIp,
+                        limiter,
+                        retry_after,
+                        window,
+                    ));
                 }
             }
         }
     }
     if let Some(global) = &snap.limits.global {
-        match global.check() {
+        match global.check(0) {
             Decision::Allow { wait: w, .. } => wait = wait.max(w),
-            Decision::Reject { retry_after } => {
+            Decision::Reject {
+                retry_after,
+                window,
+            } => {
                 return Err(refused(
                     Rejection::RateLimitGlobal,
-                    &global.gcra,
+                    global,
                     retry_after,
+                    window,
                 ));
             }
         }

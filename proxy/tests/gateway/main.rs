@@ -4,6 +4,7 @@
 
 mod attacks;
 mod balancing;
+mod cluster;
 mod common;
 mod own_engine;
 mod protection;

@@ -91,6 +91,8 @@ pub fn admit(
     if let (Some(ip), false) = (client_ip, exempt) {
         let limiter = match snap.limits.for_route(route) {
             Some(l) => Some(l),
+            // The path is normalised only for `limits.routes` prefixes, when there are any.
+            None if snap.limits.routes.is_empty() => snap.limits.per_ip.as_ref(),
             None => snap.limits.per_ip_for(&path::normalize(target)),
         };
         if let Some(limiter) = limiter {

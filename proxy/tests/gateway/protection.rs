@@ -143,14 +143,16 @@ async fn global_ceiling_holds_under_a_flood_from_four_ips() {
     let elapsed = started.elapsed().as_secs_f64();
     // What the config allows: the rate over the run, plus the burst and the first request.
     let expected = 50.0 * elapsed + 11.0;
-    let error = (ok as f64 - expected).abs() / expected;
+    let error = (ok as f64 - expected) / expected;
     assert!(
         refused > ok,
         "the flood must exceed the ceiling: {ok} ok, {refused} refused"
     );
+    // The ceiling holds within 5%; below it, a machine starved by other work (CI runs every
+    // test binary at once) leaves some of the rate unused, which is not the limiter's error.
     assert!(
-        error <= 0.05,
-        "admitted {ok}, expected {expected:.0} ({:.1}% off)",
+        (-0.15..=0.05).contains(&error),
+        "admitted {ok}, expected {expected:.0} ({:+.1}%)",
         error * 100.0
     );
 }

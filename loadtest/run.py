@@ -916,7 +916,7 @@ def main():
             log("scenario 7: one slow backend of three (least connections / P2C over latency)")
             report["slow_backend"] = scenario_slow_backend()
         if "tls" in SCENARIOS:
-            log("scenario 9: TLS handshakes, HTTP/1.1 over TLS and HTTP/2 (same certificate)")
+            log("scenario 10: TLS handshakes, HTTP/1.1 over TLS and HTTP/2 (same certificate)")
             report["tls"] = scenario_tls(trivial)
         if "backend_killed" in SCENARIOS:
             log("scenario 6: a backend killed mid-run")
@@ -1134,7 +1134,7 @@ def write_report(r):
         lines.append("")
     if "tls" in r:
         t = r["tls"]
-        lines += ["## 9. TLS and HTTP/2: the same ECDSA P-256 certificate on every proxy", "",
+        lines += ["## 10. TLS and HTTP/2: the same ECDSA P-256 certificate on every proxy", "",
                   "Full and resumed handshakes: two parallel `openssl s_time` loops (connect, handshake, close; "
                   "`-reuse -tls1_2` resumes the first session). Keep-alive: h2load, " + f"{CONNS} connections, "
                   "HTTP/1.1 (one request at a time per connection) and h2 (10 streams per connection). "
@@ -1153,10 +1153,10 @@ def write_report(r):
                            ("h1", "keep-alive TLS HTTP/1.1 2xx/s"), ("h2", "keep-alive h2 2xx/s")):
             v = t[key]
             best = max(v["nginx"]["rps"], v["haproxy"]["rps"])
-            goals.append((f"Scenario 9, {label}: Floodgate ahead of nginx and HAProxy", v["floodgate"]["rps"] >= best,
+            goals.append((f"Scenario 10, {label}: Floodgate ahead of nginx and HAProxy", v["floodgate"]["rps"] >= best,
                           f"{ratio(v['floodgate']['rps'], best):.2f} x the faster"))
         v = t["full_handshakes"]
-        goals.append(("Scenario 9: full handshakes/s >= 1.3 x nginx", v["floodgate"]["rps"] >= 1.3 * v["nginx"]["rps"],
+        goals.append(("Scenario 10: full handshakes/s >= 1.3 x nginx", v["floodgate"]["rps"] >= 1.3 * v["nginx"]["rps"],
                       f"{ratio(v['floodgate']['rps'], v['nginx']['rps']):.2f} x"))
     lines += ["## Goals", ""]
     for name, ok, detail in goals:

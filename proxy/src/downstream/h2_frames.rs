@@ -114,18 +114,7 @@ mod tests {
     /// Seeded: the same bytes split at random places count the same resets.
     #[test]
     fn resets_are_counted_across_any_split() {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        println!("seed {seed}");
-        let mut state = seed | 1;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let (seed, mut next) = crate::policy::testing::seeded();
         for _ in 0..200 {
             let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
             let mut resets = 0;

@@ -10,7 +10,7 @@ Requests/sec count 503s as answers; non-2xx answers and socket errors are report
 
 Environment: ROUNDS (3), DURATION (10s), WORKERS (1, the same for every proxy), CONNS (50),
 SCENARIOS (overhead,equal_load,fixed_rate,instructions,items_get,items_post,flood,slowloris,
-backend_killed,seed_backend),
+backend_killed,slow_backend,slow_body,tls,seed_backend),
 EQUAL_RATE (equal_load's offered rate, req/s; 0: 60% of the slowest of the three proxies'
 scenario-1 median, so every proxy has headroom),
 BODY_BYTES (0: the trivial upstream answers a 25-byte JSON body; N: N bytes),
@@ -45,7 +45,7 @@ WORKERS = int(os.environ.get("WORKERS", "1"))
 CONNS = int(os.environ.get("CONNS", "50"))
 BODY_BYTES = int(os.environ.get("BODY_BYTES", "0"))
 SCENARIOS = os.environ.get("SCENARIOS", "overhead,equal_load,fixed_rate,instructions,items_get,items_post,flood,slowloris,"
-                           "backend_killed,slow_backend,slow_body,seed_backend").split(",")
+                           "backend_killed,slow_backend,slow_body,tls,seed_backend").split(",")
 EQUAL_RATE = int(os.environ.get("EQUAL_RATE", "0"))
 # BASELINE_BIN: another build's directory (its `gateway`), measured beside this one as
 # "floodgate-before" in the same interleaved rounds (an A/B of a change).
@@ -735,10 +735,116 @@ def scenario_seed_backend():
     return out
 
 
+# --- TLS and HTTP/2 (issue 22) ------------------------------------------------------------
+
+def make_certificate():
+    """One self-signed ECDSA P-256 certificate for localhost, as PEM files in TMP, for every
+    proxy (HAProxy wants the certificate and key in one file)."""
+    cert, key, both = (os.path.join(TMP, f) for f in ("tls.pem", "tls.key", "tls-both.pem"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    with open(both, "w") as f:
+        f.write(open(cert).read() + open(key).read())
+    return cert, key, both
+
+
+def with_tls(name, argv, port, certs):
+    """Turn the plaintext listener of one proxy's config (written by proxy_argv) into a TLS one
+    on the same port, ALPN h2 and http/1.1, TLS 1.2 and 1.3, session tickets on: each proxy's
+    defaults for cipher suites (every one negotiates TLS 1.3 with TLS_AES_256_GCM_SHA384 with
+    h2load and openssl's clients; the report records what was negotiated)."""
+    cert, key, both = certs
+    path = argv[argv.index("-c" if name != "haproxy" else "-f") + 1]
+    text = open(path).read()
+    if name.startswith("floodgate"):
+        text = text.replace(f'listen: ["127.0.0.1:{port}"]',
+                            f'listen: [{{address: "127.0.0.1:{port}", tls: {{certificates: [{{cert: "{cert}", key: "{key}"}}]}}}}]')
+    elif name == "nginx":
+        text = text.replace(f"listen 127.0.0.1:{port} reuseport;",
+                            f"listen 127.0.0.1:{port} reuseport ssl http2;\n    ssl_certificate {cert};\n"
+                            f"    ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n"
+                            "    ssl_session_cache shared:SSL:10m;\n    ssl_session_tickets on;")
+    elif name == "haproxy":
+        text = text.replace(f"bind 127.0.0.1:{port}\n", f"bind 127.0.0.1:{port} ssl crt {both} alpn h2,http/1.1\n")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def h2load(url, h1, conns=CONNS, streams=1, seconds=None):
+    """Keep-alive requests over TLS: h2load's 2xx answers per second (h1: HTTP/1.1, else h2
+    with `streams` concurrent streams per connection)."""
+    secs = seconds or int(DURATION.rstrip("s"))
+    argv = ["h2load", "-c", str(conns), "-t", "1", "-m", str(streams), "-D", str(secs), url] + (["--h1"] if h1 else [])
+    out = subprocess.run(argv, capture_output=True, text=True).stdout
+    done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    cipher = re.search(r"TLS Protocol: (\S+)\s+Cipher: (\S+)", out)
+    if not done or not codes:
+        raise RuntimeError(f"h2load: {out}")
+    ok, n = int(codes.group(1)), int(done.group(3))
+    # h2load gives min, max, mean: p50 holds the mean and p99 the max here.
+    mean = ms(lat.group(3)) if lat else 0.0
+    return {"rps": ok / secs, "requests": n, "non2xx": n - ok, "errors": int(done.group(5)) + int(done.group(6)),
+            "p50": mean, "p90": mean, "p99": ms(lat.group(2)) if lat else 0.0,
+            "tls": f"{cipher.group(1)} {cipher.group(2)}" if cipher else "?"}
+
+
+def handshakes(resume, seconds=None, clients=2):
+    """New TLS connections per second: `clients` parallel `openssl s_time` loops, each
+    connecting, handshaking and closing (`-new`: full handshakes; `-reuse`: every connection
+    after the first resumes the first one's session). No request is sent: the handshake only."""
+    secs = seconds or int(DURATION.rstrip("s"))
+    def measure(url):
+        host = url.split("//")[1].split("/")[0]
+        # Resumed: TLS 1.2, where the session comes back in the handshake itself (s_time does
+        # not read TLS 1.3's tickets, which arrive after it, so it would not resume).
+        argv = ["openssl", "s_time", "-connect", host, "-time", str(secs)] + (
+            ["-reuse", "-tls1_2"] if resume else ["-new"])
+        started = time.monotonic()
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 for _ in range(clients)]
+        outs = [p.communicate()[0] for p in procs]
+        took = time.monotonic() - started
+        n = sum(int(m.group(1)) for o in outs for m in [re.search(r"(\d+) connections in [\d.]+s", o)] if m)
+        return {"rps": n / took, "requests": n, "non2xx": 0, "errors": 0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    return measure
+
+
+def scenario_tls(upstreams):
+    """Every proxy with the same certificate on a TLS listener, interleaved: full and resumed
+    handshakes per second, keep-alive requests per second over TLS HTTP/1.1 and over h2, and
+    CPU per request at a fixed rate (loadgen has no TLS: h2load at a fixed rate instead)."""
+    certs = make_certificate()
+    targets = {}
+    for name in PROXIES:
+        argv, port = proxy_argv(name, upstreams)
+        with_tls(name, argv, port, certs)
+        p = start(name, argv)
+        time.sleep(1.5 if name.startswith("floodgate") else 0.3)
+        for _ in range(100):
+            r = subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"https://127.0.0.1:{port}/items"],
+                               capture_output=True, text=True)
+            if r.stdout == "200":
+                break
+            time.sleep(0.1)
+        targets[name] = (f"https://127.0.0.1:{port}/items", p.pid)
+    out = {
+        "full_handshakes": interleaved(targets, handshakes(False), "tls full handshakes"),
+        "resumed_handshakes": interleaved(targets, handshakes(True), "tls resumed handshakes"),
+        "h1": interleaved(targets, lambda u: h2load(u, True), "tls http/1.1 keep-alive"),
+        "h2": interleaved(targets, lambda u: h2load(u, False, conns=CONNS, streams=10), "h2 keep-alive"),
+    }
+    for _, pid in targets.values():
+        stop(pid)
+    return out
+
+
 def main():
     # SIGTERM (a CI timeout, `kill`) stops what the run started, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    for tool in ("wrk", "hey", "nginx", "haproxy", "valgrind"):
+    for tool in ("wrk", "hey", "nginx", "haproxy", "valgrind") + (("h2load", "openssl") if "tls" in SCENARIOS else ()):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
             raise SystemExit(f"{tool} is missing: run `make deps-bench`")
     os.makedirs(RESULTS, exist_ok=True)
@@ -809,6 +915,9 @@ def main():
         if "slow_backend" in SCENARIOS:
             log("scenario 7: one slow backend of three (least connections / P2C over latency)")
             report["slow_backend"] = scenario_slow_backend()
+        if "tls" in SCENARIOS:
+            log("scenario 10: TLS handshakes, HTTP/1.1 over TLS and HTTP/2 (same certificate)")
+            report["tls"] = scenario_tls(trivial)
         if "backend_killed" in SCENARIOS:
             log("scenario 6: a backend killed mid-run")
             report["backend_killed"] = scenario_backend_killed()
@@ -1023,6 +1132,32 @@ def write_report(r):
         goals.append(("Scenario 7: with one slow backend of three, Floodgate's p99 below nginx's and HAProxy's",
                       sb["floodgate"]["p99"] < best, f"{sb['floodgate']['p99']:.2f} vs {best:.2f} ms"))
         lines.append("")
+    if "tls" in r:
+        t = r["tls"]
+        lines += ["## 10. TLS and HTTP/2: the same ECDSA P-256 certificate on every proxy", "",
+                  "Full and resumed handshakes: two parallel `openssl s_time` loops (connect, handshake, close; "
+                  "`-reuse -tls1_2` resumes the first session). Keep-alive: h2load, " + f"{CONNS} connections, "
+                  "HTTP/1.1 (one request at a time per connection) and h2 (10 streams per connection). "
+                  "Medians of interleaved rounds; CPU is the proxy's, per request or handshake.", "",
+                  "| measure | " + " | ".join(PROXIES) + " | Floodgate / nginx | Floodgate / HAProxy |",
+                  "|---|" + "---|" * (len(PROXIES) + 2)]
+        for key, label in (("full_handshakes", "full handshakes/s"), ("resumed_handshakes", "resumed handshakes/s"),
+                           ("h1", "TLS HTTP/1.1 2xx/s"), ("h2", "h2 2xx/s")):
+            v = t[key]
+            lines.append(f"| {label} | " + " | ".join(f"{v[p]['rps']:,.0f} ({v[p]['cpu_per_10k'] * 100:.0f} us CPU)"
+                                                      for p in PROXIES)
+                         + f" | {ratio(v['floodgate']['rps'], v['nginx']['rps']):.2f} | "
+                           f"{ratio(v['floodgate']['rps'], v['haproxy']['rps']):.2f} |")
+        lines.append("")
+        for key, label in (("full_handshakes", "full handshakes/s"), ("resumed_handshakes", "resumed handshakes/s"),
+                           ("h1", "keep-alive TLS HTTP/1.1 2xx/s"), ("h2", "keep-alive h2 2xx/s")):
+            v = t[key]
+            best = max(v["nginx"]["rps"], v["haproxy"]["rps"])
+            goals.append((f"Scenario 10, {label}: Floodgate ahead of nginx and HAProxy", v["floodgate"]["rps"] >= best,
+                          f"{ratio(v['floodgate']['rps'], best):.2f} x the faster"))
+        v = t["full_handshakes"]
+        goals.append(("Scenario 10: full handshakes/s >= 1.3 x nginx", v["floodgate"]["rps"] >= 1.3 * v["nginx"]["rps"],
+                      f"{ratio(v['floodgate']['rps'], v['nginx']['rps']):.2f} x"))
     lines += ["## Goals", ""]
     for name, ok, detail in goals:
         lines.append(f"- {'PASS' if ok else 'FAIL'}{' (smoke run, not judged)' if SMOKE else ''}: {name} ({detail})")

@@ -27,6 +27,9 @@ grep -q "Ctrl-C stops everything" /tmp/floodgate-demo.out || { cat /tmp/floodgat
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 [ "$(code localhost:8000/items)" = 200 ] || fail "GET /items"
 [ "$(code -XPOST -H 'Content-Type: application/json' -d '{"name":"x","description":"y"}' localhost:8000/items)" = 201 ] || fail "POST /items"
+h2=$(curl -s -o /dev/null -w '%{http_version} %{http_code}' --http2 --cacert data/tls/localhost.pem https://localhost:8443/items)
+[ "$h2" = "2 200" ] || fail "curl --http2 https://localhost:8443/items: $h2"
+grep -q "curl --http2 --cacert data/tls/localhost.pem https://localhost:8443/items" /tmp/floodgate-demo.out || fail "the demo does not print the TLS curl"
 served=$(for i in $(seq 1 9); do curl -s -D- -o /dev/null localhost:8000/items | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}'; done | sort -u | wc -l)
 [ "$served" = 3 ] || fail "round robin over 3 backends, saw $served"
 llm=$(curl -s -XPOST -H 'X-API-Key: fg_demo_pro_key' -H 'Content-Type: application/json' -d '{"prompt":"hello"}' localhost:8000/llm)
@@ -97,4 +100,4 @@ left=$(pgrep -g "$demo" || true)
 [ -z "$left" ] || fail "GATEWAYS=2: processes left behind: $left"
 echo "demo-check: GATEWAYS=2: one client's /llm limit across :8000 and :8010: $passed of 12 passed ($(echo $codes))"
 
-echo "demo-check: OK (round robin over 3, /llm, per-IP and per-user 429, metrics, reload, wrk and hey clean, 30 NUL posts 422 with every backend kept, a backend SIGTERMed under load with none failed, nothing left running; GATEWAYS=2 shares the /llm limit)"
+echo "demo-check: OK (HTTP/2 over TLS on :8443, round robin over 3, /llm, per-IP and per-user 429, metrics, reload, wrk and hey clean, 30 NUL posts 422 with every backend kept, a backend SIGTERMed under load with none failed, nothing left running; GATEWAYS=2 shares the /llm limit)"

@@ -32,7 +32,7 @@ wait_http() { # url
 }
 
 # The demo's fixed ports must be free, so it never talks to somebody else's server by mistake.
-ports=(8000 8001 8002 8003 9000 9100)
+ports=(8000 8001 8002 8003 8443 9000 9100)
 [ "$GATEWAYS" = 2 ] && ports+=(8010 9110)
 [ -z "${REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1 && ports+=(6390)
 busy=()
@@ -91,6 +91,17 @@ if [ "$GATEWAYS" = 2 ]; then
   pids+=($!)
   echo "$!" > data/gateway-2.pid
 fi
+# TLS on :8443 (HTTP/2 and HTTP/1.1) with a self-signed certificate made here, once: the
+# demo's config is $CONFIG with that listener added.
+mkdir -p data/tls
+if [ ! -s data/tls/localhost.pem ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout data/tls/localhost.key -out data/tls/localhost.pem 2>/dev/null
+fi
+tls_listen="{address: \"0.0.0.0:8443\", tls: {certificates: [{cert: \"$PWD/data/tls/localhost.pem\", key: \"$PWD/data/tls/localhost.key\"}]}}"
+sed -E "s|^listen: \[(.*)\]$|listen: [\1, $tls_listen]|" "$CONFIG" > data/gateway-demo.yaml
+CONFIG=data/gateway-demo.yaml
 "$BIN/gateway" -c "$CONFIG" --upgrade-sock "$PWD/data/gateway-upgrade.sock" > data/logs/gateway.log 2>&1 &
 gateway_pid=$!
 pids+=($gateway_pid)
@@ -121,6 +132,7 @@ cat <<MSG
 
 Floodgate is running.$replicas
   gateway        http://localhost:8000        (config: $CONFIG)
+                 https://localhost:8443       (HTTP/2 and HTTP/1.1; self-signed: data/tls/localhost.pem)
   gateway stats  http://localhost:9100/metrics
   backends       http://localhost:8001 .. 8003 (each has /health, /ready, /metrics)
   mock vendor    http://localhost:9000/stats  (contract 500 calls/min)
@@ -132,6 +144,8 @@ $(sed 's/^/  /' data/logs/seed.txt)
 Try:
   # round robin, visible in X-Served-By
   for i in 1 2 3 4 5 6; do curl -s -D- -o /dev/null localhost:8000/items | grep -i x-served-by; done
+  # over TLS and HTTP/2
+  curl --http2 --cacert data/tls/localhost.pem https://localhost:8443/items
   # the seed's payload
   curl -s -XPOST -H 'Content-Type: application/json' -d '{"name":"x","description":"y"}' localhost:8000/items
   # a per-IP 429 from the gateway (/llm allows 20/min, burst 5, per client IP; 127.0.0.1 is exempt)

@@ -4,7 +4,8 @@
 #                            wrk + hey + curl (the scripted demo), docker-compose (compose check),
 #                            ss (iproute2: a test counts the TCP segments an answer arrives in)
 #   scripts/deps.sh bench    plus what the load tests compare against: nginx, haproxy, valgrind
-#                            (instruction counts), and (pip)
+#                            (instruction counts), h2load (nghttp2-client: TLS handshakes and
+#                            HTTP/2), and (pip)
 #                            matplotlib and the seed's FastAPI stack
 set -euo pipefail
 
@@ -22,6 +23,7 @@ if [ "${1:-}" = bench ]; then
   have nginx || [ -x /usr/sbin/nginx ] || need+=(nginx)
   have haproxy || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
   have valgrind || need+=(valgrind)
+  have h2load || need+=(nghttp2-client)   # HTTP/2 and TLS benchmarks (issue 22)
   python3 -c "import matplotlib" 2>/dev/null || pip_need=1
   python3 -c "import fastapi, gunicorn, uvicorn, sqlalchemy, asyncpg, greenlet" 2>/dev/null || seed_need=1
 fi

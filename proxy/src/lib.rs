@@ -28,6 +28,7 @@ pub mod policy;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 
 pub use server::{build_server, run, RunOptions};

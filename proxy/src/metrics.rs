@@ -56,6 +56,9 @@ pub struct Metrics {
     pub cluster_syncs: [IntCounter; 2],
     /// Tokens Redis leased to this replica.
     pub cluster_leased: IntCounter,
+    /// `gateway_tls_certificate_expiry_seconds{name}`: Unix time each certificate in force
+    /// expires.
+    tls_expiry: IntGaugeVec,
 }
 
 /// A route's `gateway_route_requests_total` handles by status class, resolved once (a route
@@ -224,6 +227,14 @@ impl Metrics {
             &["route", "pool", "code"],
         )
         .expect("valid metric");
+        let tls_expiry = IntGaugeVec::new(
+            Opts::new(
+                "gateway_tls_certificate_expiry_seconds",
+                "Unix time each certificate in force expires, by its first name.",
+            ),
+            &["name"],
+        )
+        .expect("valid metric");
         let cluster_degraded = IntGauge::new(
             "gateway_cluster_limits_degraded",
             "1 while scope: cluster limits cannot reach Redis and admit this replica's share (limit / replicas), else 0.",
@@ -249,6 +260,7 @@ impl Metrics {
         .expect("valid metric");
         for c in [
             Box::new(route_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tls_expiry.clone()),
             Box::new(reloads.clone()),
             Box::new(cluster_degraded.clone()),
             Box::new(cluster_replicas.clone()),
@@ -304,6 +316,7 @@ impl Metrics {
             cluster_replicas,
             cluster_syncs: ["ok", "error"].map(|r| cluster_syncs.with_label_values(&[r])),
             cluster_leased,
+            tls_expiry,
         })
     }
 
@@ -328,6 +341,16 @@ impl Metrics {
     /// Drop the series of a backend that left its pool.
     pub fn forget_backend(&self, pool: &str, label: &str) {
         let _ = self.backend_up.remove_label_values(&[pool, label]);
+    }
+
+    /// The expiry of every certificate of the config in force (replacing the previous set).
+    pub fn tls_certificates(&self, config: &crate::config::GatewayConfig) {
+        self.tls_expiry.reset();
+        for cert in config.tls.iter().flat_map(|l| l.certs.certs.iter()) {
+            self.tls_expiry
+                .with_label_values(&[cert.label()])
+                .set(cert.not_after);
+        }
     }
 
     /// Record the config now in force.

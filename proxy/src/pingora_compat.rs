@@ -16,6 +16,12 @@
 //!   pingora's buffer, which pingora would wait on for the whole keep-alive timeout.
 //! - A request body read in `request_filter` is not read again by the proxy loop; bodies are
 //!   therefore forwarded by the gateway's own exchange (`forward`), never by pingora's.
+//! - [`h2_request_lines`]: an HTTP/2 request has no raw head; its lines are rebuilt from
+//!   pingora's parsed one (`:authority` as `host`), so the same policy reads them.
+//! - TLS (`downstream::tls`): the handshake is pingora's `protocols::tls::server::handshake`
+//!   with an `Acceptor::from_server_config`, run by the dispatcher; the ALPN it selected
+//!   decides HTTP/2 (`Ssl::selected_alpn_proto`, which `ClientStream` passes through, as
+//!   pingora's `HttpServerApp` reads it too). Tests: `tests/gateway/tls.rs`.
 
 use pingora::proxy::Session;
 
@@ -71,6 +77,51 @@ pub fn raw_request_lines(session: &Session, mut each: impl FnMut(&[u8], &[u8])) 
         each(h.name.as_bytes(), h.value);
     }
     req.path.map(|p| p.as_bytes().to_vec())
+}
+
+/// Whether the request came over HTTP/2 (pingora's HTTP/2 server).
+pub fn is_http2(session: &Session) -> bool {
+    matches!(
+        session.as_ref(),
+        pingora::protocols::http::ServerSession::H2(_)
+    )
+}
+
+/// Whether the request came over TLS (HTTP/1 or HTTP/2).
+pub fn is_tls(session: &Session) -> bool {
+    session
+        .as_ref()
+        .digest()
+        .is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// An HTTP/2 request's lines, as HTTP/1 would have them, for the same policy: its headers in
+/// order, `host` from `:authority` when it brought no `Host`, and `transfer-encoding:
+/// chunked` when a body comes without `Content-Length` (the body is read whole and sent on
+/// with its length, as an HTTP/1 chunked one is). The target is `:path`.
+pub fn h2_request_lines(
+    session: &mut Session,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> Option<Vec<u8>> {
+    let body_without_length = !session.as_mut().is_body_empty()
+        && !session
+            .req_header()
+            .headers
+            .contains_key(http::header::CONTENT_LENGTH);
+    let req = session.req_header();
+    if !req.headers.contains_key(http::header::HOST) {
+        if let Some(authority) = req.uri.authority() {
+            each(b"host", authority.as_str().as_bytes());
+        }
+    }
+    for (name, value) in req.headers.iter() {
+        each(name.as_str().as_bytes(), value.as_bytes());
+    }
+    if body_without_length {
+        each(b"transfer-encoding", b"chunked");
+    }
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    Some(target.as_bytes().to_vec())
 }
 
 /// The connection's [`ClientStream`], under pingora's session.

@@ -107,6 +107,7 @@ impl Reloader {
         let previous = self.snapshot.load_full();
         let applied = Arc::new(Snapshot::new(next, Some(&previous)));
         self.snapshot.store(applied.clone());
+        self.metrics.tls_certificates(&applied.config);
         self.pools.retain(&applied.config);
         *in_force = hash;
         self.metrics.config_applied(&format!("{hash:016x}"));

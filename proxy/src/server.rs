@@ -90,7 +90,11 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
     http.handle_init_modules();
     let mut options = pingora::apps::HttpServerOptions::default();
     options.keepalive_request_limit = Some(config.max_requests_per_connection as u32);
+    options.h2c = config.http2.cleartext;
+    options.h2_idle_timeout = Some(config.keepalive_timeout);
     http.server_options = Some(options);
+    http.h2_options = Some(h2_options(&config));
+    metrics.tls_certificates(&config);
     let counter = ConnectionCounter::new(metrics.clone());
     let app = ConnectionTracked {
         inner: Arc::new(http),
@@ -182,6 +186,20 @@ impl BackgroundService for ClusterSync {
             _ = shutdown.changed() => {}
         }
     }
+}
+
+/// pingora's HTTP/2 server settings (the `h2` crate's): the stream cap, the header-list cap
+/// (`buffers.max_header_bytes`, which also bounds CONTINUATION frames: h2 stops a header block
+/// over it), and h2's own rapid-reset cap (streams reset by the client before they were
+/// taken) at `http2.max_resets`: the gateway's count of every reset
+/// (`downstream::h2_frames`) sees the bytes first, so it is the one that closes a flood, and
+/// counts it.
+fn h2_options(config: &GatewayConfig) -> pingora::protocols::http::v2::server::H2Options {
+    let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
+    h2.max_concurrent_streams(config.http2.max_concurrent_streams)
+        .max_header_list_size(config.max_header_bytes.min(u32::MAX as usize) as u32)
+        .max_pending_accept_reset_streams(config.http2.max_resets as usize);
+    h2
 }
 
 /// Build and run until a shutdown signal; SIGTERM and SIGINT both drain gracefully.

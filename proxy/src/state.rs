@@ -15,12 +15,19 @@ use crate::upstream::Pools;
 pub struct Snapshot {
     pub config: GatewayConfig,
     pub limits: Limits,
+    /// The TLS listeners' handshake settings (certificates by SNI).
+    pub tls: crate::tls::Edge,
 }
 
 impl Snapshot {
     pub fn new(config: GatewayConfig, previous: Option<&Snapshot>) -> Self {
         let limits = Limits::build(&config, previous.map(|p| &p.limits));
-        Snapshot { config, limits }
+        let tls = crate::tls::Edge::build(&config, previous.map(|p| &p.tls));
+        Snapshot {
+            config,
+            limits,
+            tls,
+        }
     }
 }
 

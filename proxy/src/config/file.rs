@@ -10,8 +10,8 @@ use super::values::*;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
-    /// Addresses the proxy listens on.
-    pub listen: NonEmpty<HostPort>,
+    /// Addresses the proxy listens on: `"host:port"`, or `{address, tls: {...}}` for TLS.
+    pub listen: NonEmpty<super::listen::FileListen>,
     /// Worker threads of the proxy service (like nginx `worker_processes`).
     pub workers: AtLeastOne,
     /// false: each worker thread serves its own connections on its own runtime, as nginx's
@@ -53,12 +53,16 @@ pub struct FileConfig {
     /// HTTP/1 path instead of pingora's (same limits, answers, metrics and logs; about half
     /// the CPU per request). Everything else always goes through pingora's path.
     pub fast_path: bool,
+    /// HTTP/2 towards clients.
+    pub http2: super::listen::FileHttp2,
 }
 
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            listen: NonEmpty(vec!["0.0.0.0:8000".parse().expect("valid default")]),
+            listen: NonEmpty(vec![super::listen::FileListen::from(
+                "0.0.0.0:8000".parse::<HostPort>().expect("valid default"),
+            )]),
             workers: AtLeastOne(2),
             work_stealing: false,
             metrics_listen: Some("127.0.0.1:9100".parse().expect("valid default")),
@@ -77,6 +81,7 @@ impl Default for FileConfig {
             buffers: FileBuffers::default(),
             slow_clients: FileSlowClients::default(),
             fast_path: true,
+            http2: Default::default(),
         }
     }
 }
@@ -569,6 +574,8 @@ pub struct FileSlowClients {
     pub keepalive_timeout: PositiveDuration,
     /// Requests served on one connection before it is closed (nginx `keepalive_requests`).
     pub max_requests_per_connection: AtLeastOne,
+    /// A TLS handshake must be done within this after the connection was accepted.
+    pub handshake_timeout: PositiveDuration,
 }
 
 impl Default for FileSlowClients {
@@ -580,6 +587,7 @@ impl Default for FileSlowClients {
             body_min_rate_grace: PositiveDuration(Duration::from_secs(10)),
             keepalive_timeout: PositiveDuration(Duration::from_secs(60)),
             max_requests_per_connection: AtLeastOne(1000),
+            handshake_timeout: PositiveDuration(Duration::from_secs(10)),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! key path, line and column, exactly as `gateway -t` must print it.
 
 mod file;
+mod listen;
 mod routes;
 #[cfg(test)]
 mod tests;
@@ -15,6 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use file::*;
+pub use listen::*;
 pub use routes::*;
 pub use values::*;
 
@@ -41,6 +43,11 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub listen: Vec<HostPort>,
+    /// The `listen:` entries with `tls:`, their certificates read and checked.
+    pub tls: Vec<TlsListener>,
+    pub http2: Http2Settings,
+    /// `slow_clients.handshake_timeout`.
+    pub handshake_timeout: Duration,
     pub workers: usize,
     /// Restart-only.
     pub work_stealing: bool,
@@ -217,6 +224,15 @@ impl GatewayConfig {
         if self.listen != next.listen {
             keys.push("listen");
         }
+        if self.http2.max_concurrent_streams != next.http2.max_concurrent_streams {
+            keys.push("http2.max_concurrent_streams");
+        }
+        if self.http2.max_resets != next.http2.max_resets {
+            keys.push("http2.max_resets");
+        }
+        if self.http2.cleartext != next.http2.cleartext {
+            keys.push("http2.cleartext");
+        }
         if self.workers != next.workers {
             keys.push("workers");
         }
@@ -379,6 +395,7 @@ impl GatewayConfig {
         if f.limits.table_slots < 64 {
             return Err("limits.table_slots: must be at least 64".into());
         }
+        let (listen, tls) = listeners(f.listen.0, crate::tls::unix_now())?;
         let (b, sc) = (f.buffers, f.slow_clients);
         if b.client_write_bytes > MAX_CLIENT_WRITE_BYTES {
             return Err(format!(
@@ -409,7 +426,10 @@ impl GatewayConfig {
             keepalive_timeout: sc.keepalive_timeout.0,
             max_requests_per_connection: sc.max_requests_per_connection.0,
             fast_path: f.fast_path,
-            listen: f.listen.0,
+            listen,
+            tls,
+            http2: Http2Settings::from(&f.http2),
+            handshake_timeout: sc.handshake_timeout.0,
             workers: f.workers.0,
             work_stealing: f.work_stealing,
             metrics_listen: f.metrics_listen,

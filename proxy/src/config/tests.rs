@@ -159,3 +159,36 @@ fn bad_rate_limits_and_cluster_sections_are_refused() {
         assert!(e.contains(says), "{body}: {e}");
     }
 }
+
+#[test]
+fn listen_entries_are_addresses_or_tls_listeners() {
+    let c = GatewayConfig::parse(MINIMAL).unwrap();
+    assert!(c.tls.is_empty());
+    assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+    assert!(c.http2.enabled && !c.http2.cleartext);
+    assert_eq!(
+        (c.http2.max_concurrent_streams, c.http2.max_resets),
+        (100, 200)
+    );
+    let with = |listen: &str| format!("listen: {listen}\n{MINIMAL}");
+    let e = err(&with(
+        "[\"127.0.0.1:1\", {address: \"127.0.0.1:2\", tls: {certificates: [{cert: /nonexistent/a.pem, key: /nonexistent/a.key}]}}]",
+    ));
+    assert!(
+        e.contains("listen[1].tls.certificates[0]") && e.contains("/nonexistent/a.pem"),
+        "{e}"
+    );
+    let e = err(&with(
+        "[{address: \"127.0.0.1:2\", tls: {certificates: []}}]",
+    ));
+    assert!(
+        e.contains("listen[0].tls") && e.contains("at least one"),
+        "{e}"
+    );
+    let e = err(&with("[{address: \"127.0.0.1:2\", tls: {certificates: [{cert: a, key: b}], min_version: \"1.1\"}}]"));
+    assert!(e.contains("1.1") && e.contains("\"1.2\" or \"1.3\""), "{e}");
+    let e = err(&with("[{address: \"127.0.0.1:2\", tsl: {}}]"));
+    assert!(e.contains("tsl"), "{e}");
+    let e = err(&with("[\"127.0.0.1:2\", \"127.0.0.1:2\"]"));
+    assert!(e.contains("listed twice"), "{e}");
+}

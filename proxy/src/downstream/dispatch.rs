@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::connections::{client_key, expects_proxy_header, per_ip_cap, ConnectionCounter};
 use super::proxy_protocol::{self, Source};
+use super::tls::{self, Handshake};
 use super::ClientStream;
 use crate::answers::ErrorAnswer;
 use crate::h1::Served;
@@ -86,9 +87,40 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
             }
         };
         let fast = c.fast_path;
+        let max_resets = c.http2.max_resets;
+        let mut first_due = accepted + head_timeout;
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let mut h2 = false;
+        if let Some(edge) = local.and_then(|l| snap.tls.for_local(l)) {
+            let due = accepted + c.handshake_timeout;
+            match tls::handshake(&edge.acceptor, stream, due).await {
+                Handshake::Done(s, alpn_h2) => {
+                    stream = s;
+                    h2 = alpn_h2;
+                    first_due = Instant::now() + head_timeout;
+                }
+                Handshake::Refused(reason) => {
+                    self.metrics.reject(reason);
+                    return None;
+                }
+            }
+        } else if c.http2.cleartext {
+            h2 = tokio::time::timeout_at(first_due, starts_with_h2_preface(&mut stream))
+                .await
+                .unwrap_or(false);
+        }
         drop(snap);
-        let first_due = accepted + head_timeout;
         let mut io = ClientStream::new(stream, head_timeout, first_due, self.metrics.clone());
+        if h2 {
+            // pingora's HTTP/2 server, its requests through pingora's engine (`pingora_h1`).
+            let _ = self
+                .inner
+                .process_new(Box::new(io.http2(max_resets)), shutdown)
+                .await;
+            return None;
+        }
         if fast {
             match self.gateway.serve_h1(&mut io, shutdown).await {
                 Served::Closed => return None,
@@ -105,4 +137,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
     async fn cleanup(&self) {
         self.inner.cleanup().await
     }
+}
+
+/// Whether a cleartext connection begins with the HTTP/2 preface (prior knowledge).
+async fn starts_with_h2_preface(stream: &mut Stream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; PREFACE.len()];
+    matches!(stream.try_peek(&mut buf).await, Ok(true)) && buf == *PREFACE
 }

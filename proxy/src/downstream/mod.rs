@@ -4,8 +4,10 @@
 
 pub mod connections;
 pub mod dispatch;
+pub mod h2_frames;
 pub mod proxy_protocol;
 pub mod stream;
 mod stream_traits;
+pub mod tls;
 
 pub use stream::ClientStream;

@@ -26,6 +26,7 @@ use pingora::protocols::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::h2_frames::FrameScan;
 use crate::answers::ErrorAnswer;
 use crate::metrics::Metrics;
 use crate::pingora_compat;
@@ -67,6 +68,9 @@ pub struct ClientStream {
     /// before the socket; `rewound_at` of them already were.
     pub(super) rewound: Vec<u8>,
     pub(super) rewound_at: usize,
+    /// An HTTP/2 connection: its frames, followed instead of HTTP/1 heads (only the preface
+    /// is bound by the deadline).
+    h2: Option<FrameScan>,
 }
 
 impl fmt::Debug for ClientStream {
@@ -106,7 +110,16 @@ impl ClientStream {
             refused: None,
             rewound: Vec::new(),
             rewound_at: 0,
+            h2: None,
         }
+    }
+
+    /// For an HTTP/2 connection: the deadline bounds the client's connection preface only;
+    /// then the client's stream resets are counted ([`FrameScan`]: over `max_resets` in 10 s,
+    /// the connection is closed).
+    pub fn http2(mut self, max_resets: u32) -> Self {
+        self.h2 = Some(FrameScan::new(max_resets));
+        self
     }
 
     /// Bytes received since the current request's head began: its head, its body, and
@@ -133,6 +146,13 @@ impl ClientStream {
             return;
         }
         self.received_any = true;
+        if let Some(scan) = &mut self.h2 {
+            if !scan.observe(data, std::time::Instant::now) {
+                self.refused = Some(Rejection::Http2RapidReset);
+            }
+            self.in_head = scan.in_preface();
+            return;
+        }
         if !self.in_head && self.responded {
             self.in_head = true;
             self.responded = false;
@@ -212,6 +232,13 @@ impl ClientStream {
         if !self.timed_out {
             self.timed_out = true;
             self.metrics.reject(reason);
+            if self.h2.is_some() {
+                // Closed without an HTTP/1 answer: the connection speaks HTTP/2.
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    reason.message(),
+                )));
+            }
             let answer = ErrorAnswer::closing(reason.status(), reason.message(), None).to_bytes();
             if let Poll::Ready(Ok(_)) = Pin::new(&mut self.inner).poll_write(cx, &answer) {
                 let _ = Pin::new(&mut self.inner).poll_flush(cx);

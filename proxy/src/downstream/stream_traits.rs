@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, UniqueID, UniqueIDType,
 };
-use pingora::protocols::{SocketDigest, TimingDigest};
+use pingora::protocols::{SocketDigest, TimingDigest, ALPN};
 
 use super::ClientStream;
 
@@ -27,7 +28,17 @@ impl UniqueID for ClientStream {
     }
 }
 
-impl Ssl for ClientStream {}
+impl Ssl for ClientStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
 
 impl GetTimingDigest for ClientStream {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {

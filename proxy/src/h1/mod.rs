@@ -15,7 +15,7 @@ mod sink;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use pingora::protocols::GetSocketDigest;
+use pingora::protocols::{GetSocketDigest, Ssl};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -91,6 +91,7 @@ impl Gateway {
         // The peer's address as text, for the forwarding headers of every request.
         let mut hop = Vec::with_capacity(15);
         crate::policy::identity::push_ip(&mut hop, peer);
+        let tls = io.get_ssl_digest().is_some();
         let mut shutdown = shutdown.clone();
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let mut upstream: Vec<u8> = Vec::with_capacity(1024);
@@ -125,7 +126,7 @@ impl Gateway {
             let mut head_due: Option<Instant> = None;
             let snap = self.snapshot.load_full();
             let plan = loop {
-                match self.parse_request(&buf, peer, &hop, &snap, &mut upstream) {
+                match self.parse_request(&buf, peer, &hop, tls, &snap, &mut upstream) {
                     Parsed::Plan(p) => break p,
                     Parsed::Handover(reason) => {
                         log::debug!("to pingora's engine: {reason:?}");

@@ -81,6 +81,7 @@ impl Gateway {
         buf: &[u8],
         peer: IpAddr,
         hop: &[u8],
+        tls: bool,
         snap: &Snapshot,
         out: &mut Vec<u8>,
     ) -> Parsed {
@@ -177,7 +178,7 @@ impl Gateway {
             lines(),
             &connection,
             |out: &mut Vec<u8>| {
-                write_forwarding(out, peer, hop, client, header("x-forwarded-for"), false)
+                write_forwarding(out, peer, hop, client, header("x-forwarded-for"), tls)
             },
             request_id,
             body_len,

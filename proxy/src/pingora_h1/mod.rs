@@ -216,7 +216,7 @@ impl ProxyHttp for Gateway {
                 p,
                 ctx.client_ip.unwrap_or(p),
                 values(&lines, "x-forwarded-for"),
-                false,
+                pingora_compat::is_tls(session),
             )
         });
         if facts.upgrade {

@@ -25,10 +25,15 @@ pub(super) type Lines = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The raw target and header lines; None when the head as received is not one a strict
 /// parser accepts (pingora's is more lenient: it percent-encodes a NUL in the target, say).
-pub(super) fn lines_of(session: &Session) -> Option<(Vec<u8>, Lines)> {
+/// An HTTP/2 request has no raw head: its lines are made from pingora's parsed one
+/// ([`pingora_compat::h2_request_lines`]).
+pub(super) fn lines_of(session: &mut Session) -> Option<(Vec<u8>, Lines)> {
     let mut lines = Vec::new();
-    let target =
-        pingora_compat::raw_request_lines(session, |n, v| lines.push((n.to_vec(), v.to_vec())))?;
+    let push = |n: &[u8], v: &[u8]| lines.push((n.to_vec(), v.to_vec()));
+    let target = match pingora_compat::is_http2(session) {
+        true => pingora_compat::h2_request_lines(session, push),
+        false => pingora_compat::raw_request_lines(session, push),
+    }?;
     Some((target, lines))
 }
 

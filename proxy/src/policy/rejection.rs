@@ -52,10 +52,22 @@ pub enum Rejection {
     BodyBudget,
     /// `routes:` exist and none matches the request: 404.
     NoRoute,
+    /// A TLS handshake that failed (garbage, truncated, no shared version or cipher):
+    /// closed.
+    TlsHandshake,
+    /// A TLS handshake not done within `slow_clients.handshake_timeout`: closed.
+    TlsHandshakeTimeout,
+    /// An SNI no certificate of the listener covers: the handshake is refused.
+    TlsUnknownServerName,
+    /// Plain HTTP sent to a TLS listener: 400 in plaintext, closed.
+    PlaintextOnTls,
+    /// An HTTP/2 client that reset more than `http2.max_resets` streams in 10 s (rapid reset,
+    /// CVE-2023-44487): the connection is closed.
+    Http2RapidReset,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 21] = [
+    pub const ALL: [Rejection; 26] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -77,6 +89,11 @@ impl Rejection {
         Rejection::InvalidHost,
         Rejection::BodyBudget,
         Rejection::NoRoute,
+        Rejection::TlsHandshake,
+        Rejection::TlsHandshakeTimeout,
+        Rejection::TlsUnknownServerName,
+        Rejection::PlaintextOnTls,
+        Rejection::Http2RapidReset,
     ];
 
     pub fn label(self) -> &'static str {
@@ -102,6 +119,11 @@ impl Rejection {
             Rejection::InvalidHost => "invalid_host",
             Rejection::BodyBudget => "body_budget",
             Rejection::NoRoute => "no_route",
+            Rejection::TlsHandshake => "tls_handshake",
+            Rejection::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Rejection::TlsUnknownServerName => "tls_unknown_server_name",
+            Rejection::PlaintextOnTls => "plaintext_on_tls",
+            Rejection::Http2RapidReset => "http2_rapid_reset",
         }
     }
 
@@ -109,14 +131,21 @@ impl Rejection {
     pub fn status(self) -> u16 {
         match self {
             Rejection::RateLimitIp => 429,
-            Rejection::BodyTooSlow | Rejection::ClientTimeout | Rejection::HeaderTimeout => 408,
+            Rejection::BodyTooSlow
+            | Rejection::ClientTimeout
+            | Rejection::HeaderTimeout
+            | Rejection::TlsHandshakeTimeout => 408,
             Rejection::BodyTooLarge => 413,
             Rejection::HeaderTooLarge => 431,
             Rejection::AmbiguousFraming
             | Rejection::InvalidTarget
             | Rejection::InvalidHost
             | Rejection::ProxyProtocol
-            | Rejection::MalformedRequest => 400,
+            | Rejection::MalformedRequest
+            | Rejection::TlsHandshake
+            | Rejection::TlsUnknownServerName
+            | Rejection::PlaintextOnTls
+            | Rejection::Http2RapidReset => 400,
             Rejection::ConnectMethod => 405,
             Rejection::NoRoute => 404,
             Rejection::UnsupportedTransferEncoding => 501,
@@ -149,6 +178,11 @@ impl Rejection {
             Rejection::InvalidTarget => "invalid request target: only /path targets are served",
             Rejection::InvalidHost => "missing, repeated or invalid Host header",
             Rejection::NoRoute => "no route for this host and path",
+            Rejection::TlsHandshake => "TLS handshake failed",
+            Rejection::TlsHandshakeTimeout => "the TLS handshake did not finish in time",
+            Rejection::TlsUnknownServerName => "no certificate for this server name",
+            Rejection::PlaintextOnTls => "plain HTTP was sent to an HTTPS port; use https://",
+            Rejection::Http2RapidReset => "too many HTTP/2 streams reset",
             Rejection::BodyBudget => {
                 "the gateway is buffering too many request bodies; retry later"
             }

@@ -476,6 +476,13 @@ pub fn render(port: u16, metrics_port: u16, body: &str) -> String {
     {
         defaults.push_str("fast_path: false\n");
     }
+    // A body with its own `listen:` (TLS tests) names the harness's port as `%PORT%`.
+    if body.contains("%PORT%") {
+        let body = body.replace("%PORT%", &port.to_string());
+        return format!(
+            "metrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\n{defaults}{body}"
+        );
+    }
     format!(
         "listen: [\"127.0.0.1:{port}\"]\nmetrics_listen: \"127.0.0.1:{metrics_port}\"\nworkers: 2\n{defaults}{body}"
     )

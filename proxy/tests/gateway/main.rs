@@ -11,3 +11,4 @@ mod protection;
 mod proxying;
 mod reload;
 mod routing;
+mod tls;

@@ -1,0 +1,154 @@
+//! What a client sends on an HTTP/2 connection, seen frame by frame as its bytes are read
+//! (only the 9-byte frame headers are looked at): the rapid-reset defence (CVE-2023-44487).
+//!
+//! The `h2` crate (0.4.20) closes a connection whose client resets too many streams the
+//! server had not taken yet (its CVE-2023-44487 fix), uncounted; pingora takes streams as
+//! soon as it can, so a client that paces HEADERS + RST_STREAM to pingora's accept loop gets
+//! a request started for each and is never stopped by it. Here every RST_STREAM from the
+//! client is counted as its bytes are read (before h2 parses them): more than
+//! `http2.max_resets` within 10 s and the connection is closed (`http2_rapid_reset`). A
+//! browser resets a few streams when a page is left; a flood resets thousands a second.
+
+use std::time::{Duration, Instant};
+
+/// The client's connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+pub const PREFACE_LEN: usize = 24;
+/// The window `max_resets` is counted over.
+pub const RESET_WINDOW: Duration = Duration::from_secs(10);
+const RST_STREAM: u8 = 0x3;
+
+/// Frame boundaries in a client's byte stream.
+#[derive(Debug)]
+pub struct FrameScan {
+    preface_left: usize,
+    header: [u8; 9],
+    header_len: usize,
+    payload_left: usize,
+    max_resets: u32,
+    resets: u32,
+    window_start: Option<Instant>,
+}
+
+impl FrameScan {
+    pub fn new(max_resets: u32) -> Self {
+        FrameScan {
+            preface_left: PREFACE_LEN,
+            header: [0; 9],
+            header_len: 0,
+            payload_left: 0,
+            max_resets,
+            resets: 0,
+            window_start: None,
+        }
+    }
+
+    /// Whether the preface is still being received.
+    pub fn in_preface(&self) -> bool {
+        self.preface_left > 0
+    }
+
+    /// Follow `data`; false once the client reset more streams than allowed.
+    pub fn observe(&mut self, mut data: &[u8], now: impl Fn() -> Instant) -> bool {
+        while !data.is_empty() {
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(data.len());
+                self.preface_left -= n;
+                data = &data[n..];
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(data.len());
+                self.payload_left -= n;
+                data = &data[n..];
+            } else {
+                let n = (9 - self.header_len).min(data.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+                self.header_len += n;
+                data = &data[n..];
+                if self.header_len == 9 {
+                    self.header_len = 0;
+                    let h = &self.header;
+                    self.payload_left =
+                        (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                    if h[3] == RST_STREAM && !self.count_reset(now()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn count_reset(&mut self, now: Instant) -> bool {
+        match self.window_start {
+            Some(start) if now.duration_since(start) < RESET_WINDOW => self.resets += 1,
+            _ => {
+                self.window_start = Some(now);
+                self.resets = 1;
+            }
+        }
+        self.resets <= self.max_resets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, payload: usize) -> Vec<u8> {
+        let mut f = vec![
+            (payload >> 16) as u8,
+            (payload >> 8) as u8,
+            payload as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            1,
+        ];
+        // A payload that looks like frame headers of RST_STREAM, to catch a scan that loses
+        // its place.
+        f.extend(std::iter::repeat_n(RST_STREAM, payload));
+        f
+    }
+
+    /// Seeded: the same bytes split at random places count the same resets.
+    #[test]
+    fn resets_are_counted_across_any_split() {
+        let (seed, mut next) = crate::policy::testing::seeded();
+        for _ in 0..200 {
+            let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            let mut resets = 0;
+            for _ in 0..(next() % 40) {
+                let kind = (next() % 10) as u8;
+                resets += u32::from(kind == RST_STREAM);
+                bytes.extend(frame(kind, (next() % 300) as usize));
+            }
+            let t = Instant::now();
+            let mut exact = FrameScan::new(resets);
+            let mut one_less = FrameScan::new(resets.saturating_sub(1));
+            let mut rest = &bytes[..];
+            let (mut ok_exact, mut ok_less) = (true, true);
+            while !rest.is_empty() {
+                let n = 1 + (next() as usize % rest.len().min(50));
+                ok_exact &= exact.observe(&rest[..n], || t);
+                ok_less &= one_less.observe(&rest[..n], || t);
+                rest = &rest[n..];
+            }
+            assert!(ok_exact, "seed {seed}: {resets} resets allowed");
+            assert_eq!(ok_less, resets == 0, "seed {seed}: {resets} resets");
+        }
+    }
+
+    #[test]
+    fn the_count_starts_again_after_the_window() {
+        let mut scan = FrameScan::new(2);
+        let t = Instant::now();
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(RST_STREAM, 4));
+        bytes.extend(frame(RST_STREAM, 4));
+        assert!(scan.observe(&bytes, || t));
+        assert!(scan.observe(&frame(RST_STREAM, 4), || t + RESET_WINDOW));
+        assert!(scan.observe(&frame(RST_STREAM, 4), || t + RESET_WINDOW));
+        assert!(!scan.observe(&frame(RST_STREAM, 4), || t + RESET_WINDOW));
+    }
+}

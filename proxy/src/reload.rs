@@ -102,6 +102,7 @@ impl Reloader {
             )
             .await?;
         default.set_health(&next.health);
+        default.set_tls(next.upstream().tls.as_ref());
         self.pools.apply(&next).await?;
         crate::logging::set_level(next.log_level.filter());
         let previous = self.snapshot.load_full();

@@ -56,6 +56,7 @@ pub fn build_server(config: GatewayConfig, opts: &RunOptions) -> anyhow_like::Re
         &config.upstream().queue,
         config.hosts_file.as_deref(),
     ))?;
+    upstreams.set_tls(config.upstream().tls.as_ref());
     let pools = Pools::new(upstreams.clone(), metrics.clone());
     rt.block_on(pools.apply(&config))?;
     rt.block_on(pools.check_once());

@@ -308,6 +308,150 @@ impl Edge {
     }
 }
 
+/// A TLS pool's client side (`upstream.tls`, `upstreams.<name>.tls`): its rustls config,
+/// built once per config load, and the name it asks for.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// `sni:`; none: the backend's host name when it is one, else its IP address (no SNI
+    /// sent, the certificate checked for the IP).
+    pub sni: Option<String>,
+    pub verify: bool,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.sni == other.sni && self.verify == other.verify && Arc::ptr_eq(&self.config, &other.config)
+    }
+}
+
+impl UpstreamTls {
+    /// The name the handshake asks for and checks: `sni`, else the backend's host name, else
+    /// its IP address.
+    pub fn server_name(
+        &self,
+        addr: SocketAddr,
+        host: Option<&str>,
+    ) -> rustls::pki_types::ServerName<'static> {
+        use rustls::pki_types::ServerName;
+        self.sni
+            .as_deref()
+            .or(host)
+            .and_then(|n| ServerName::try_from(n.to_string()).ok())
+            .unwrap_or(ServerName::IpAddress(addr.ip().into()))
+    }
+}
+
+/// Build a pool's client config from its `tls:` (`key` names it in errors): the CA file's
+/// certificates, or the system's roots, as trust anchors; ALPN `http/1.1`.
+pub fn upstream_tls(
+    sni: Option<&str>,
+    ca: Option<&Path>,
+    verify: bool,
+    key: &str,
+) -> Result<UpstreamTls, String> {
+    use rustls::pki_types::ServerName;
+    if let Some(n) = sni {
+        if !matches!(ServerName::try_from(n), Ok(ServerName::DnsName(_))) {
+            return Err(format!("{key}.sni: {n:?} is not a DNS name"));
+        }
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(p) => {
+            let pem = std::fs::read(p)
+                .map_err(|e| format!("{key}.ca: cannot read {}: {e}", p.display()))?;
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{key}.ca: {}: not a PEM certificate: {e}", p.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{key}.ca: {}: no certificate in it", p.display()));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("{key}.ca: {}: {e}", p.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() && verify {
+                return Err(format!(
+                    "{key}: no system CA certificates found; give `ca: <pem file>`"
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("{key}: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !verify {
+        log::warn!("{key}.verify: false: the backends' certificates are not checked");
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(NoVerify(provider)));
+    }
+    Ok(UpstreamTls {
+        config: Arc::new(config),
+        sni: sni.map(str::to_string),
+        verify,
+    })
+}
+
+/// `verify: false`: any certificate is accepted (the handshake's signatures still checked).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,6 +117,33 @@ pub struct FileUpstream {
     pub ewma_decay: PositiveDuration,
     /// Passive outlier ejection.
     pub outlier: FileOutlier,
+    /// Speak TLS to the backends; none: plaintext.
+    pub tls: Option<FileUpstreamTls>,
+}
+
+/// A pool's `tls:` (`upstream.tls`, `upstreams.<name>.tls`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstreamTls {
+    /// The name asked for and checked; default: the backend's host when it is a DNS name,
+    /// else none (the certificate is checked for the IP address).
+    pub sni: Option<String>,
+    /// Trusted CA certificates (PEM); default: the system's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// Check the backend's certificate (false is logged as a warning).
+    #[serde(default = "verify_default")]
+    pub verify: bool,
+}
+
+fn verify_default() -> bool {
+    true
+}
+
+impl FileUpstreamTls {
+    /// The pool's client config; `key` names it in errors.
+    pub fn build(&self, key: &str) -> Result<crate::tls::UpstreamTls, String> {
+        crate::tls::upstream_tls(self.sni.as_deref(), self.ca.as_deref(), self.verify, key)
+    }
 }
 
 /// `upstream.balance`.
@@ -201,6 +228,7 @@ impl Default for FileUpstream {
             hash_key: HashKey::ClientIp,
             ewma_decay: PositiveDuration(Duration::from_secs(10)),
             outlier: FileOutlier::default(),
+            tls: None,
         }
     }
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::file::{Balance, FileBackend, FileHealthCheck, FileOutlier, FileRateLimit, HashKey};
+use super::file::{
+    Balance, FileBackend, FileHealthCheck, FileOutlier, FileRateLimit, FileUpstreamTls, HashKey,
+};
 use super::values::{NonEmpty, PositiveDuration};
 use super::{BackendQueue, BackendSpec, Balancing, HealthSettings, RateSpec, Timeouts};
 
@@ -30,6 +32,8 @@ pub struct FilePool {
     pub timeouts: FileUpstreamTimeouts,
     #[serde(default)]
     pub retries: FileRetries,
+    /// TLS to this pool's backends (not inherited from `upstream:`); none: plaintext.
+    pub tls: Option<FileUpstreamTls>,
 }
 
 /// A pool's or a route's upstream timeouts; each one left out is inherited.
@@ -122,6 +126,8 @@ pub struct PoolSettings {
     pub timeouts: Timeouts,
     pub connect_retries: usize,
     pub retry_idempotent: bool,
+    /// The pool's TLS to its backends; none: plaintext.
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 impl PoolSettings {
@@ -157,6 +163,7 @@ impl PoolSettings {
             .unwrap_or(s.queue.max_concurrent);
         s.queue.max_queue = p.max_queue.unwrap_or(s.queue.max_queue);
         s.queue.timeout = p.queue_timeout.as_ref().map_or(s.queue.timeout, |d| d.0);
+        s.tls = None;
         s
     }
 }
@@ -464,8 +471,12 @@ pub fn pools_and_routes(
             ));
         }
         let key = format!("upstreams.{name}");
+        let mut settings = inherited.settings.for_pool(&p);
+        if let Some(t) = &p.tls {
+            settings.tls = Some(t.build(&format!("{key}.tls"))?);
+        }
         specs.push(PoolSpec {
-            settings: inherited.settings.for_pool(&p),
+            settings,
             backends: convert(p.backends, &format!("{key}.backends"))?,
             health: match p.health_check {
                 Some(h) => health(h, &format!("{key}.health_check"))?,

@@ -192,3 +192,51 @@ fn listen_entries_are_addresses_or_tls_listeners() {
     let e = err(&with("[\"127.0.0.1:2\", \"127.0.0.1:2\"]"));
     assert!(e.contains("listed twice"), "{e}");
 }
+
+#[test]
+fn pool_tls_is_per_pool_and_checked_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertificateParams::new(vec!["ca.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let text = format!(
+        "upstream:\n  backends: [\"127.0.0.1:9001\"]\n  tls: {{ca: \"{}\", sni: api.test}}\nupstreams:\n  plain:\n    backends: [\"127.0.0.1:9002\"]\n  other:\n    backends: [\"127.0.0.1:9003\"]\n    tls: {{ca: \"{}\", verify: false}}\n",
+        ca_path.display(),
+        ca_path.display()
+    );
+    let c = GatewayConfig::parse(&text).unwrap();
+    let tls = c.upstream().tls.as_ref().unwrap();
+    assert_eq!(tls.sni.as_deref(), Some("api.test"));
+    assert!(tls.verify);
+    let pool = |n: &str| c.pools.iter().find(|p| p.name == n).unwrap();
+    // Not inherited from `upstream:`.
+    assert!(pool("plain").settings.tls.is_none());
+    assert!(!pool("other").settings.tls.as_ref().unwrap().verify);
+    // The default SNI: the backend's host name, else its IP address.
+    let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let other = pool("other").settings.tls.clone().unwrap();
+    assert_eq!(
+        format!("{:?}", other.server_name(addr, Some("b.test"))),
+        format!("{:?}", rustls::pki_types::ServerName::try_from("b.test").unwrap())
+    );
+    assert!(matches!(
+        other.server_name(addr, None),
+        rustls::pki_types::ServerName::IpAddress(_)
+    ));
+
+    let e = err(&text.replace("sni: api.test", "sni: \"not a name\""));
+    assert!(e.contains("upstream.tls.sni"), "{e}");
+    let e = err(
+        "upstream:\n  backends: [\"127.0.0.1:9001\"]\nupstreams:\n  x:\n    backends: [\"127.0.0.1:9002\"]\n    tls: {ca: /nonexistent/ca.pem}\n",
+    );
+    assert!(
+        e.contains("upstreams.x.tls.ca") && e.contains("/nonexistent/ca.pem") && e.contains("cannot read"),
+        "{e}"
+    );
+    let e = err(&format!("{MINIMAL}  tls: {{cert: x}}\n"));
+    assert!(e.contains("cert"), "{e}");
+}

@@ -178,7 +178,14 @@ impl Gateway {
             out.backend = Some(state.clone());
             let mut c = match pooled {
                 Some(c) => c,
-                None => match conn::connect(addr, t.connect).await {
+                None => match conn::connect(
+                    addr,
+                    t.connect,
+                    set.tls.as_ref(),
+                    state.host().as_deref().map(String::as_str),
+                )
+                .await
+                {
                     Ok(c) => c,
                     Err(e) => {
                         state.metrics.connect_failures.inc();
@@ -295,7 +302,7 @@ impl Gateway {
         // head and body leave in one write.
         if let AnswerBody::Length(n) = head.body {
             while ((c.buf.len() - start) as u64) < n && n <= RELAY_BYTES as u64 {
-                if let Err(e) = conn::read_upstream(&mut c.tcp, &mut c.buf, read_timeout).await {
+                if let Err(e) = conn::read_upstream(&mut c.stream, &mut c.buf, read_timeout).await {
                     return self.failed(req, down, e, out).await;
                 }
             }
@@ -370,7 +377,7 @@ impl Gateway {
             }
             piece.clear();
             at = 0;
-            match conn::read_upstream(&mut c.tcp, &mut piece, read_timeout).await {
+            match conn::read_upstream(&mut c.stream, &mut piece, read_timeout).await {
                 Ok(()) => {}
                 Err(UpstreamError::Closed) if head.body == AnswerBody::UntilClose => {
                     if !down.flush(true).await {

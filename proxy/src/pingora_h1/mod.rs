@@ -320,6 +320,14 @@ impl ProxyHttp for Gateway {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
         };
         let addr = *backend.as_inet().expect("backends are inet addresses");
+        if ctx.settings().tls.is_some() {
+            // pingora's client is not given the pool's trust anchors: an upgrade to a TLS
+            // pool is refused rather than sent in plaintext or unchecked.
+            return Error::e_explain(
+                ErrorType::HTTPStatus(502),
+                "upgrades to a TLS pool are not supported",
+            );
+        }
         ctx.backend_slot = None;
         match state_of(&backend).gate.enter(&ctx.settings().queue).await {
             Ok(slot) => ctx.backend_slot = slot,

@@ -14,6 +14,9 @@ pub enum UpstreamError {
     Closed,
     /// An answer the gateway refuses to relay (bad framing, bad head).
     Invalid,
+    /// The TLS handshake with a TLS pool's backend failed (its certificate not trusted, not
+    /// for the name, or no TLS at all).
+    Tls,
 }
 
 impl UpstreamError {
@@ -36,6 +39,7 @@ impl UpstreamError {
             UpstreamError::ReadTimeout => "reading the answer timed out",
             UpstreamError::Closed => "connection closed before a whole answer",
             UpstreamError::Invalid => "invalid answer",
+            UpstreamError::Tls => "TLS handshake with the backend failed",
         }
     }
 }

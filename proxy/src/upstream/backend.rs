@@ -33,6 +33,8 @@ pub struct BackendState {
     pub idle: Mutex<Vec<Idle>>,
     /// Requests in flight, latency estimate, outlier state ([`super::balance`]).
     pub load: Load,
+    /// The name it was resolved from, if any (a TLS pool's default SNI).
+    host: arc_swap::ArcSwapOption<String>,
 }
 
 impl BackendState {
@@ -47,6 +49,18 @@ impl BackendState {
             gate: BackendGate::new(max_concurrent),
             idle: Mutex::new(Vec::new()),
             load: Load::default(),
+            host: Default::default(),
+        }
+    }
+
+    /// The name it was resolved from, if any.
+    pub fn host(&self) -> Option<Arc<String>> {
+        self.host.load_full()
+    }
+
+    pub fn set_host(&self, host: Option<&str>) {
+        if self.host.load().as_deref().map(String::as_str) != host {
+            self.host.store(host.map(|h| Arc::new(h.to_string())));
         }
     }
 

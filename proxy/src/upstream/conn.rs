@@ -6,15 +6,20 @@
 //! closed (or wrote to unasked) is known from the readiness the runtime already has, and is
 //! dropped; one older than `timeouts.idle` too.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use super::backend::BackendState;
 use crate::forward::answer::{parse_answer_head, AnswerHead};
 use crate::policy::outcome::UpstreamError;
+use crate::tls::UpstreamTls;
 
 /// The size of the buffer an answer is read into, and of the pieces a body is relayed in
 /// (bounded buffering).
@@ -31,20 +36,99 @@ pub struct Idle {
 /// A connection to a backend and the buffer its answers are read into (kept with it, so a
 /// request allocates neither).
 pub struct UpConn {
-    pub tcp: TcpStream,
+    pub stream: UpStream,
     pub buf: Vec<u8>,
 }
 
-pub async fn connect(addr: SocketAddr, limit: Duration) -> Result<UpConn, UpstreamError> {
-    match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
-        Ok(Ok(tcp)) => {
-            let _ = tcp.set_nodelay(true);
-            Ok(UpConn {
-                tcp,
-                buf: Vec::with_capacity(RELAY_BYTES),
-            })
+/// A connection to a backend: plaintext, or TLS for a pool with `tls:`.
+pub enum UpStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl UpStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            UpStream::Plain(t) => t,
+            UpStream::Tls(t) => t.get_ref().0,
         }
-        Ok(Err(_)) => Err(UpstreamError::ConnectRefused),
+    }
+}
+
+impl AsyncRead for UpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            UpStream::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpStream::Plain(t) => Pin::new(t).poll_write(cx, buf),
+            UpStream::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(t) => Pin::new(t).poll_flush(cx),
+            UpStream::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            UpStream::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connect to `addr`, and for a TLS pool make the handshake, all within `limit`. `host`:
+/// the name the backend was resolved from (the default SNI).
+pub async fn connect(
+    addr: SocketAddr,
+    limit: Duration,
+    tls: Option<&UpstreamTls>,
+    host: Option<&str>,
+) -> Result<UpConn, UpstreamError> {
+    let open = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|_| UpstreamError::ConnectRefused)?;
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = tls else {
+            return Ok(UpStream::Plain(tcp));
+        };
+        let name = tls.server_name(addr, host);
+        match tokio_rustls::TlsConnector::from(tls.config.clone())
+            .connect(name, tcp)
+            .await
+        {
+            Ok(s) => Ok(UpStream::Tls(Box::new(s))),
+            Err(e) => {
+                log::warn!("TLS handshake with backend {addr} failed: {e}");
+                Err(UpstreamError::Tls)
+            }
+        }
+    };
+    match tokio::time::timeout(limit, open).await {
+        Ok(Ok(stream)) => Ok(UpConn {
+            stream,
+            buf: Vec::with_capacity(RELAY_BYTES),
+        }),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(UpstreamError::ConnectTimeout),
     }
 }
@@ -53,7 +137,7 @@ pub async fn connect(addr: SocketAddr, limit: Duration) -> Result<UpConn, Upstre
 pub fn take_idle(state: &BackendState, max_idle: Duration) -> Option<UpConn> {
     let mut idle = state.idle.lock().expect("idle pool");
     while let Some(c) = idle.pop() {
-        let open = matches!(c.conn.tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        let open = matches!(c.conn.stream.tcp().try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
         if open && c.since.elapsed() < max_idle {
             return Some(c.conn);
         }
@@ -79,14 +163,14 @@ pub fn put_idle(state: &BackendState, conn: UpConn, cap: usize) {
 
 /// Reads more bytes into `buf` within `limit`.
 pub async fn read_upstream(
-    tcp: &mut TcpStream,
+    stream: &mut UpStream,
     buf: &mut Vec<u8>,
     limit: Duration,
 ) -> Result<(), UpstreamError> {
     if buf.capacity() - buf.len() < 2048 {
         buf.reserve(4096);
     }
-    match tokio::time::timeout(limit, tcp.read_buf(buf)).await {
+    match tokio::time::timeout(limit, stream.read_buf(buf)).await {
         Ok(Ok(n)) if n > 0 => Ok(()),
         Ok(_) => Err(UpstreamError::Closed),
         Err(_) => Err(UpstreamError::ReadTimeout),
@@ -106,7 +190,7 @@ pub async fn exchange_head(
     write_timeout: Duration,
     read_timeout: Duration,
 ) -> Result<AnswerHead, (UpstreamError, bool)> {
-    match tokio::time::timeout(write_timeout, conn.tcp.write_all(request)).await {
+    match tokio::time::timeout(write_timeout, conn.stream.write_all(request)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Err((UpstreamError::Closed, false)),
         Err(_) => return Err((UpstreamError::WriteTimeout, false)),
@@ -129,7 +213,7 @@ pub async fn exchange_head(
                     return Err((UpstreamError::Invalid, true));
                 }
                 let before = buf.is_empty();
-                if let Err(e) = read_upstream(&mut conn.tcp, buf, read_timeout).await {
+                if let Err(e) = read_upstream(&mut conn.stream, buf, read_timeout).await {
                     return Err((e, !before));
                 }
             }

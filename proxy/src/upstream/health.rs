@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
 use pingora::lb::Backend;
@@ -15,17 +15,53 @@ use pingora::services::background::BackgroundService;
 use pingora::Result;
 
 use super::backend::BackendState;
+use super::conn;
+use crate::tls::UpstreamTls;
 use super::Pools;
 use crate::config::HealthSettings;
 
 pub(super) struct ReadinessCheck {
     pub(super) settings: ArcSwap<(HealthSettings, HttpHealthCheck)>,
+    /// The pool's TLS: its checks go over TLS too, through the gateway's own client.
+    pub(super) tls: ArcSwapOption<UpstreamTls>,
+}
+
+/// One check of a TLS pool's backend over the gateway's own client (the same handshake as
+/// its requests): `GET <path>`, a 200 passes.
+async fn tls_check(tls: &UpstreamTls, s: &HealthSettings, target: &Backend) -> Result<()> {
+    let fail = |why: &str| {
+        pingora::Error::e_explain(pingora::ErrorType::ConnectError, format!("health check: {why}"))
+    };
+    let Some(addr) = target.as_inet().copied() else {
+        return fail("not an inet address");
+    };
+    let host = target
+        .ext
+        .get::<Arc<BackendState>>()
+        .and_then(|st| st.host());
+    let host = host.as_deref().map(String::as_str);
+    let mut c = match conn::connect(addr, s.timeout, Some(tls), host).await {
+        Ok(c) => c,
+        Err(e) => return fail(e.text()),
+    };
+    let name = tls.sni.as_deref().or(host).unwrap_or("localhost");
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {name}\r\nUser-Agent: floodgate-health-check\r\nConnection: close\r\n\r\n",
+        s.path
+    );
+    let mut lines = Vec::new();
+    match conn::exchange_head(&mut c, request.as_bytes(), false, &mut lines, s.timeout, s.timeout).await {
+        Ok(head) if head.status == 200 => Ok(()),
+        Ok(head) => fail(&format!("status {}", head.status)),
+        Err((e, _)) => fail(e.text()),
+    }
 }
 
 impl ReadinessCheck {
     pub(super) fn new(s: &HealthSettings) -> Self {
         ReadinessCheck {
             settings: ArcSwap::from_pointee(Self::build(s)),
+            tls: ArcSwapOption::empty(),
         }
     }
 
@@ -54,7 +90,14 @@ impl HealthCheck for ReadinessCheck {
         let current = self.settings.load_full();
         let s = &current.0;
         // pingora's check has per-step timeouts; bound the whole check as well.
-        let result = match tokio::time::timeout(s.timeout, current.1.check(target)).await {
+        let tls = self.tls.load_full();
+        let check = async {
+            match &tls {
+                Some(tls) => tls_check(tls, s, target).await,
+                None => current.1.check(target).await,
+            }
+        };
+        let result = match tokio::time::timeout(s.timeout, check).await {
             Ok(r) => r,
             Err(_) => pingora::Error::e_explain(
                 pingora::ErrorType::ReadTimedout,

@@ -129,10 +129,10 @@ impl Upstreams {
             }),
             None => String::new(),
         };
-        let mut resolved: Vec<(SocketAddr, usize)> = Vec::new();
+        let mut resolved: Vec<(SocketAddr, usize, Option<&str>)> = Vec::new();
         for spec in specs {
             if let Some(sa) = spec.address.socket_addr() {
-                resolved.push((sa, spec.weight));
+                resolved.push((sa, spec.weight, None));
                 continue;
             }
             let looked_up = match hosts_lookup(&hosts, &spec.address.host) {
@@ -182,10 +182,11 @@ impl Upstreams {
                     }
                 }
             };
-            resolved.extend(addrs.into_iter().map(|sa| (sa, spec.weight)));
+            let host = Some(spec.address.host.as_str());
+            resolved.extend(addrs.into_iter().map(|sa| (sa, spec.weight, host)));
         }
         resolved.sort();
-        resolved.dedup_by_key(|(sa, _)| *sa);
+        resolved.dedup_by_key(|(sa, _, _)| *sa);
         self.set_resolved(&resolved, queue.max_concurrent).await;
         Ok(())
     }
@@ -200,20 +201,25 @@ impl Upstreams {
             .collect()
     }
 
-    async fn set_resolved(&self, resolved: &[(SocketAddr, usize)], max_concurrent: usize) {
+    async fn set_resolved(
+        &self,
+        resolved: &[(SocketAddr, usize, Option<&str>)],
+        max_concurrent: usize,
+    ) {
         let old = self.discovery.current.load_full();
         let existing: HashMap<SocketAddr, Arc<BackendState>> = old
             .iter()
             .filter_map(|b| Some((b.as_inet()?.to_owned(), state_of(b).clone())))
             .collect();
         let mut next = BTreeSet::new();
-        for &(sa, weight) in resolved {
+        for &(sa, weight, host) in resolved {
             let state = existing.get(&sa).cloned().unwrap_or_else(|| {
                 let label = sa.to_string();
                 let metrics = self.metrics.backend(&self.name, &label);
                 Arc::new(BackendState::new(label, metrics, max_concurrent))
             });
             state.gate.resize(max_concurrent);
+            state.set_host(host);
             let mut ext = Extensions::new();
             ext.insert(state);
             next.insert(Backend {
@@ -231,6 +237,12 @@ impl Upstreams {
         // Our discovery never fails.
         let _ = self.lb.update().await;
         let _ = self.ring.update().await;
+    }
+
+    /// Swap in the pool's TLS (from its settings); the next health pass uses it (requests
+    /// use their route's settings).
+    pub fn set_tls(&self, tls: Option<&crate::tls::UpstreamTls>) {
+        self.check.tls.store(tls.cloned().map(Arc::new));
     }
 
     /// Swap in new health-check settings; the next pass uses them.

@@ -66,6 +66,7 @@ impl Pools {
             .await
             .map_err(|e| format!("upstreams.{}: {e}", spec.name))?;
             pool.set_health(&spec.health);
+            pool.set_tls(spec.settings.tls.as_ref());
             next.insert(spec.name.clone(), pool);
         }
         self.named.store(Arc::new(next));

@@ -12,3 +12,4 @@ mod proxying;
 mod reload;
 mod routing;
 mod tls;
+mod upstream_tls;

@@ -321,7 +321,9 @@ pub struct UpstreamTls {
 
 impl PartialEq for UpstreamTls {
     fn eq(&self, other: &Self) -> bool {
-        self.sni == other.sni && self.verify == other.verify && Arc::ptr_eq(&self.config, &other.config)
+        self.sni == other.sni
+            && self.verify == other.verify
+            && Arc::ptr_eq(&self.config, &other.config)
     }
 }
 

@@ -360,7 +360,11 @@ impl GatewayConfig {
             timeouts,
             connect_retries: u.connect_retries,
             retry_idempotent: u.retry_idempotent,
-            tls: u.tls.as_ref().map(|t| t.build("upstream.tls")).transpose()?,
+            tls: u
+                .tls
+                .as_ref()
+                .map(|t| t.build("upstream.tls"))
+                .transpose()?,
         };
         let (pools, routes) = pools_and_routes(
             std::mem::take(&mut f.upstreams),

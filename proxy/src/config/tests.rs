@@ -221,7 +221,10 @@ fn pool_tls_is_per_pool_and_checked_with_its_key() {
     let other = pool("other").settings.tls.clone().unwrap();
     assert_eq!(
         format!("{:?}", other.server_name(addr, Some("b.test"))),
-        format!("{:?}", rustls::pki_types::ServerName::try_from("b.test").unwrap())
+        format!(
+            "{:?}",
+            rustls::pki_types::ServerName::try_from("b.test").unwrap()
+        )
     );
     assert!(matches!(
         other.server_name(addr, None),
@@ -234,7 +237,9 @@ fn pool_tls_is_per_pool_and_checked_with_its_key() {
         "upstream:\n  backends: [\"127.0.0.1:9001\"]\nupstreams:\n  x:\n    backends: [\"127.0.0.1:9002\"]\n    tls: {ca: /nonexistent/ca.pem}\n",
     );
     assert!(
-        e.contains("upstreams.x.tls.ca") && e.contains("/nonexistent/ca.pem") && e.contains("cannot read"),
+        e.contains("upstreams.x.tls.ca")
+            && e.contains("/nonexistent/ca.pem")
+            && e.contains("cannot read"),
         "{e}"
     );
     let e = err(&format!("{MINIMAL}  tls: {{cert: x}}\n"));

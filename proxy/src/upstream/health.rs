@@ -16,9 +16,9 @@ use pingora::Result;
 
 use super::backend::BackendState;
 use super::conn;
-use crate::tls::UpstreamTls;
 use super::Pools;
 use crate::config::HealthSettings;
+use crate::tls::UpstreamTls;
 
 pub(super) struct ReadinessCheck {
     pub(super) settings: ArcSwap<(HealthSettings, HttpHealthCheck)>,
@@ -30,7 +30,10 @@ pub(super) struct ReadinessCheck {
 /// its requests): `GET <path>`, a 200 passes.
 async fn tls_check(tls: &UpstreamTls, s: &HealthSettings, target: &Backend) -> Result<()> {
     let fail = |why: &str| {
-        pingora::Error::e_explain(pingora::ErrorType::ConnectError, format!("health check: {why}"))
+        pingora::Error::e_explain(
+            pingora::ErrorType::ConnectError,
+            format!("health check: {why}"),
+        )
     };
     let Some(addr) = target.as_inet().copied() else {
         return fail("not an inet address");
@@ -50,7 +53,16 @@ async fn tls_check(tls: &UpstreamTls, s: &HealthSettings, target: &Backend) -> R
         s.path
     );
     let mut lines = Vec::new();
-    match conn::exchange_head(&mut c, request.as_bytes(), false, &mut lines, s.timeout, s.timeout).await {
+    match conn::exchange_head(
+        &mut c,
+        request.as_bytes(),
+        false,
+        &mut lines,
+        s.timeout,
+        s.timeout,
+    )
+    .await
+    {
         Ok(head) if head.status == 200 => Ok(()),
         Ok(head) => fail(&format!("status {}", head.status)),
         Err((e, _)) => fail(e.text()),

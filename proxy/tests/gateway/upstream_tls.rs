@@ -52,7 +52,10 @@ impl Drop for TlsBackend {
     }
 }
 
-async fn tls_backend(dir: &Path, issuer: &(rcgen::Certificate, rcgen::KeyPair, PathBuf)) -> TlsBackend {
+async fn tls_backend(
+    dir: &Path,
+    issuer: &(rcgen::Certificate, rcgen::KeyPair, PathBuf),
+) -> TlsBackend {
     let key = rcgen::KeyPair::generate().unwrap();
     let leaf = rcgen::CertificateParams::new(vec!["backend.test".to_string()])
         .unwrap()
@@ -200,7 +203,7 @@ async fn an_untrusted_backend_certificate_is_a_502_and_a_missing_ca_is_named_by_
     // health pass only (at start): the backend stays up while its trust is changed.
     let body = |tls: &str| {
         format!(
-            "upstream:\n  backends: [\"{}\"]\n  keepalive_pool: 0\n  tls: {tls}\n  health_check: {{interval: 1h, timeout: 1s}}\n",
+            "upstream:\n  backends: [\"{}\"]\n  keepalive_pool: 0\n  connect_retries: 0\n  tls: {tls}\n  health_check: {{interval: 1h, timeout: 1s}}\n",
             b.addr
         )
     };

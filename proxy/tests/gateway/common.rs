@@ -435,6 +435,28 @@ pub async fn after_answer<T, F: std::future::Future<Output = T>>(
     }
 }
 
+/// `gateway -t -c <path>`: whether it accepted the file, and what it printed.
+pub fn dash_t(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(gateway_bin())
+        .arg("-t")
+        .arg("-c")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code() == Some(0),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+/// `gateway -t` on a file holding `yaml`.
+pub fn check_config(yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    dash_t(&path)
+}
+
 /// Health checks fast enough for tests.
 pub const HEALTH: &str =
     "  health_check: {interval: 200ms, timeout: 200ms, failures: 2, successes: 1}\n";

@@ -296,22 +296,6 @@ async fn sigterm_lets_the_request_in_flight_finish() {
     assert!(sent.elapsed() < Duration::from_secs(4));
 }
 
-fn check_config(yaml: &str) -> (bool, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("g.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(gateway_bin())
-        .arg("-t")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
-    (
-        out.status.code() == Some(0),
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
-    )
-}
-
 #[test]
 fn dash_t_accepts_the_shipped_config_and_rejects_bad_ones() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/gateway.yaml");

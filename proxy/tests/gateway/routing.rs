@@ -231,21 +231,8 @@ async fn no_route_is_404_and_bad_routes_are_refused_by_dash_t() {
             "taken",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("g.yaml");
-        std::fs::write(
-            &path,
-            format!("upstream:\n  backends: [\"127.0.0.1:9\"]\n{yaml}"),
-        )
-        .unwrap();
-        let out = std::process::Command::new(gateway_bin())
-            .arg("-t")
-            .arg("-c")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(says), "{yaml}: {err}");
+        let (ok, err) = check_config(&format!("upstream:\n  backends: [\"127.0.0.1:9\"]\n{yaml}"));
+        assert!(!ok && err.contains(says), "{yaml}: {err}");
     }
 }
 

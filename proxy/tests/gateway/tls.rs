@@ -434,14 +434,8 @@ async fn reload_swaps_certificates_without_errors_and_refuses_a_broken_pair() {
         der: Vec::new(),
     };
     gw.rewrite(&config(&broken));
-    let t = std::process::Command::new(gateway_bin())
-        .arg("-t")
-        .arg("-c")
-        .arg(&gw.config_path)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&t.stderr).to_string() + &String::from_utf8_lossy(&t.stdout);
-    assert!(!t.status.success(), "{said}");
+    let (ok, said) = dash_t(&gw.config_path);
+    assert!(!ok, "{said}");
     assert!(
         said.contains("other.key") && said.contains("does not match"),
         "{said}"

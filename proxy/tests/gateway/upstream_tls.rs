@@ -240,15 +240,8 @@ async fn an_untrusted_backend_certificate_is_a_502_and_a_missing_ca_is_named_by_
     let not_pem = dir.path().join("backend.key");
     for (ca, says) in [(&missing, "cannot read"), (&not_pem, "no certificate")] {
         gw.rewrite(&body(&format!("{{ca: \"{}\"}}", ca.display())));
-        let t = std::process::Command::new(gateway_bin())
-            .arg("-t")
-            .arg("-c")
-            .arg(&gw.config_path)
-            .output()
-            .unwrap();
-        let said =
-            String::from_utf8_lossy(&t.stderr).to_string() + &String::from_utf8_lossy(&t.stdout);
-        assert!(!t.status.success(), "{said}");
+        let (ok, said) = dash_t(&gw.config_path);
+        assert!(!ok, "{said}");
         assert!(
             said.contains("upstream.tls.ca")
                 && said.contains(&ca.display().to_string())

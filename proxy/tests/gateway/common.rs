@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-pub use testkit::{free_port, metric_value, stable_addr};
+pub use testkit::{free_port, metric_value, seeded, stable_addr};
 
 /// What an upstream observed.
 #[derive(Default)]
@@ -628,29 +628,6 @@ pub async fn all_it_says_to(ip: &str, port: u16, request: &[u8]) -> String {
 /// or reset, without an answer).
 pub async fn all_it_says(ip: &str, port: u16) -> String {
     all_it_says_to(ip, port, b"").await
-}
-
-/// A seeded generator for randomized tests: the seed from `FLOODGATE_SEED`, else the clock,
-/// printed so a failure can be replayed.
-pub fn seeded() -> (u64, impl FnMut() -> u64) {
-    let seed = std::env::var("FLOODGATE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {seed} (replay with FLOODGATE_SEED={seed})");
-    let mut x = seed | 1;
-    let next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    (seed, next)
 }
 
 /// Clients sending GET `url` in a loop until `stop`, each answer not 200 counted as failed:

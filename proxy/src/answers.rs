@@ -8,7 +8,11 @@ use pingora::proxy::Session;
 
 use crate::policy::{outcome, Rejection};
 
+/// The header a listener with `tls.hsts` adds to every answer.
+pub const HSTS: &str = "Strict-Transport-Security";
+
 /// An error answer, before it is written.
+#[derive(Clone, Copy)]
 pub struct ErrorAnswer<'a> {
     pub status: u16,
     pub message: &'a str,
@@ -19,6 +23,8 @@ pub struct ErrorAnswer<'a> {
     pub headers: &'a [(&'static str, String)],
     /// Keep the connection open after it (`Connection: keep-alive`).
     pub keep_alive: bool,
+    /// The listener's `Strict-Transport-Security` value (`listen[].tls.hsts`).
+    pub hsts: Option<&'a [u8]>,
 }
 
 impl<'a> ErrorAnswer<'a> {
@@ -31,6 +37,7 @@ impl<'a> ErrorAnswer<'a> {
             request_id: None,
             headers: &[],
             keep_alive: false,
+            hsts: None,
         }
     }
 
@@ -49,6 +56,7 @@ impl<'a> ErrorAnswer<'a> {
             request_id: Some(request_id),
             headers: &[],
             keep_alive,
+            hsts: None,
         }
     }
 
@@ -71,6 +79,7 @@ impl<'a> ErrorAnswer<'a> {
             request_id: Some(request_id),
             headers,
             keep_alive: outcome::keep_alive_after_error(status, unread_body, last),
+            hsts: None,
         }
     }
 
@@ -91,6 +100,9 @@ impl<'a> ErrorAnswer<'a> {
         }
         for (name, value) in self.headers.iter().filter(|(name, _)| !name.is_empty()) {
             f(name, value.as_bytes());
+        }
+        if let Some(v) = self.hsts {
+            f(HSTS, v);
         }
     }
 
@@ -167,6 +179,7 @@ mod tests {
             request_id: Some(b"abc"),
             headers: &headers,
             keep_alive: true,
+            hsts: None,
         };
         let text = String::from_utf8(a.to_bytes()).unwrap();
         let body = r#"{"error":"slow down","status":429}"#;

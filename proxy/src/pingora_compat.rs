@@ -87,6 +87,13 @@ pub fn is_http2(session: &Session) -> bool {
     )
 }
 
+/// The local address the request's connection was accepted on (HTTP/1 or HTTP/2).
+pub fn local_addr(session: &Session) -> Option<std::net::SocketAddr> {
+    let digest = session.as_ref().digest()?;
+    let socket = digest.socket_digest.as_ref()?;
+    socket.local_addr()?.as_inet().copied()
+}
+
 /// Whether the request came over TLS (HTTP/1 or HTTP/2).
 pub fn is_tls(session: &Session) -> bool {
     session

@@ -7,10 +7,11 @@
 //! (`*.example.com` covers `a.example.com`, not `a.b.example.com` nor `example.com`), else,
 //! without SNI (an IP address, an old client), the listener's first certificate. An SNI no
 //! certificate covers is refused (the handshake fails, `tls_unknown_server_name`): answering
-//! with a certificate for another name only moves the failure to the client's check.
+//! with a certificate for another name only moves the failure to the client's check; a
+//! listener with `strict_sni: false` answers it with the first certificate, as nginx does.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -182,13 +183,23 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Chooses a listener's certificate by SNI.
+/// Chooses a listener's certificate by SNI; `strict`: an SNI no certificate covers gets
+/// none (the handshake fails), else the first certificate.
 #[derive(Debug)]
-struct BySni(Arc<CertSet>);
+struct BySni {
+    certs: Arc<CertSet>,
+    strict: bool,
+}
 
 impl ResolvesServerCert for BySni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.pick(hello.server_name()).map(|c| c.key.clone())
+        let picked = self.certs.pick(hello.server_name());
+        let picked = if self.strict {
+            picked
+        } else {
+            picked.or_else(|| self.certs.certs.first())
+        };
+        picked.map(|c| c.key.clone())
     }
 }
 
@@ -225,6 +236,7 @@ impl Default for Resumption {
 /// One listener's rustls config: ALPN `h2` (when `h2` is on) then `http/1.1`.
 pub fn server_config(
     certs: Arc<CertSet>,
+    strict_sni: bool,
     min: MinVersion,
     h2: bool,
     resumption: &Resumption,
@@ -236,7 +248,10 @@ pub fn server_config(
     };
     let mut config = ServerConfig::builder_with_protocol_versions(versions)
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(BySni(certs)));
+        .with_cert_resolver(Arc::new(BySni {
+            certs,
+            strict: strict_sni,
+        }));
     config.alpn_protocols = if h2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {
@@ -271,6 +286,7 @@ impl Edge {
                 address: l.address.clone(),
                 acceptor: Acceptor::from_server_config(server_config(
                     l.certs.clone(),
+                    l.strict_sni,
                     l.min_version,
                     config.http2.enabled,
                     &resumption,
@@ -283,28 +299,9 @@ impl Edge {
         }
     }
 
-    /// The TLS listener a connection accepted on `local` belongs to: its address's port, and
-    /// its IP when that is not a wildcard (or a name).
+    /// The TLS listener a connection accepted on `local` belongs to.
     pub fn for_local(&self, local: SocketAddr) -> Option<&EdgeListener> {
-        let ours = |l: &&EdgeListener| l.address.port == local.port();
-        let ip = |l: &EdgeListener| {
-            l.address
-                .host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .ok()
-        };
-        self.listeners
-            .iter()
-            .filter(ours)
-            .find(|l| ip(l) == Some(local.ip()))
-            .or_else(|| {
-                self.listeners
-                    .iter()
-                    .filter(ours)
-                    .find(|l| ip(l).is_none_or(|ip| ip.is_unspecified()))
-            })
+        crate::config::by_local(&self.listeners, |l| &l.address, local)
     }
 }
 

@@ -45,6 +45,8 @@ pub struct GatewayConfig {
     pub listen: Vec<HostPort>,
     /// The `listen:` entries with `tls:`, their certificates read and checked.
     pub tls: Vec<TlsListener>,
+    /// The listeners that redirect to HTTPS or send HSTS (most configs: none).
+    pub listener_policies: Vec<ListenerPolicy>,
     pub http2: Http2Settings,
     /// `slow_clients.handshake_timeout`.
     pub handshake_timeout: Duration,
@@ -275,6 +277,15 @@ impl GatewayConfig {
             .min()
     }
 
+    /// The policy of the listener a connection was accepted on (`local`: its local address),
+    /// if that listener has one.
+    pub fn listener_policy(&self, local: Option<std::net::SocketAddr>) -> Option<&ListenerPolicy> {
+        if self.listener_policies.is_empty() {
+            return None;
+        }
+        by_local(&self.listener_policies, |p| &p.address, local?)
+    }
+
     /// Read and validate a config file: what start-up, `gateway -t` and every reload run.
     /// Also returns the file's hash ([`config_hash`]).
     pub fn load(path: &Path) -> Result<(Self, u64), ConfigError> {
@@ -282,20 +293,30 @@ impl GatewayConfig {
             path: path.display().to_string(),
             source,
         })?;
-        let config = Self::parse(&text).map_err(|message| ConfigError::Invalid {
-            path: path.display().to_string(),
-            message,
-        })?;
+        let config =
+            Self::parse_in(&text, path.parent()).map_err(|message| ConfigError::Invalid {
+                path: path.display().to_string(),
+                message,
+            })?;
         Ok((config, config_hash(&text)))
     }
 
     /// Parse and validate YAML text. The error names the key, line and what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let file: FileConfig = if text.trim().is_empty() {
+        Self::parse_in(text, None)
+    }
+
+    /// Parse YAML text read from a file in `dir`: relative file paths in it (certificates,
+    /// keys, CA files, `hosts_file`) are that directory's, as nginx's are its prefix's.
+    pub fn parse_in(text: &str, dir: Option<&Path>) -> Result<Self, String> {
+        let mut file: FileConfig = if text.trim().is_empty() {
             return Err("the file is empty: at least `upstream.backends` is required".into());
         } else {
             serde_yaml::from_str(text).map_err(|e| name_the_key(&e, text))?
         };
+        if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
+            file.anchor_paths(dir);
+        }
         Self::from_file(file)
     }
 
@@ -400,7 +421,11 @@ impl GatewayConfig {
         if f.limits.table_slots < 64 {
             return Err("limits.table_slots: must be at least 64".into());
         }
-        let (listen, tls) = listeners(f.listen.0, crate::tls::unix_now())?;
+        let Listeners {
+            addresses: listen,
+            tls,
+            policies: listener_policies,
+        } = listeners(f.listen.0, crate::tls::unix_now())?;
         let (b, sc) = (f.buffers, f.slow_clients);
         if b.client_write_bytes > MAX_CLIENT_WRITE_BYTES {
             return Err(format!(
@@ -433,6 +458,7 @@ impl GatewayConfig {
             fast_path: f.fast_path,
             listen,
             tls,
+            listener_policies,
             http2: Http2Settings::from(&f.http2),
             handshake_timeout: sc.handshake_timeout.0,
             workers: f.workers.0,

@@ -194,6 +194,68 @@ fn listen_entries_are_addresses_or_tls_listeners() {
 }
 
 #[test]
+fn listeners_may_redirect_to_https_or_send_hsts() {
+    let with = |listen: &str| format!("listen: {listen}\n{MINIMAL}");
+    let c = GatewayConfig::parse(&with(
+        "[\"127.0.0.1:1\", {address: \"0.0.0.0:2\", redirect_https: {}}, {address: \"127.0.0.1:3\", redirect_https: {port: 8443, status: 301}}]",
+    ))
+    .unwrap();
+    let at = |a: &str| {
+        c.listener_policy(Some(a.parse().unwrap()))
+            .and_then(|p| p.redirect)
+    };
+    assert_eq!(at("127.0.0.1:1"), None);
+    assert_eq!(
+        at("10.0.0.7:2"),
+        Some(Redirect {
+            port: 443,
+            status: 308
+        })
+    );
+    assert_eq!(
+        at("127.0.0.1:3"),
+        Some(Redirect {
+            port: 8443,
+            status: 301
+        })
+    );
+    assert!(GatewayConfig::parse(MINIMAL)
+        .unwrap()
+        .listener_policies
+        .is_empty());
+    let tls = "tls: {certificates: [{cert: /nonexistent/a.pem, key: /nonexistent/a.key}]";
+    for (listen, says) in [
+        (
+            "[{address: \"127.0.0.1:2\", redirect_https: {status: 200}}]".to_string(),
+            "not a redirect",
+        ),
+        (
+            "[{address: \"127.0.0.1:2\", redirect_https: {port: 0}}]".to_string(),
+            "1-65535",
+        ),
+        (
+            format!("[{{address: \"127.0.0.1:2\", redirect_https: {{}}, {tls}}}}}]"),
+            "TLS itself",
+        ),
+        (
+            format!("[{{address: \"127.0.0.1:2\", {tls}, hsts: {{preload: true}}}}}}]"),
+            "include_subdomains",
+        ),
+        (
+            format!("[{{address: \"127.0.0.1:2\", {tls}, hsts: {{max_age: 1d, include_subdomains: true, preload: true}}}}}}]"),
+            "a year",
+        ),
+        (
+            format!("[{{address: \"127.0.0.1:2\", {tls}, hsts: {{max_age: soon}}}}}}]"),
+            "soon",
+        ),
+    ] {
+        let e = err(&with(&listen));
+        assert!(e.contains(says), "{listen}: {e}");
+    }
+}
+
+#[test]
 fn pool_tls_is_per_pool_and_checked_with_its_key() {
     let dir = tempfile::tempdir().unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
@@ -244,4 +306,21 @@ fn pool_tls_is_per_pool_and_checked_with_its_key() {
     );
     let e = err(&format!("{MINIMAL}  tls: {{cert: x}}\n"));
     assert!(e.contains("cert"), "{e}");
+}
+
+#[test]
+fn relative_paths_are_the_config_files_directory() {
+    let yaml = format!(
+        "listen: [{{address: \"127.0.0.1:2\", tls: {{certificates: [{{cert: certs/a.pem, key: /abs/a.key}}]}}}}]\n{MINIMAL}"
+    );
+    let e = GatewayConfig::parse_in(&yaml, Some(std::path::Path::new("/etc/fg"))).unwrap_err();
+    assert!(e.contains("/etc/fg/certs/a.pem"), "{e}");
+    let e = GatewayConfig::parse(&yaml).unwrap_err();
+    assert!(e.contains(" certs/a.pem"), "{e}");
+    let hosts = format!("{MINIMAL}  hosts_file: hosts\n");
+    let c = GatewayConfig::parse_in(&hosts, Some(std::path::Path::new("/etc/fg"))).unwrap();
+    assert_eq!(
+        c.hosts_file.as_deref(),
+        Some(std::path::Path::new("/etc/fg/hosts"))
+    );
 }

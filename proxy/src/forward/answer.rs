@@ -27,6 +27,20 @@ fn push_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Remove every `name:` line (any case) from an answer head's lines (status line first).
+pub fn drop_lines(lines: &mut Vec<u8>, name: &[u8]) {
+    let mut kept = Vec::with_capacity(lines.len());
+    for (i, line) in lines.split_inclusive(|&b| b == b'\n').enumerate() {
+        let named = line.len() > name.len()
+            && line[..name.len()].eq_ignore_ascii_case(name)
+            && line[name.len()] == b':';
+        if i == 0 || !named {
+            kept.extend_from_slice(line);
+        }
+    }
+    *lines = kept;
+}
+
 /// Whether `name` is listed in a `Connection` header value.
 fn listed(connection: &[&[u8]], name: &str) -> bool {
     connection.iter().any(|v| {
@@ -252,6 +266,16 @@ mod tests {
                 (h, String::from_utf8(lines).unwrap())
             })
         }))
+    }
+
+    #[test]
+    fn drop_lines_removes_every_line_of_a_name() {
+        let mut lines = b"HTTP/1.1 200 OK\r\nstrict-transport-security: a\r\nX: 1\r\nStrict-Transport-Security: b\r\nStrict-Transport-Securityx: c\r\n".to_vec();
+        drop_lines(&mut lines, b"Strict-Transport-Security");
+        assert_eq!(
+            lines,
+            b"HTTP/1.1 200 OK\r\nX: 1\r\nStrict-Transport-Securityx: c\r\n"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use pingora::lb::Backend;
 
 use crate::answers::ErrorAnswer;
-use crate::config::{PoolSettings, Route};
+use crate::config::{ListenerPolicy, PoolSettings, Route};
 use crate::policy::framing::AnswerBody;
 use crate::policy::outcome::{self, AfterFailure, UpstreamError};
 use crate::policy::retry::{self, Attempts, Failure, Retry};
@@ -52,6 +52,26 @@ pub enum Fixed {
     Refused(Rejection),
     /// The route's fixed answer.
     Answer { status: u16, message: String },
+    /// A plaintext listener's redirect to HTTPS (`listen[].redirect_https`): its `Location`.
+    Redirect {
+        status: u16,
+        location: [(&'static str, String); 1],
+    },
+}
+
+impl Fixed {
+    /// The answer's status, message and header lines.
+    pub fn parts(&self) -> (u16, &str, &[(&'static str, String)]) {
+        match self {
+            Fixed::Refused(r) => (r.status(), r.message(), &[]),
+            Fixed::Answer { status, message } => (*status, message, &[]),
+            Fixed::Redirect { status, location } => (
+                *status,
+                "this address serves HTTPS only: see Location",
+                location,
+            ),
+        }
+    }
 }
 
 /// The route a request takes (the default route when it matched none: its limits and caps
@@ -63,17 +83,32 @@ pub struct Chosen {
 }
 
 /// The one routing step every engine takes ([`crate::policy::route::decide`]). `header`:
-/// the first value of a request header by lower-case name.
+/// the first value of a request header by lower-case name. `listener`: the policy of the
+/// listener the request came in on; one that redirects to HTTPS sends every request there
+/// (on the default route: its limits apply, as to a 404).
 pub fn routed<'h>(
     gw: &Gateway,
     snap: &Snapshot,
+    listener: Option<&ListenerPolicy>,
     host: Option<&[u8]>,
     method: &[u8],
     target: &[u8],
     header: &impl Fn(&str) -> Option<&'h [u8]>,
 ) -> Chosen {
-    use crate::policy::route::{decide, Routed};
+    use crate::policy::route::{decide, https_location, Routed};
     let table = &snap.config.routes;
+    if let Some(r) = listener.and_then(|l| l.redirect) {
+        return Chosen {
+            route: table.default.clone(),
+            to: Err(match https_location(host, target, r.port) {
+                Ok(location) => Fixed::Redirect {
+                    status: r.status,
+                    location: [("Location", location)],
+                },
+                Err(reason) => Fixed::Refused(reason),
+            }),
+        };
+    }
     match decide(table, host, method, target, header) {
         Routed::Pool { route, target } => {
             let to = match gw.pools.get(route.pool_name()) {

@@ -92,6 +92,9 @@ impl Gateway {
         let mut hop = Vec::with_capacity(15);
         crate::policy::identity::push_ip(&mut hop, peer);
         let tls = io.get_ssl_digest().is_some();
+        let local = io
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
         let mut shutdown = shutdown.clone();
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let mut upstream: Vec<u8> = Vec::with_capacity(1024);
@@ -125,8 +128,10 @@ impl Gateway {
             // its bytes arrive; set then, so a whole head costs no clock read.
             let mut head_due: Option<Instant> = None;
             let snap = self.snapshot.load_full();
+            let listener = snap.config.listener_policy(local);
+            let hsts = listener.and_then(|l| l.hsts.as_deref());
             let plan = loop {
-                match self.parse_request(&buf, peer, &hop, tls, &snap, &mut upstream) {
+                match self.parse_request(&buf, peer, &hop, tls, listener, &snap, &mut upstream) {
                     Parsed::Plan(p) => break p,
                     Parsed::Handover(reason) => {
                         log::debug!("to pingora's engine: {reason:?}");
@@ -134,12 +139,12 @@ impl Gateway {
                         return Served::Pingora;
                     }
                     Parsed::Refused(reason) => {
-                        self.refuse_head(io, &mut answer, reason, peer).await;
+                        self.refuse_head(io, &mut answer, reason, peer, hsts).await;
                         return Served::Closed;
                     }
                     // A head over the caps: refused without reading the rest.
                     Parsed::Partial if buf.len() > snap.config.max_header_bytes + 1024 => {
-                        self.refuse_head(io, &mut answer, Rejection::HeaderTooLarge, peer)
+                        self.refuse_head(io, &mut answer, Rejection::HeaderTooLarge, peer, hsts)
                             .await;
                         return Served::Closed;
                     }
@@ -156,8 +161,14 @@ impl Gateway {
                             // The client went away.
                             Ok(false) => return Served::Closed,
                             Err(_) => {
-                                self.refuse_head(io, &mut answer, Rejection::HeaderTimeout, peer)
-                                    .await;
+                                self.refuse_head(
+                                    io,
+                                    &mut answer,
+                                    Rejection::HeaderTimeout,
+                                    peer,
+                                    hsts,
+                                )
+                                .await;
                                 return Served::Closed;
                             }
                         }
@@ -169,7 +180,16 @@ impl Gateway {
                 || served >= snap.config.max_requests_per_connection
                 || *shutdown.borrow();
             let keep = self
-                .one(io, &mut buf, &plan, &snap, &mut upstream, &mut answer, last)
+                .one(
+                    io,
+                    &mut buf,
+                    &plan,
+                    &snap,
+                    &mut upstream,
+                    &mut answer,
+                    last,
+                    hsts,
+                )
                 .await;
             if !keep || last {
                 return Served::Closed;
@@ -186,6 +206,7 @@ impl Gateway {
         out: &mut Vec<u8>,
         reason: Rejection,
         peer: IpAddr,
+        hsts: Option<&[u8]>,
     ) {
         let _inflight = InflightGuard::new(&self.metrics.inflight_requests);
         self.metrics.reject(reason);
@@ -194,7 +215,10 @@ impl Gateway {
             request_id: Some(&id),
             ..ErrorAnswer::closing(reason.status(), reason.message(), None)
         };
-        let status = RawDownstream::new(io, out, &id).error(&answer).await;
+        let status = RawDownstream::new(io, out, &id)
+            .with_hsts(hsts)
+            .error(&answer)
+            .await;
         let done = Finished {
             started: Instant::now(),
             status: if status { reason.status() } else { 0 },
@@ -223,6 +247,7 @@ impl Gateway {
         upstream: &mut Vec<u8>,
         answer: &mut Vec<u8>,
         last: bool,
+        hsts: Option<&[u8]>,
     ) -> bool {
         let _inflight = InflightGuard::new(&self.metrics.inflight_requests);
         let started = Instant::now();
@@ -280,6 +305,7 @@ impl Gateway {
             );
             let keep = answer_.keep_alive;
             let ok = RawDownstream::new(io, answer, request_id)
+                .with_hsts(hsts)
                 .error(&answer_)
                 .await;
             done.rejection = Some(reason);
@@ -290,14 +316,17 @@ impl Gateway {
         let pool = match &plan.pool {
             Ok(pool) => pool,
             Err(fixed) => {
-                // The route's own answer (a refusal was answered above).
-                let (status, message) = match fixed {
-                    Fixed::Answer { status, message } => (*status, message.as_str()),
-                    Fixed::Refused(r) => (r.status(), r.message()),
-                };
+                // The route's own answer or a redirect (a refusal was answered above).
+                let (status, message, headers) = fixed.parts();
                 let keep = outcome::keep_alive_after_error(status, false, last);
-                let a = ErrorAnswer::for_request(status, message, request_id, keep);
-                let ok = RawDownstream::new(io, answer, request_id).error(&a).await;
+                let a = ErrorAnswer {
+                    headers,
+                    ..ErrorAnswer::for_request(status, message, request_id, keep)
+                };
+                let ok = RawDownstream::new(io, answer, request_id)
+                    .with_hsts(hsts)
+                    .error(&a)
+                    .await;
                 done.status = status;
                 record(&self.metrics, snap.config.access_log, &done);
                 return ok && keep;
@@ -313,7 +342,7 @@ impl Gateway {
             pool,
             settings: &plan.route.settings,
         };
-        let mut down = RawDownstream::new(io, answer, request_id);
+        let mut down = RawDownstream::new(io, answer, request_id).with_hsts(hsts);
         let out = self.forward(&req, &mut down).await;
         self.finish(snap, done, &out);
         out.keep_alive

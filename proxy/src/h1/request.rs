@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use std::sync::Arc;
 
-use crate::config::Route;
+use crate::config::{ListenerPolicy, Route};
 use crate::forward::request::write_upstream_request;
 use crate::forward::{routed, Fixed};
 use crate::policy::framing::RequestBody;
@@ -76,12 +76,14 @@ fn offset(buf: &[u8], part: &str) -> Range<usize> {
 impl Gateway {
     /// Parse the head at the start of `buf`; when this engine serves it, write the upstream
     /// head (ending with the body's `Content-Length`, if any) into `out`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn parse_request(
         &self,
         buf: &[u8],
         peer: IpAddr,
         hop: &[u8],
         tls: bool,
+        listener: Option<&ListenerPolicy>,
         snap: &Snapshot,
         out: &mut Vec<u8>,
     ) -> Parsed {
@@ -144,6 +146,7 @@ impl Gateway {
         let chosen = routed(
             self,
             snap,
+            listener,
             header("host").next(),
             method.as_bytes(),
             target.as_bytes(),

@@ -6,9 +6,9 @@
 use pingora::protocols::http::date::get_cached_date;
 use tokio::io::AsyncWriteExt;
 
-use crate::answers::ErrorAnswer;
+use crate::answers::{ErrorAnswer, HSTS};
 use crate::downstream::ClientStream;
-use crate::forward::answer::AnswerHead;
+use crate::forward::answer::{drop_lines, AnswerHead};
 use crate::forward::Downstream;
 use crate::policy::framing::AnswerBody;
 
@@ -17,6 +17,8 @@ pub struct RawDownstream<'a> {
     /// The staged head (then head and first piece), reused across requests.
     pub out: &'a mut Vec<u8>,
     pub request_id: &'a [u8],
+    /// The listener's `Strict-Transport-Security` value, on every answer.
+    hsts: Option<&'a [u8]>,
     chunked: bool,
     written: bool,
 }
@@ -27,9 +29,16 @@ impl<'a> RawDownstream<'a> {
             io,
             out,
             request_id,
+            hsts: None,
             chunked: false,
             written: false,
         }
+    }
+
+    /// Every answer carries `Strict-Transport-Security: hsts` (the backend's own is replaced).
+    pub fn with_hsts(mut self, hsts: Option<&'a [u8]>) -> Self {
+        self.hsts = hsts;
+        self
     }
 
     async fn flush_out(&mut self) -> bool {
@@ -54,6 +63,10 @@ impl Downstream for RawDownstream<'_> {
 
     async fn head(&mut self, head: &AnswerHead, keep_alive: bool) -> bool {
         self.chunked = head.body == AnswerBody::Chunked;
+        if let Some(v) = self.hsts {
+            drop_lines(self.out, HSTS.as_bytes());
+            push(self.out, HSTS.as_bytes(), v);
+        }
         push(self.out, b"X-Request-Id", self.request_id);
         push(self.out, b"Date", get_cached_date().as_bytes());
         self.out.extend_from_slice(if keep_alive {
@@ -94,6 +107,10 @@ impl Downstream for RawDownstream<'_> {
 
     async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool {
         self.out.clear();
+        let answer = ErrorAnswer {
+            hsts: self.hsts.or(answer.hsts),
+            ..*answer
+        };
         answer.write_to(self.out, Some(get_cached_date().as_bytes()));
         self.flush_out().await
     }

@@ -13,7 +13,7 @@
 //! | `upstream_peer`            | upgrades: a backend from the pool, its slot              |
 //! | `upstream_request_filter`  | upgrades: forwarding headers                             |
 //! | `fail_to_connect`, `error_while_proxy` | upgrades: [`retry::decide`]                 |
-//! | `response_filter`          | upgrades: echo `X-Request-Id`                            |
+//! | `response_filter`          | upgrades: echo `X-Request-Id`, HSTS                      |
 //! | `fail_to_proxy`            | the answer to a failure, or the cut                      |
 //! | `logging`                  | [`record`] (once)                                        |
 
@@ -70,6 +70,8 @@ pub struct RequestCtx {
     route: Option<Arc<Route>>,
     pool: Option<Arc<Upstreams>>,
     stripped: Option<Vec<u8>>,
+    /// The listener's `Strict-Transport-Security` value, for every answer.
+    hsts: Option<Arc<[u8]>>,
     _inflight: InflightGuard,
 }
 
@@ -110,6 +112,7 @@ impl ProxyHttp for Gateway {
             route: None,
             pool: None,
             stripped: None,
+            hsts: None,
             _inflight: InflightGuard::new(&self.metrics.inflight_requests),
         }
     }
@@ -120,6 +123,8 @@ impl ProxyHttp for Gateway {
         session.set_pipelining_enabled(true);
         let snap = ctx.snap.clone();
         let cfg = &snap.config;
+        let listener = cfg.listener_policy(pingora_compat::local_addr(session));
+        ctx.hsts = listener.and_then(|l| l.hsts.clone());
         let Some((target, lines)) = lines_of(session) else {
             ctx.request_id = self.new_request_id().to_vec();
             return self
@@ -154,6 +159,7 @@ impl ProxyHttp for Gateway {
         let chosen = routed(
             self,
             &snap,
+            listener,
             values(&lines, "host").next(),
             &method,
             &target,
@@ -195,9 +201,15 @@ impl ProxyHttp for Gateway {
             Err(Fixed::Refused(r)) => {
                 return self.reject(session, ctx, r, None, &[], has_body).await
             }
-            Err(Fixed::Answer { status, message }) => {
+            // The route's own answer, or a redirect.
+            Err(fixed) => {
+                let (status, message, headers) = fixed.parts();
                 let keep = outcome::keep_alive_after_error(status, has_body, facts.close);
-                let answer = ErrorAnswer::for_request(status, &message, &ctx.request_id, keep);
+                let answer = ErrorAnswer {
+                    headers,
+                    hsts: ctx.hsts.as_deref(),
+                    ..ErrorAnswer::for_request(status, message, &ctx.request_id, keep)
+                };
                 let _ = answer.send(session).await;
                 return Ok(true);
             }
@@ -281,6 +293,7 @@ impl ProxyHttp for Gateway {
             session,
             lines: Vec::with_capacity(512),
             request_id: &request_id,
+            hsts: ctx.hsts.as_deref(),
             head: None,
             started: false,
         };
@@ -387,6 +400,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         resp.insert_header("X-Request-Id", ctx.request_id.as_slice())?;
+        if let Some(v) = &ctx.hsts {
+            resp.insert_header(crate::answers::HSTS, &v[..])?;
+        }
         Ok(())
     }
 
@@ -493,7 +509,10 @@ impl ProxyHttp for Gateway {
                 outcome::AfterFailure::Answer { status, message } => (status, message),
             },
         };
-        let answer = ErrorAnswer::for_request(code, message, &ctx.request_id, false);
+        let answer = ErrorAnswer {
+            hsts: ctx.hsts.as_deref(),
+            ..ErrorAnswer::for_request(code, message, &ctx.request_id, false)
+        };
         let _ = answer.send(session).await;
         FailToProxy {
             error_code: code,

@@ -9,7 +9,7 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
 use super::RequestCtx;
-use crate::answers::ErrorAnswer;
+use crate::answers::{ErrorAnswer, HSTS};
 use crate::forward::answer::AnswerHead;
 use crate::forward::Downstream;
 use crate::pingora_compat;
@@ -68,6 +68,8 @@ pub(super) struct SessionDownstream<'a> {
     pub(super) session: &'a mut Session,
     pub(super) lines: Vec<u8>,
     pub(super) request_id: &'a [u8],
+    /// The listener's `Strict-Transport-Security` value (replaces the backend's).
+    pub(super) hsts: Option<&'a [u8]>,
     /// The head, staged until the first body piece is ready (so a body found invalid at once
     /// can still be answered 502), and whether it has no body.
     pub(super) head: Option<(Box<ResponseHeader>, bool)>,
@@ -111,6 +113,11 @@ impl Downstream for SessionDownstream<'_> {
         if resp.insert_header("X-Request-Id", self.request_id).is_err() {
             return false;
         }
+        if let Some(v) = self.hsts {
+            if resp.insert_header(HSTS, v).is_err() {
+                return false;
+            }
+        }
         if !keep_alive {
             self.session.set_keepalive(None);
         }
@@ -136,6 +143,10 @@ impl Downstream for SessionDownstream<'_> {
 
     async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool {
         self.started = true;
+        let answer = ErrorAnswer {
+            hsts: self.hsts.or(answer.hsts),
+            ..*answer
+        };
         answer.send(self.session).await.is_ok()
     }
 
@@ -157,14 +168,17 @@ impl Gateway {
     ) -> Result<bool> {
         ctx.rejection = Some(reason);
         self.metrics.reject(reason);
-        let answer = ErrorAnswer::refusal(
-            reason,
-            retry_after,
-            headers,
-            &ctx.request_id,
-            unread_body,
-            false,
-        );
+        let answer = ErrorAnswer {
+            hsts: ctx.hsts.as_deref(),
+            ..ErrorAnswer::refusal(
+                reason,
+                retry_after,
+                headers,
+                &ctx.request_id,
+                unread_body,
+                false,
+            )
+        };
         let _ = answer.send(session).await;
         Ok(true)
     }

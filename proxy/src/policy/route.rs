@@ -12,6 +12,39 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::config::{normalize_host, PathTable, Route, RouteTable, RouteTarget};
+use crate::policy::Rejection;
+
+/// `Location` of a plaintext request's redirect to HTTPS (`listen[].redirect_https`): the
+/// request's host without its port, then `port` unless it is 443, then the target as
+/// received. A request without a usable Host (HTTP/1.0 may omit it) has nowhere to be sent:
+/// `invalid_host`; a byte a header value must not carry (the checks before refuse those
+/// anyway): `invalid_target`.
+pub fn https_location(host: Option<&[u8]>, target: &[u8], port: u16) -> Result<String, Rejection> {
+    let host = host.map(<[u8]>::trim_ascii).unwrap_or_default();
+    let name = match host.first() {
+        Some(b'[') => host
+            .iter()
+            .position(|&b| b == b']')
+            .map_or(host, |end| &host[..=end]),
+        _ => host.split(|&b| b == b':').next().unwrap_or_default(),
+    };
+    let visible = |v: &[u8]| v.iter().all(|b| (0x21..0x7f).contains(b));
+    if name.is_empty() || !visible(name) {
+        return Err(Rejection::InvalidHost);
+    }
+    if !target.starts_with(b"/") || !visible(target) {
+        return Err(Rejection::InvalidTarget);
+    }
+    let mut out = String::with_capacity(16 + name.len() + target.len());
+    out.push_str("https://");
+    out.push_str(std::str::from_utf8(name).map_err(|_| Rejection::InvalidHost)?);
+    if port != 443 {
+        out.push(':');
+        out.push_str(&port.to_string());
+    }
+    out.push_str(std::str::from_utf8(target).map_err(|_| Rejection::InvalidTarget)?);
+    Ok(out)
+}
 
 /// In one host kind's table: an exact path, then the longest prefix; per path, the first
 /// route (more conditions first, then file order) whose method and header conditions hold.
@@ -418,5 +451,31 @@ mod tests {
         assert_eq!(rewrite(b"/other", "/api/", ""), b"/other");
         assert_eq!(rewrite(b"/api/items", "/api/", "/v2/"), b"/v2/items");
         assert_eq!(rewrite(b"/api", "/api", "/v2"), b"/v2/");
+    }
+
+    #[test]
+    fn redirects_to_https_name_the_host_without_its_port() {
+        let loc =
+            |h: Option<&str>, t: &str, p| https_location(h.map(str::as_bytes), t.as_bytes(), p);
+        assert_eq!(
+            loc(Some("api.test:8080"), "/a?b=1", 443).unwrap(),
+            "https://api.test/a?b=1"
+        );
+        assert_eq!(
+            loc(Some("api.test"), "/", 8443).unwrap(),
+            "https://api.test:8443/"
+        );
+        assert_eq!(
+            loc(Some("[::1]:80"), "/x", 8443).unwrap(),
+            "https://[::1]:8443/x"
+        );
+        assert_eq!(loc(None, "/", 443), Err(Rejection::InvalidHost));
+        assert_eq!(loc(Some(":80"), "/", 443), Err(Rejection::InvalidHost));
+        assert_eq!(loc(Some("a b"), "/", 443), Err(Rejection::InvalidHost));
+        assert_eq!(
+            loc(Some("a"), "/x\r\nSet-Cookie: y", 443),
+            Err(Rejection::InvalidTarget)
+        );
+        assert_eq!(loc(Some("a"), "*", 443), Err(Rejection::InvalidTarget));
     }
 }

@@ -285,6 +285,130 @@ async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     }
 }
 
+/// `redirect_https` on a plaintext listener, `hsts` on a TLS one: every answer of the TLS
+/// listener carries the gateway's HSTS once (the backend's own replaced), over HTTP/1.1 and
+/// HTTP/2, proxied or the gateway's own; the plaintext listeners carry none. The suite's
+/// second pass (`FLOODGATE_TEST_PATH=pingora`) runs it on pingora's engine.
+#[tokio::test]
+async fn plaintext_redirects_to_https_and_tls_answers_carry_hsts() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = pki.leaf(dir.path(), "a", &["a.test"]);
+    let (tls_port, redirect_port) = (free_port(), free_port());
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(
+        &up,
+        &format!(
+            "{}  - {{address: \"127.0.0.1:{redirect_port}\", redirect_https: {{port: {tls_port}}}}}\n\
+             buffers: {{max_body_bytes: 100}}\n",
+            listen(tls_port, &[&a], ", hsts: {max_age: 1d, include_subdomains: true}")
+        ),
+    )
+    .await;
+    const HSTS: &str = "max-age=86400; includeSubDomains";
+
+    // The redirecting listener: 308 to the same host and target over https, keep-alive, a
+    // body read and dropped; nothing reaches the backend.
+    let mut conn = TcpStream::connect(("127.0.0.1", redirect_port))
+        .await
+        .unwrap();
+    conn.write_all(
+        b"GET /items?x=1 HTTP/1.1\r\nHost: a.test:80\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await
+    .unwrap();
+    let mut pending = Vec::new();
+    for target in ["/items?x=1", "/echo"] {
+        let (head, body) = read_answer(&mut conn, &mut pending, false).await;
+        let answer = format!("{head}\r\n\r\n{}", String::from_utf8_lossy(&body));
+        assert_json_error(&answer, "HTTP/1.1 308 Permanent Redirect", "HTTPS");
+        assert!(
+            head.contains(&format!(
+                "\r\nLocation: https://a.test:{tls_port}{target}\r\n"
+            )),
+            "{head}"
+        );
+        assert!(
+            !head.to_ascii_lowercase().contains("strict-transport"),
+            "{head}"
+        );
+    }
+    // Without a Host there is nowhere to send it.
+    let said = all_it_says_to("127.0.0.1", redirect_port, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_json_error(&said, "HTTP/1.1 400 Bad Request", "Host");
+    assert_eq!(up.requests(), 0);
+
+    // The harness's plaintext listener: proxied, no HSTS.
+    let r = client().get(gw.url("/sts")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let sts: Vec<_> = r
+        .headers()
+        .get_all("strict-transport-security")
+        .iter()
+        .collect();
+    assert_eq!(sts, ["max-age=1"]);
+
+    // The TLS listener, both protocols: the gateway's HSTS once on every answer.
+    for (http1, version) in [
+        (true, reqwest::Version::HTTP_11),
+        (false, reqwest::Version::HTTP_2),
+    ] {
+        let client = https_client(&pki, "a.test", tls_port, http1);
+        for (path, body, status) in [("/items", 0, 200), ("/sts", 0, 200), ("/upload", 1000, 413)] {
+            let r = client
+                .post(format!("https://a.test:{tls_port}{path}"))
+                .body(vec![b'x'; body])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                (r.version(), r.status().as_u16()),
+                (version, status),
+                "{path}"
+            );
+            let sts: Vec<_> = r
+                .headers()
+                .get_all("strict-transport-security")
+                .iter()
+                .collect();
+            assert_eq!(sts, [HSTS], "{version:?} {path}");
+        }
+    }
+}
+
+/// `strict_sni: false`: a client whose SNI no certificate covers gets the first certificate
+/// (nginx's behaviour) instead of a failed handshake.
+#[tokio::test]
+async fn lenient_sni_serves_the_first_certificate() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = pki.leaf(dir.path(), "a", &["a.test"]);
+    let port = free_port();
+    let up = Upstream::start("a").await;
+    let gw = gateway_with(&up, &listen(port, &[&a], ", strict_sni: false")).await;
+    // The client's own check fails on the name: this one does not check.
+    let lax = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .resolve("other.test", SocketAddr::from(([127, 0, 0, 1], port)))
+        .build()
+        .unwrap();
+    let r = lax
+        .get(format!("https://other.test:{port}/items"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.rejections("tls_unknown_server_name").await, 0.0);
+    // A checking client refuses it, as it should.
+    let strict = https_client(&pki, "other.test", port, true);
+    assert!(strict
+        .get(format!("https://other.test:{port}/items"))
+        .send()
+        .await
+        .is_err());
+}
+
 #[tokio::test]
 async fn http2_requests_get_the_same_limits() {
     let OneName {

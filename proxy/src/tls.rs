@@ -310,6 +310,9 @@ impl Edge {
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     pub config: Arc<rustls::ClientConfig>,
+    /// The `ca:` file's certificates for pingora's client (upgrades); none: the system's
+    /// roots, which pingora's client loads itself.
+    pub pingora_ca: Option<Arc<pingora::protocols::tls::CaType>>,
     /// `sni:`; none: the backend's host name when it is one, else its IP address (no SNI
     /// sent, the certificate checked for the IP).
     pub sni: Option<String>,
@@ -339,6 +342,16 @@ impl UpstreamTls {
             .and_then(|n| ServerName::try_from(n.to_string()).ok())
             .unwrap_or(ServerName::IpAddress(addr.ip().into()))
     }
+
+    /// The same name as text for pingora's client, which checks an IP address written as
+    /// text for the IP (and sends no SNI), as rustls does.
+    pub fn server_name_text(&self, addr: SocketAddr, host: Option<&str>) -> String {
+        use rustls::pki_types::ServerName;
+        match self.server_name(addr, host) {
+            ServerName::DnsName(n) => n.as_ref().to_string(),
+            _ => addr.ip().to_string(),
+        }
+    }
 }
 
 /// Build a pool's client config from its `tls:` (`key` names it in errors): the CA file's
@@ -356,6 +369,7 @@ pub fn upstream_tls(
         }
     }
     let mut roots = rustls::RootCertStore::empty();
+    let mut pingora_ca = None;
     match ca {
         Some(p) => {
             let pem = std::fs::read(p)
@@ -366,11 +380,21 @@ pub fn upstream_tls(
             if certs.is_empty() {
                 return Err(format!("{key}.ca: {}: no certificate in it", p.display()));
             }
+            let mut wrapped = Vec::with_capacity(certs.len());
             for c in certs {
+                // pingora's wrapper parses with x509-parser and panics where it cannot.
+                x509_parser::parse_x509_certificate(&c).map_err(|e| {
+                    format!("{key}.ca: {}: not an X.509 certificate: {e}", p.display())
+                })?;
+                wrapped.push(pingora::utils::tls::WrappedX509::new(
+                    c.to_vec(),
+                    pingora::utils::tls::parse_x509,
+                ));
                 roots
                     .add(c)
                     .map_err(|e| format!("{key}.ca: {}: {e}", p.display()))?;
             }
+            pingora_ca = Some(Arc::from(wrapped));
         }
         None => {
             let found = rustls_native_certs::load_native_certs();
@@ -397,6 +421,7 @@ pub fn upstream_tls(
     }
     Ok(UpstreamTls {
         config: Arc::new(config),
+        pingora_ca,
         sni: sni.map(str::to_string),
         verify,
     })

@@ -333,14 +333,6 @@ impl ProxyHttp for Gateway {
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
         };
         let addr = *backend.as_inet().expect("backends are inet addresses");
-        if ctx.settings().tls.is_some() {
-            // pingora's client is not given the pool's trust anchors: an upgrade to a TLS
-            // pool is refused rather than sent in plaintext or unchecked.
-            return Error::e_explain(
-                ErrorType::HTTPStatus(502),
-                "upgrades to a TLS pool are not supported",
-            );
-        }
         ctx.backend_slot = None;
         match state_of(&backend).gate.enter(&ctx.settings().queue).await {
             Ok(slot) => ctx.backend_slot = slot,
@@ -350,7 +342,20 @@ impl ProxyHttp for Gateway {
             }
         }
         let t = ctx.settings().timeouts;
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let mut peer = match &ctx.settings().tls {
+            None => HttpPeer::new(addr, false, String::new()),
+            // A TLS pool: the pool's name, trust anchors and `verify`, as the own client has.
+            Some(tls) => {
+                let host = state_of(&backend).host();
+                let name = tls.server_name_text(addr, host.as_deref().map(String::as_str));
+                let mut peer = HttpPeer::new(addr, true, name);
+                peer.options.ca = tls.pingora_ca.clone();
+                peer.options.verify_cert = tls.verify;
+                peer.options.verify_hostname = tls.verify;
+                peer.options.alpn = pingora::protocols::ALPN::H1;
+                peer
+            }
+        };
         peer.options.connection_timeout = Some(t.connect);
         peer.options.total_connection_timeout = Some(t.connect);
         peer.options.read_timeout = Some(t.websocket_idle);

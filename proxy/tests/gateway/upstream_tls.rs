@@ -94,9 +94,34 @@ async fn tls_backend(
                     f.fetch_add(1, Ordering::SeqCst);
                     return;
                 };
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                     let (r, p) = (r.clone(), p.clone());
                     async move {
+                        if req.uri().path() == "/ws" {
+                            // An upgrade: 101, then what comes is echoed upper-cased.
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let Ok(up) = on.await else { return };
+                                let mut io = TokioIo::new(up);
+                                let mut buf = [0u8; 256];
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0
+                                        || io
+                                            .write_all(&buf[..n].to_ascii_uppercase())
+                                            .await
+                                            .is_err()
+                                    {
+                                        break;
+                                    }
+                                }
+                            });
+                            return Ok(Response::builder()
+                                .status(101)
+                                .header("Upgrade", "websocket")
+                                .header("Connection", "Upgrade")
+                                .body(Full::new(Bytes::new()))
+                                .unwrap());
+                        }
                         if req.uri().path() == "/ready" {
                             p.fetch_add(1, Ordering::SeqCst);
                             return Ok::<_, std::io::Error>(Response::new(Full::new(
@@ -115,7 +140,7 @@ async fn tls_backend(
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                     .await;
             });
         }
@@ -127,6 +152,33 @@ async fn tls_backend(
         failed_handshakes,
         task,
     }
+}
+
+/// A WebSocket upgrade through the gateway on `port`: the answer's status line, and after a
+/// 101 what the backend echoes to `hello`.
+async fn upgrade(port: u16) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut pending = Vec::new();
+    let (head, _) = read_answer(&mut s, &mut pending, true).await;
+    let status = head.lines().next().unwrap_or_default().to_string();
+    if !status.starts_with("HTTP/1.1 101") {
+        return (status, String::new());
+    }
+    s.write_all(b"hello").await.unwrap();
+    let mut echo = vec![0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    (status, String::from_utf8_lossy(&echo[..n]).into_owned())
 }
 
 /// The config of a gateway in front of `b` with this pool `tls:`.
@@ -171,23 +223,10 @@ async fn a_tls_pool_is_proxied_get_and_post_through_both_engines() {
         }
         assert_eq!(b.requests.load(Ordering::SeqCst) - before, 6);
 
-        // An upgrade to a TLS pool is refused, not sent in plaintext.
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-            .await
-            .unwrap();
-        s.write_all(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        let mut answer = vec![0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
-            .await
-            .unwrap()
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer[..n]);
-        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        // An upgrade (WebSocket) to a TLS pool is tunnelled over TLS too.
+        let (status, echo) = upgrade(gw.port).await;
+        assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+        assert_eq!(echo, "HELLO");
     }
     assert_eq!(b.failed_handshakes.load(Ordering::SeqCst), 0);
 }
@@ -226,6 +265,17 @@ async fn an_untrusted_backend_certificate_is_a_502_and_a_missing_ca_is_named_by_
         let r = c.get(gw.url("/a")).send().await.unwrap();
         assert_eq!(r.status(), 502, "{tls}");
         assert!(b.failed_handshakes.load(Ordering::SeqCst) > failed, "{tls}");
+        // An upgrade gets the same check (pingora's client, given the pool's trust).
+        let failed = b.failed_handshakes.load(Ordering::SeqCst);
+        let (status, _) = upgrade(gw.port).await;
+        assert!(status.starts_with("HTTP/1.1 502"), "{tls}: {status}");
+        // The backend sees the refusal a moment after the client got its 502.
+        let seen = after_answer(
+            || async { b.failed_handshakes.load(Ordering::SeqCst) },
+            |n| *n > failed,
+        )
+        .await;
+        assert!(seen > failed, "{tls}: the backend saw no refused handshake");
     }
     // `verify: false` takes any certificate.
     gw.rewrite(&body(&format!(
@@ -234,6 +284,7 @@ async fn an_untrusted_backend_certificate_is_a_502_and_a_missing_ca_is_named_by_
     )));
     gw.reload().await;
     assert_eq!(c.get(gw.url("/a")).send().await.unwrap().status(), 200);
+    assert_eq!(upgrade(gw.port).await.1, "HELLO");
 
     // `gateway -t` names a CA file it cannot read, and a file with no certificate.
     let missing = dir.path().join("missing-ca.pem");

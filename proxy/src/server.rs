@@ -190,11 +190,11 @@ impl BackgroundService for ClusterSync {
 }
 
 /// pingora's HTTP/2 server settings (the `h2` crate's): the stream cap, the header-list cap
-/// (`buffers.max_header_bytes`, which also bounds CONTINUATION frames: h2 stops a header block
-/// over it), and h2's own rapid-reset cap (streams reset by the client before they were
-/// taken) at `http2.max_resets`: the gateway's count of every reset
-/// (`downstream::h2_frames`) sees the bytes first, so it is the one that closes a flood, and
-/// counts it.
+/// (`buffers.max_header_bytes`, from which h2 derives how many CONTINUATION frames a header
+/// block may have), and h2's own rapid-reset cap (streams reset by the client before they
+/// were taken) at `http2.max_resets`: the gateway's count of every reset and CONTINUATION
+/// frame (`downstream::h2_frames`, at the same bounds) sees the bytes first, so it is the one
+/// that closes a flood, and counts it.
 fn h2_options(config: &GatewayConfig) -> pingora::protocols::http::v2::server::H2Options {
     let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
     h2.max_concurrent_streams(config.http2.max_concurrent_streams)

@@ -1,4 +1,4 @@
-//! TLS at the edge (rustls: docs/decisions/0004-rustls-at-the-edge.md): certificate/key pairs
+//! TLS at the edge (rustls: docs/decisions/0005-rustls-at-the-edge.md): certificate/key pairs
 //! read from PEM files and checked when the config is loaded (so `gateway -t` and a reload
 //! refuse a bad pair, and the set in force stays), the choice of a certificate by SNI, and the
 //! rustls server config of each TLS listener, rebuilt with every config and swapped with it.
@@ -81,6 +81,11 @@ impl CertSet {
             }
         }
         set
+    }
+
+    /// Whether a certificate is for `*.<parent>`.
+    pub fn has_wildcard(&self, parent: &str) -> bool {
+        self.wildcard.contains_key(parent)
     }
 
     /// The certificate for an SNI name; `None` (no SNI): the first one.

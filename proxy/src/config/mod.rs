@@ -426,6 +426,7 @@ impl GatewayConfig {
             tls,
             policies: listener_policies,
         } = listeners(f.listen.0, crate::tls::unix_now())?;
+        hosts_have_certificates(&routes, &tls)?;
         let (b, sc) = (f.buffers, f.slow_clients);
         if b.client_write_bytes > MAX_CLIENT_WRITE_BYTES {
             return Err(format!(
@@ -477,6 +478,38 @@ impl GatewayConfig {
             timeouts,
         })
     }
+}
+
+/// "No certificate for a configured name": a route's host that a TLS listener refusing
+/// unknown names (`strict_sni`, the default) has no certificate for would be refused at the
+/// handshake there. An exact host needs a certificate for it or a wildcard over it; a `*.`
+/// host a wildcard certificate for the same parent (one label deep, as certificates are);
+/// an IP address is covered (clients send no SNI for one: the first certificate answers).
+fn hosts_have_certificates(routes: &RouteTable, tls: &[TlsListener]) -> Result<(), String> {
+    for l in tls.iter().filter(|l| l.strict_sni) {
+        for r in &routes.routes {
+            let (covered, shown) = match &r.host {
+                HostMatch::Any => continue,
+                HostMatch::Exact(name) => (
+                    name.parse::<std::net::IpAddr>().is_ok() || l.certs.pick(Some(name)).is_some(),
+                    name.clone(),
+                ),
+                HostMatch::Suffix(suffix) => (
+                    l.certs.has_wildcard(suffix.trim_start_matches('.')),
+                    format!("*{suffix}"),
+                ),
+            };
+            if !covered {
+                return Err(format!(
+                    "routes[{}].host: {shown}: no certificate of the TLS listener {} covers it, \
+                     so its clients would be refused at the handshake there; add one, or set \
+                     `strict_sni: false` on that listener to answer it with the first certificate",
+                    r.index, l.address
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `cluster:` section, checked against the limits that use it: a `scope: cluster` limit

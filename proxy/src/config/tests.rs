@@ -324,3 +324,36 @@ fn relative_paths_are_the_config_files_directory() {
         Some(std::path::Path::new("/etc/fg/hosts"))
     );
 }
+
+#[test]
+fn a_route_host_needs_a_certificate_on_each_strict_tls_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["a.test".to_string(), "*.w.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (c, k) = (dir.path().join("a.pem"), dir.path().join("a.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let yaml = |host: &str, strict: bool| {
+        format!(
+            "listen: [\"127.0.0.1:1\", {{address: \"127.0.0.1:2\", tls: {{certificates: [{{cert: \"{}\", key: \"{}\"}}], strict_sni: {strict}}}}}]\n\
+             routes: [{{path: /, pool: default}}, {{host: \"{host}\", path: /, pool: default}}]\n{MINIMAL}",
+            c.display(),
+            k.display()
+        )
+    };
+    for host in ["a.test", "A.test", "x.w.test", "*.w.test", "10.0.0.1"] {
+        let r = GatewayConfig::parse(&yaml(host, true));
+        assert!(r.is_ok(), "{host}: {:?}", r.err());
+    }
+    for host in ["b.test", "a.b.w.test", "*.other.test", "*.a.test"] {
+        let e = err(&yaml(host, true));
+        assert!(
+            e.contains("routes[1].host") && e.contains("127.0.0.1:2") && e.contains("strict_sni"),
+            "{host}: {e}"
+        );
+        assert!(GatewayConfig::parse(&yaml(host, false)).is_ok(), "{host}");
+    }
+}

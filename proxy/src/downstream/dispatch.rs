@@ -87,7 +87,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
             }
         };
         let fast = c.fast_path;
-        let max_resets = c.http2.max_resets;
+        let (max_resets, max_header_bytes) = (c.http2.max_resets, c.max_header_bytes);
         let mut first_due = accepted + head_timeout;
         let local = stream
             .get_socket_digest()
@@ -117,7 +117,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionTracked<A> {
             // pingora's HTTP/2 server, its requests through pingora's engine (`pingora_h1`).
             let _ = self
                 .inner
-                .process_new(Box::new(io.http2(max_resets)), shutdown)
+                .process_new(Box::new(io.http2(max_resets, max_header_bytes)), shutdown)
                 .await;
             return None;
         }

@@ -8,14 +8,36 @@
 //! client is counted as its bytes are read (before h2 parses them): more than
 //! `http2.max_resets` within 10 s and the connection is closed (`http2_rapid_reset`). A
 //! browser resets a few streams when a page is left; a flood resets thousands a second.
+//!
+//! CONTINUATION flood (CVE-2024-27316 and kin): a header block (HEADERS without
+//! END_HEADERS) continued by endless CONTINUATION frames. `h2` closes such a connection at
+//! `max(5, 1.25 × header cap / frame size)` frames in one block, uncounted; the same bound
+//! is applied here as the bytes arrive, so the connection is closed and counted
+//! (`http2_continuation_flood`) before h2 decodes the frame that crosses it.
 
 use std::time::{Duration, Instant};
+
+use crate::policy::Rejection;
 
 /// The client's connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
 pub const PREFACE_LEN: usize = 24;
 /// The window `max_resets` is counted over.
 pub const RESET_WINDOW: Duration = Duration::from_secs(10);
+const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
+const PUSH_PROMISE: u8 = 0x5;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+/// The frame size the server allows (HTTP/2's default `SETTINGS_MAX_FRAME_SIZE`; pingora
+/// keeps it).
+const MAX_FRAME: usize = 16_384;
+
+/// CONTINUATION frames one header block may have, as `h2` counts them for a header cap of
+/// `header_bytes` (its `calc_max_continuation_frames`).
+pub fn max_continuations(header_bytes: usize) -> u32 {
+    let frames = (header_bytes / MAX_FRAME).max(1);
+    (frames + (frames >> 2)).max(5).min(u32::MAX as usize) as u32
+}
 
 /// Frame boundaries in a client's byte stream.
 #[derive(Debug)]
@@ -27,10 +49,13 @@ pub struct FrameScan {
     max_resets: u32,
     resets: u32,
     window_start: Option<Instant>,
+    /// CONTINUATION frames without END_HEADERS in the open header block.
+    continuations: u32,
+    max_continuations: u32,
 }
 
 impl FrameScan {
-    pub fn new(max_resets: u32) -> Self {
+    pub fn new(max_resets: u32, max_continuations: u32) -> Self {
         FrameScan {
             preface_left: PREFACE_LEN,
             header: [0; 9],
@@ -39,6 +64,8 @@ impl FrameScan {
             max_resets,
             resets: 0,
             window_start: None,
+            continuations: 0,
+            max_continuations,
         }
     }
 
@@ -47,8 +74,9 @@ impl FrameScan {
         self.preface_left > 0
     }
 
-    /// Follow `data`; false once the client reset more streams than allowed.
-    pub fn observe(&mut self, mut data: &[u8], now: impl Fn() -> Instant) -> bool {
+    /// Follow `data`; the refusal once the client reset more streams than allowed or
+    /// continued a header block too long.
+    pub fn observe(&mut self, mut data: &[u8], now: impl Fn() -> Instant) -> Result<(), Rejection> {
         while !data.is_empty() {
             if self.preface_left > 0 {
                 let n = self.preface_left.min(data.len());
@@ -65,16 +93,28 @@ impl FrameScan {
                 data = &data[n..];
                 if self.header_len == 9 {
                     self.header_len = 0;
-                    let h = &self.header;
+                    let h = self.header;
                     self.payload_left =
                         (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-                    if h[3] == RST_STREAM && !self.count_reset(now()) {
-                        return false;
+                    let ends_block = h[4] & END_HEADERS != 0;
+                    match h[3] {
+                        RST_STREAM if !self.count_reset(now()) => {
+                            return Err(Rejection::Http2RapidReset)
+                        }
+                        HEADERS | PUSH_PROMISE => self.continuations = 0,
+                        CONTINUATION if ends_block => self.continuations = 0,
+                        CONTINUATION => {
+                            self.continuations += 1;
+                            if self.continuations > self.max_continuations {
+                                return Err(Rejection::Http2ContinuationFlood);
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }
         }
-        true
+        Ok(())
     }
 
     fn count_reset(&mut self, now: Instant) -> bool {
@@ -124,14 +164,14 @@ mod tests {
                 bytes.extend(frame(kind, (next() % 300) as usize));
             }
             let t = Instant::now();
-            let mut exact = FrameScan::new(resets);
-            let mut one_less = FrameScan::new(resets.saturating_sub(1));
+            let mut exact = FrameScan::new(resets, u32::MAX);
+            let mut one_less = FrameScan::new(resets.saturating_sub(1), u32::MAX);
             let mut rest = &bytes[..];
             let (mut ok_exact, mut ok_less) = (true, true);
             while !rest.is_empty() {
                 let n = 1 + (next() as usize % rest.len().min(50));
-                ok_exact &= exact.observe(&rest[..n], || t);
-                ok_less &= one_less.observe(&rest[..n], || t);
+                ok_exact &= exact.observe(&rest[..n], || t).is_ok();
+                ok_less &= one_less.observe(&rest[..n], || t).is_ok();
                 rest = &rest[n..];
             }
             assert!(ok_exact, "seed {seed}: {resets} resets allowed");
@@ -141,14 +181,72 @@ mod tests {
 
     #[test]
     fn the_count_starts_again_after_the_window() {
-        let mut scan = FrameScan::new(2);
+        let mut scan = FrameScan::new(2, 5);
         let t = Instant::now();
         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         bytes.extend(frame(RST_STREAM, 4));
         bytes.extend(frame(RST_STREAM, 4));
-        assert!(scan.observe(&bytes, || t));
-        assert!(scan.observe(&frame(RST_STREAM, 4), || t + RESET_WINDOW));
-        assert!(scan.observe(&frame(RST_STREAM, 4), || t + RESET_WINDOW));
-        assert!(!scan.observe(&frame(RST_STREAM, 4), || t + RESET_WINDOW));
+        assert!(scan.observe(&bytes, || t).is_ok());
+        assert!(scan
+            .observe(&frame(RST_STREAM, 4), || t + RESET_WINDOW)
+            .is_ok());
+        assert!(scan
+            .observe(&frame(RST_STREAM, 4), || t + RESET_WINDOW)
+            .is_ok());
+        assert_eq!(
+            scan.observe(&frame(RST_STREAM, 4), || t + RESET_WINDOW),
+            Err(Rejection::Http2RapidReset)
+        );
+    }
+
+    fn flagged(kind: u8, flags: u8, payload: usize) -> Vec<u8> {
+        let mut f = frame(kind, payload);
+        f[4] = flags;
+        f
+    }
+
+    /// A header block may be continued up to h2's bound, any number of times; one frame more
+    /// in one block is refused, whatever the payloads and however the bytes are split.
+    #[test]
+    fn continuation_floods_are_cut_at_h2s_bound() {
+        assert_eq!(max_continuations(16 << 10), 5);
+        assert_eq!(max_continuations(1 << 20), 80);
+        let (seed, mut next) = crate::policy::testing::seeded();
+        for _ in 0..200 {
+            let max = 5;
+            let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            let mut worst = 0;
+            for _ in 0..(1 + next() % 6) {
+                let open = next() % 2 == 0;
+                bytes.extend(flagged(
+                    HEADERS,
+                    if open { 0 } else { END_HEADERS },
+                    (next() % 40) as usize,
+                ));
+                if open {
+                    let n = next() % 8;
+                    worst = worst.max(n);
+                    for _ in 0..n {
+                        bytes.extend(flagged(CONTINUATION, 0, (next() % 40) as usize));
+                    }
+                    bytes.extend(flagged(CONTINUATION, END_HEADERS, 3));
+                }
+                bytes.extend(frame(0x0, (next() % 40) as usize));
+            }
+            let mut scan = FrameScan::new(u32::MAX, max);
+            let mut rest = &bytes[..];
+            let mut got = Ok(());
+            while !rest.is_empty() && got.is_ok() {
+                let n = 1 + (next() as usize % rest.len().min(50));
+                got = scan.observe(&rest[..n], Instant::now);
+                rest = &rest[n..];
+            }
+            let want = if worst > u64::from(max) {
+                Err(Rejection::Http2ContinuationFlood)
+            } else {
+                Ok(())
+            };
+            assert_eq!(got, want, "seed {seed}: {worst} continuations");
+        }
     }
 }

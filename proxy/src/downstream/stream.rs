@@ -115,10 +115,14 @@ impl ClientStream {
     }
 
     /// For an HTTP/2 connection: the deadline bounds the client's connection preface only;
-    /// then the client's stream resets are counted ([`FrameScan`]: over `max_resets` in 10 s,
-    /// the connection is closed).
-    pub fn http2(mut self, max_resets: u32) -> Self {
-        self.h2 = Some(FrameScan::new(max_resets));
+    /// then the client's stream resets and CONTINUATION frames are counted ([`FrameScan`]:
+    /// over `max_resets` in 10 s, or a header block continued past h2's bound for
+    /// `max_header_bytes`, the connection is closed).
+    pub fn http2(mut self, max_resets: u32, max_header_bytes: usize) -> Self {
+        self.h2 = Some(FrameScan::new(
+            max_resets,
+            super::h2_frames::max_continuations(max_header_bytes),
+        ));
         self
     }
 
@@ -147,8 +151,8 @@ impl ClientStream {
         }
         self.received_any = true;
         if let Some(scan) = &mut self.h2 {
-            if !scan.observe(data, std::time::Instant::now) {
-                self.refused = Some(Rejection::Http2RapidReset);
+            if let Err(reason) = scan.observe(data, std::time::Instant::now) {
+                self.refused = Some(reason);
             }
             self.in_head = scan.in_preface();
             return;

@@ -64,10 +64,13 @@ pub enum Rejection {
     /// An HTTP/2 client that reset more than `http2.max_resets` streams in 10 s (rapid reset,
     /// CVE-2023-44487): the connection is closed.
     Http2RapidReset,
+    /// An HTTP/2 header block continued by more CONTINUATION frames than its size cap needs
+    /// (CONTINUATION flood, CVE-2024-27316 and kin): the connection is closed.
+    Http2ContinuationFlood,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 26] = [
+    pub const ALL: [Rejection; 27] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -94,6 +97,7 @@ impl Rejection {
         Rejection::TlsUnknownServerName,
         Rejection::PlaintextOnTls,
         Rejection::Http2RapidReset,
+        Rejection::Http2ContinuationFlood,
     ];
 
     pub fn label(self) -> &'static str {
@@ -124,6 +128,7 @@ impl Rejection {
             Rejection::TlsUnknownServerName => "tls_unknown_server_name",
             Rejection::PlaintextOnTls => "plaintext_on_tls",
             Rejection::Http2RapidReset => "http2_rapid_reset",
+            Rejection::Http2ContinuationFlood => "http2_continuation_flood",
         }
     }
 
@@ -145,7 +150,8 @@ impl Rejection {
             | Rejection::TlsHandshake
             | Rejection::TlsUnknownServerName
             | Rejection::PlaintextOnTls
-            | Rejection::Http2RapidReset => 400,
+            | Rejection::Http2RapidReset
+            | Rejection::Http2ContinuationFlood => 400,
             Rejection::ConnectMethod => 405,
             Rejection::NoRoute => 404,
             Rejection::UnsupportedTransferEncoding => 501,
@@ -183,6 +189,7 @@ impl Rejection {
             Rejection::TlsUnknownServerName => "no certificate for this server name",
             Rejection::PlaintextOnTls => "plain HTTP was sent to an HTTPS port; use https://",
             Rejection::Http2RapidReset => "too many HTTP/2 streams reset",
+            Rejection::Http2ContinuationFlood => "too many HTTP/2 CONTINUATION frames",
             Rejection::BodyBudget => {
                 "the gateway is buffering too many request bodies; retry later"
             }

@@ -634,6 +634,77 @@ async fn a_rapid_reset_flood_is_cut_off_while_others_are_served() {
     drop(gw);
 }
 
+/// A CONTINUATION flood: one header block continued by frame after frame, never ended. The
+/// connection is closed at h2's bound (5 frames for the default 16 KiB header cap) and
+/// counted, while another HTTP/2 client is served all along.
+#[tokio::test]
+async fn a_continuation_flood_is_cut_off_and_counted() {
+    let OneName {
+        pki,
+        port: tls_port,
+        up: _up,
+        gw,
+        _dir,
+    } = one_name("").await;
+    let good = https_client(&pki, "a.test", tls_port, false);
+    let mut tls = connect(&pki, tls_port, Some("a.test"), &[b"h2"])
+        .await
+        .unwrap();
+    // A frame on stream 1 (SETTINGS: on the connection, stream 0).
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let n = payload.len();
+        let stream = u8::from(kind != 0x4);
+        let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
+        f.extend_from_slice(&[0, 0, 0, stream]);
+        f.extend_from_slice(payload);
+        f
+    };
+    // SETTINGS, then HEADERS on stream 1 without END_HEADERS: `:method: GET`, `:scheme:
+    // https`, `:path: /`.
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(0x4, 0, &[]));
+    opening.extend(frame(0x1, 0x1, &[0x82, 0x87, 0x84]));
+    tls.write_all(&opening).await.unwrap();
+    let mut sent = 0;
+    const FLOOD: usize = 10_000;
+    // CONTINUATION frames (a 16-byte literal header each), never END_HEADERS.
+    let continuation = frame(
+        0x9,
+        0,
+        &[
+            0x40, 0x01, b'x', 0x0c, b'y', b'y', b'y', b'y', b'y', b'y', b'y', b'y', b'y', b'y',
+            b'y', b'y',
+        ],
+    );
+    while sent < FLOOD {
+        if tls.write_all(&continuation).await.is_err() {
+            break;
+        }
+        sent += 1;
+        if sent % 4 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // Whatever it answered (a GOAWAY, or nothing), the connection ends.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the flooding connection stayed open after {sent} frames"
+    );
+    assert_eq!(counted(&gw, "http2_continuation_flood", 1.0).await, 1.0);
+    let r = good
+        .get(format!("https://a.test:{tls_port}/items"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.version(), r.status().as_u16()),
+        (reqwest::Version::HTTP_2, 200)
+    );
+    eprintln!("continuation flood: {sent} frames written before the connection failed");
+}
+
 /// An HTTP/2 request over cleartext with prior knowledge (h2c) on a plaintext listener.
 async fn h2c_status(port: u16) -> Result<u16, h2::Error> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

@@ -27,6 +27,8 @@ const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const PUSH_PROMISE: u8 = 0x5;
 const CONTINUATION: u8 = 0x9;
+/// RST_STREAM's error code for a stream the server did not take.
+const REFUSED_STREAM: u32 = 0x7;
 const END_HEADERS: u8 = 0x4;
 /// The frame size the server allows (HTTP/2's default `SETTINGS_MAX_FRAME_SIZE`; pingora
 /// keeps it).
@@ -39,44 +41,47 @@ pub fn max_continuations(header_bytes: usize) -> u32 {
     (frames + (frames >> 2)).max(5).min(u32::MAX as usize) as u32
 }
 
-/// Frame boundaries in a client's byte stream.
+/// Frame boundaries in one direction of a connection's bytes, whatever their split: each
+/// frame's 9-byte header, and the first bytes of its payload when asked for.
 #[derive(Debug)]
-pub struct FrameScan {
+struct Walk {
     preface_left: usize,
     header: [u8; 9],
     header_len: usize,
     payload_left: usize,
-    max_resets: u32,
-    resets: u32,
-    window_start: Option<Instant>,
-    /// CONTINUATION frames without END_HEADERS in the open header block.
-    continuations: u32,
-    max_continuations: u32,
+    /// The first bytes of the current frame's payload, when its header asked for them.
+    kept: [u8; 4],
+    kept_len: usize,
+    keep: usize,
 }
 
-impl FrameScan {
-    pub fn new(max_resets: u32, max_continuations: u32) -> Self {
-        FrameScan {
-            preface_left: PREFACE_LEN,
+/// What [`Walk::walk`] reports.
+enum Seen {
+    /// A frame's header; the walker keeps the first `n` bytes of its payload when the
+    /// callback returns `n`.
+    Header([u8; 9]),
+    /// The kept first bytes of the payload of the frame whose header came last.
+    Kept([u8; 4]),
+}
+
+impl Walk {
+    fn new(preface: usize) -> Self {
+        Walk {
+            preface_left: preface,
             header: [0; 9],
             header_len: 0,
             payload_left: 0,
-            max_resets,
-            resets: 0,
-            window_start: None,
-            continuations: 0,
-            max_continuations,
+            kept: [0; 4],
+            kept_len: 0,
+            keep: 0,
         }
     }
 
-    /// Whether the preface is still being received.
-    pub fn in_preface(&self) -> bool {
-        self.preface_left > 0
-    }
-
-    /// Follow `data`; the refusal once the client reset more streams than allowed or
-    /// continued a header block too long.
-    pub fn observe(&mut self, mut data: &[u8], now: impl Fn() -> Instant) -> Result<(), Rejection> {
+    fn walk<E>(
+        &mut self,
+        mut data: &[u8],
+        mut seen: impl FnMut(Seen) -> Result<usize, E>,
+    ) -> Result<(), E> {
         while !data.is_empty() {
             if self.preface_left > 0 {
                 let n = self.preface_left.min(data.len());
@@ -84,6 +89,14 @@ impl FrameScan {
                 data = &data[n..];
             } else if self.payload_left > 0 {
                 let n = self.payload_left.min(data.len());
+                if self.kept_len < self.keep {
+                    let k = (self.keep - self.kept_len).min(n);
+                    self.kept[self.kept_len..self.kept_len + k].copy_from_slice(&data[..k]);
+                    self.kept_len += k;
+                    if self.kept_len == self.keep {
+                        seen(Seen::Kept(self.kept))?;
+                    }
+                }
                 self.payload_left -= n;
                 data = &data[n..];
             } else {
@@ -96,25 +109,69 @@ impl FrameScan {
                     let h = self.header;
                     self.payload_left =
                         (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-                    let ends_block = h[4] & END_HEADERS != 0;
-                    match h[3] {
-                        RST_STREAM if !self.count_reset(now()) => {
-                            return Err(Rejection::Http2RapidReset)
-                        }
-                        HEADERS | PUSH_PROMISE => self.continuations = 0,
-                        CONTINUATION if ends_block => self.continuations = 0,
-                        CONTINUATION => {
-                            self.continuations += 1;
-                            if self.continuations > self.max_continuations {
-                                return Err(Rejection::Http2ContinuationFlood);
-                            }
-                        }
-                        _ => {}
-                    }
+                    self.keep = seen(Seen::Header(h))?.min(4).min(self.payload_left);
+                    self.kept_len = 0;
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// What a client sends, frame by frame.
+#[derive(Debug)]
+pub struct FrameScan {
+    walk: Walk,
+    max_resets: u32,
+    resets: u32,
+    window_start: Option<Instant>,
+    /// CONTINUATION frames without END_HEADERS in the open header block.
+    continuations: u32,
+    max_continuations: u32,
+}
+
+impl FrameScan {
+    pub fn new(max_resets: u32, max_continuations: u32) -> Self {
+        FrameScan {
+            walk: Walk::new(PREFACE_LEN),
+            max_resets,
+            resets: 0,
+            window_start: None,
+            continuations: 0,
+            max_continuations,
+        }
+    }
+
+    /// Whether the preface is still being received.
+    pub fn in_preface(&self) -> bool {
+        self.walk.preface_left > 0
+    }
+
+    /// Follow `data`; the refusal once the client reset more streams than allowed or
+    /// continued a header block too long.
+    pub fn observe(&mut self, data: &[u8], now: impl Fn() -> Instant) -> Result<(), Rejection> {
+        let mut walk = std::mem::replace(&mut self.walk, Walk::new(0));
+        let r = walk.walk(data, |seen| {
+            let Seen::Header(h) = seen else {
+                return Ok(0);
+            };
+            let ends_block = h[4] & END_HEADERS != 0;
+            match h[3] {
+                RST_STREAM if !self.count_reset(now()) => return Err(Rejection::Http2RapidReset),
+                HEADERS | PUSH_PROMISE => self.continuations = 0,
+                CONTINUATION if ends_block => self.continuations = 0,
+                CONTINUATION => {
+                    self.continuations += 1;
+                    if self.continuations > self.max_continuations {
+                        return Err(Rejection::Http2ContinuationFlood);
+                    }
+                }
+                _ => {}
+            }
+            Ok(0)
+        });
+        self.walk = walk;
+        r
     }
 
     fn count_reset(&mut self, now: Instant) -> bool {
@@ -126,6 +183,38 @@ impl FrameScan {
             }
         }
         self.resets <= self.max_resets
+    }
+}
+
+/// What the server sends, frame by frame: the streams it refuses (`RST_STREAM` with
+/// `REFUSED_STREAM`: h2 refuses a stream over `http2.max_concurrent_streams` that way, and
+/// streams opened while the connection drains).
+#[derive(Debug)]
+pub struct ServerFrames {
+    walk: Walk,
+}
+
+impl Default for ServerFrames {
+    fn default() -> Self {
+        ServerFrames { walk: Walk::new(0) }
+    }
+}
+
+impl ServerFrames {
+    /// Follow `data`; how many streams it refuses.
+    pub fn refused(&mut self, data: &[u8]) -> u32 {
+        let mut refused = 0;
+        let _ = self.walk.walk(data, |seen| {
+            Ok::<_, ()>(match seen {
+                Seen::Header(h) if h[3] == RST_STREAM => 4,
+                Seen::Kept(code) => {
+                    refused += u32::from(u32::from_be_bytes(code) == REFUSED_STREAM);
+                    0
+                }
+                Seen::Header(_) => 0,
+            })
+        });
+        refused
     }
 }
 
@@ -247,6 +336,42 @@ mod tests {
                 Ok(())
             };
             assert_eq!(got, want, "seed {seed}: {worst} continuations");
+        }
+    }
+
+    /// The server's RST_STREAM frames with REFUSED_STREAM are counted, however the bytes are
+    /// split; other codes and other frames (whose payloads look like them) are not.
+    #[test]
+    fn refused_streams_are_counted_across_any_split() {
+        let (seed, mut next) = crate::policy::testing::seeded();
+        for _ in 0..200 {
+            let mut bytes = Vec::new();
+            let mut want = 0;
+            for _ in 0..(next() % 30) {
+                match next() % 3 {
+                    0 => {
+                        let code = if next() % 2 == 0 { REFUSED_STREAM } else { 0x8 };
+                        want += u32::from(code == REFUSED_STREAM);
+                        let mut f = frame(RST_STREAM, 0);
+                        f[2] = 4;
+                        f.extend(code.to_be_bytes());
+                        bytes.extend(f);
+                    }
+                    _ => bytes.extend(frame(
+                        (next() % 10) as u8 & !RST_STREAM,
+                        (next() % 300) as usize,
+                    )),
+                }
+            }
+            let mut scan = ServerFrames::default();
+            let mut rest = &bytes[..];
+            let mut got = 0;
+            while !rest.is_empty() {
+                let n = 1 + (next() as usize % rest.len().min(50));
+                got += scan.refused(&rest[..n]);
+                rest = &rest[n..];
+            }
+            assert_eq!(got, want, "seed {seed}");
         }
     }
 }

@@ -26,7 +26,7 @@ use pingora::protocols::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::h2_frames::FrameScan;
+use super::h2_frames::{FrameScan, ServerFrames};
 use crate::answers::ErrorAnswer;
 use crate::metrics::Metrics;
 use crate::pingora_compat;
@@ -71,6 +71,8 @@ pub struct ClientStream {
     /// An HTTP/2 connection: its frames, followed instead of HTTP/1 heads (only the preface
     /// is bound by the deadline).
     h2: Option<FrameScan>,
+    /// And the server's frames (its refused streams are counted).
+    h2_out: Option<ServerFrames>,
 }
 
 impl fmt::Debug for ClientStream {
@@ -111,6 +113,7 @@ impl ClientStream {
             rewound: Vec::new(),
             rewound_at: 0,
             h2: None,
+            h2_out: None,
         }
     }
 
@@ -123,6 +126,7 @@ impl ClientStream {
             max_resets,
             super::h2_frames::max_continuations(max_header_bytes),
         ));
+        self.h2_out = Some(ServerFrames::default());
         self
     }
 
@@ -142,6 +146,19 @@ impl ClientStream {
         );
         self.rewound = data;
         self.rewound_at = 0;
+    }
+
+    /// Bytes written to the client: an answer began; on HTTP/2, the streams the server
+    /// refused are counted.
+    fn wrote<'a>(&mut self, parts: impl Iterator<Item = &'a [u8]>) {
+        for part in parts.filter(|p| !p.is_empty()) {
+            self.responded = true;
+            if let Some(out) = &mut self.h2_out {
+                for _ in 0..out.refused(part) {
+                    self.metrics.reject(Rejection::Http2TooManyStreams);
+                }
+            }
+        }
     }
 
     /// Track head boundaries in newly read bytes.
@@ -371,8 +388,8 @@ impl AsyncWrite for ClientStream {
             return replaced;
         }
         let r = Pin::new(&mut this.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.responded = true;
+        if let Poll::Ready(Ok(n)) = r {
+            this.wrote(data.get(..n).into_iter());
         }
         r
     }
@@ -392,8 +409,14 @@ impl AsyncWrite for ClientStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.responded = true;
+        if let Poll::Ready(Ok(n)) = r {
+            // The first `n` bytes of the slices went out.
+            let mut left = n;
+            this.wrote(bufs.iter().map_while(|b| {
+                let part = b.get(..left.min(b.len()))?;
+                left -= part.len();
+                (!part.is_empty()).then_some(part)
+            }));
         }
         r
     }

@@ -67,10 +67,14 @@ pub enum Rejection {
     /// An HTTP/2 header block continued by more CONTINUATION frames than its size cap needs
     /// (CONTINUATION flood, CVE-2024-27316 and kin): the connection is closed.
     Http2ContinuationFlood,
+    /// A stream the HTTP/2 server refused (`REFUSED_STREAM`): over
+    /// `http2.max_concurrent_streams`, or opened while the connection drains. The connection
+    /// stays.
+    Http2TooManyStreams,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 27] = [
+    pub const ALL: [Rejection; 28] = [
         Rejection::NoHealthyBackend,
         Rejection::RateLimitIp,
         Rejection::RateLimitGlobal,
@@ -98,6 +102,7 @@ impl Rejection {
         Rejection::PlaintextOnTls,
         Rejection::Http2RapidReset,
         Rejection::Http2ContinuationFlood,
+        Rejection::Http2TooManyStreams,
     ];
 
     pub fn label(self) -> &'static str {
@@ -129,6 +134,7 @@ impl Rejection {
             Rejection::PlaintextOnTls => "plaintext_on_tls",
             Rejection::Http2RapidReset => "http2_rapid_reset",
             Rejection::Http2ContinuationFlood => "http2_continuation_flood",
+            Rejection::Http2TooManyStreams => "http2_too_many_streams",
         }
     }
 
@@ -152,6 +158,7 @@ impl Rejection {
             | Rejection::PlaintextOnTls
             | Rejection::Http2RapidReset
             | Rejection::Http2ContinuationFlood => 400,
+            Rejection::Http2TooManyStreams => 429,
             Rejection::ConnectMethod => 405,
             Rejection::NoRoute => 404,
             Rejection::UnsupportedTransferEncoding => 501,
@@ -190,6 +197,7 @@ impl Rejection {
             Rejection::PlaintextOnTls => "plain HTTP was sent to an HTTPS port; use https://",
             Rejection::Http2RapidReset => "too many HTTP/2 streams reset",
             Rejection::Http2ContinuationFlood => "too many HTTP/2 CONTINUATION frames",
+            Rejection::Http2TooManyStreams => "too many concurrent HTTP/2 streams",
             Rejection::BodyBudget => {
                 "the gateway is buffering too many request bodies; retry later"
             }

@@ -182,6 +182,15 @@ async fn one_name(extra: &str) -> OneName {
     }
 }
 
+impl OneName {
+    /// A TLS connection that chose `h2`, for raw frames.
+    async fn raw_h2(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        connect(&self.pki, self.port, Some("a.test"), &[b"h2"])
+            .await
+            .unwrap()
+    }
+}
+
 #[tokio::test]
 async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     let pki = Pki::new();
@@ -639,38 +648,23 @@ async fn a_rapid_reset_flood_is_cut_off_while_others_are_served() {
 /// counted, while another HTTP/2 client is served all along.
 #[tokio::test]
 async fn a_continuation_flood_is_cut_off_and_counted() {
-    let OneName {
-        pki,
-        port: tls_port,
-        up: _up,
-        gw,
-        _dir,
-    } = one_name("").await;
-    let good = https_client(&pki, "a.test", tls_port, false);
-    let mut tls = connect(&pki, tls_port, Some("a.test"), &[b"h2"])
-        .await
-        .unwrap();
-    // A frame on stream 1 (SETTINGS: on the connection, stream 0).
-    let frame = |kind: u8, flags: u8, payload: &[u8]| {
-        let n = payload.len();
-        let stream = u8::from(kind != 0x4);
-        let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
-        f.extend_from_slice(&[0, 0, 0, stream]);
-        f.extend_from_slice(payload);
-        f
-    };
+    let one = one_name("").await;
+    let (gw, tls_port) = (&one.gw, one.port);
+    let good = https_client(&one.pki, "a.test", tls_port, false);
+    let mut tls = one.raw_h2().await;
     // SETTINGS, then HEADERS on stream 1 without END_HEADERS: `:method: GET`, `:scheme:
     // https`, `:path: /`.
     let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    opening.extend(frame(0x4, 0, &[]));
-    opening.extend(frame(0x1, 0x1, &[0x82, 0x87, 0x84]));
+    opening.extend(h2_frame(0x4, 0, 0, &[]));
+    opening.extend(h2_frame(0x1, 0x1, 1, &[0x82, 0x87, 0x84]));
     tls.write_all(&opening).await.unwrap();
     let mut sent = 0;
     const FLOOD: usize = 10_000;
     // CONTINUATION frames (a 16-byte literal header each), never END_HEADERS.
-    let continuation = frame(
+    let continuation = h2_frame(
         0x9,
         0,
+        1,
         &[
             0x40, 0x01, b'x', 0x0c, b'y', b'y', b'y', b'y', b'y', b'y', b'y', b'y', b'y', b'y',
             b'y', b'y',
@@ -692,7 +686,7 @@ async fn a_continuation_flood_is_cut_off_and_counted() {
         ended.is_ok(),
         "the flooding connection stayed open after {sent} frames"
     );
-    assert_eq!(counted(&gw, "http2_continuation_flood", 1.0).await, 1.0);
+    assert_eq!(counted(gw, "http2_continuation_flood", 1.0).await, 1.0);
     let r = good
         .get(format!("https://a.test:{tls_port}/items"))
         .send()
@@ -703,6 +697,99 @@ async fn a_continuation_flood_is_cut_off_and_counted() {
         (reqwest::Version::HTTP_2, 200)
     );
     eprintln!("continuation flood: {sent} frames written before the connection failed");
+}
+
+/// One raw HTTP/2 frame: type, flags, stream, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The frames a raw HTTP/2 connection receives within `wait` (type, flags, stream, payload).
+async fn h2_frames_for(
+    s: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    wait: Duration,
+) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = tokio::time::Instant::now() + wait;
+    while let Ok(Ok(n)) = tokio::time::timeout_at(end, s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while bytes.len() >= at + 9 {
+        let h = &bytes[at..at + 9];
+        let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        let Some(payload) = bytes.get(at + 9..at + 9 + len) else {
+            break;
+        };
+        frames.push((h[3], h[4], stream, payload.to_vec()));
+        at += 9 + len;
+    }
+    frames
+}
+
+/// A client opening more streams than `http2.max_concurrent_streams`: each stream over the
+/// cap is refused (`RST_STREAM` `REFUSED_STREAM`) and counted, the connection stays, the
+/// streams within the cap are served.
+#[tokio::test]
+async fn streams_over_the_cap_are_refused_and_counted() {
+    let one = one_name("http2: {max_concurrent_streams: 3}\n").await;
+    let mut tls = one.raw_h2().await;
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(h2_frame(0x4, 0, 0, &[]));
+    tls.write_all(&opening).await.unwrap();
+    // The server's SETTINGS, acknowledged: its stream cap applies from then on.
+    let settings = h2_frames_for(&mut tls, Duration::from_millis(300)).await;
+    assert!(
+        settings.iter().any(|f| f.0 == 0x4 && f.1 & 1 == 0),
+        "{settings:?}"
+    );
+    tls.write_all(&h2_frame(0x4, 0x1, 0, &[])).await.unwrap();
+    // Ten POSTs whose bodies never come (END_HEADERS, no END_STREAM): they stay open.
+    // `:method: POST`, `:scheme: https`, `:path: /`, `:authority: a.test`.
+    let head = [
+        0x83, 0x87, 0x84, 0x01, 0x06, b'a', b'.', b't', b'e', b's', b't',
+    ];
+    let mut streams = Vec::new();
+    for i in 0..10u32 {
+        streams.extend(h2_frame(0x1, 0x4, 1 + 2 * i, &head));
+    }
+    tls.write_all(&streams).await.unwrap();
+    let frames = h2_frames_for(&mut tls, Duration::from_millis(500)).await;
+    let refused: Vec<u32> = frames
+        .iter()
+        .filter(|f| f.0 == 0x3 && f.3 == 7u32.to_be_bytes())
+        .map(|f| f.2)
+        .collect();
+    assert_eq!(refused, [7, 9, 11, 13, 15, 17, 19], "{frames:?}");
+    assert!(!frames.iter().any(|f| f.0 == 0x7), "a GOAWAY: {frames:?}");
+    assert_eq!(counted(&one.gw, "http2_too_many_streams", 7.0).await, 7.0);
+    // The connection still serves: a GET on a new stream once one of the three ends (its
+    // body ends empty).
+    tls.write_all(&h2_frame(0x0, 0x1, 1, &[])).await.unwrap();
+    let get = [
+        0x82, 0x87, 0x84, 0x01, 0x06, b'a', b'.', b't', b'e', b's', b't',
+    ];
+    tls.write_all(&h2_frame(0x1, 0x5, 21, &get)).await.unwrap();
+    let frames = h2_frames_for(&mut tls, Duration::from_millis(500)).await;
+    // HEADERS answers on stream 1 and on stream 21 (`:status: 200` is HPACK index 8: 0x88).
+    for stream in [1, 21] {
+        assert!(
+            frames
+                .iter()
+                .any(|f| f.0 == 0x1 && f.2 == stream && f.3.first() == Some(&0x88)),
+            "stream {stream}: {frames:?}"
+        );
+    }
 }
 
 /// An HTTP/2 request over cleartext with prior knowledge (h2c) on a plaintext listener.

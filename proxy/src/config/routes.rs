@@ -403,20 +403,6 @@ impl std::hash::Hasher for Fnv {
 /// A map keyed by config strings, probed on the request path.
 pub type FastMap<V> = HashMap<String, V, std::hash::BuildHasherDefault<Fnv>>;
 
-/// Headers a route may not set or remove: the gateway writes them itself (framing,
-/// forwarding, request id).
-const GATEWAY_HEADERS: [&str; 9] = [
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-real-ip",
-    "x-request-id",
-];
-
 /// A header name (an RFC 9110 token), as written.
 fn token(key: &str, name: &str) -> Result<String, String> {
     let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
@@ -429,7 +415,7 @@ fn token(key: &str, name: &str) -> Result<String, String> {
 /// A header a route may edit: a token, not one the gateway writes itself.
 fn header_name(key: &str, name: &str) -> Result<String, String> {
     let name = token(key, name)?;
-    if GATEWAY_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+    if crate::policy::headers::gateway_owned(name.as_bytes()) {
         return Err(format!("{key}: {name} is the gateway's own header"));
     }
     Ok(name)

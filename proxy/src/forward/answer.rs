@@ -3,6 +3,7 @@
 //! chunked body decoded strictly.
 
 use crate::policy::framing::{self, AnswerBody, InvalidAnswer};
+use crate::policy::headers;
 
 /// Most headers an answer may have.
 const MAX_HEADERS: usize = 128;
@@ -96,17 +97,7 @@ pub fn parse_answer_head(
     let mut length_written = false;
     for h in res.headers.iter() {
         let n = h.name;
-        let hop_by_hop = [
-            "connection",
-            "keep-alive",
-            "proxy-connection",
-            "upgrade",
-            "te",
-            "trailer",
-        ]
-        .iter()
-        .any(|hop| n.eq_ignore_ascii_case(hop))
-            || listed(&connection, n);
+        let hop_by_hop = headers::hop_by_hop(n.as_bytes()) || listed(&connection, n);
         if hop_by_hop || n.eq_ignore_ascii_case("x-request-id") || n.eq_ignore_ascii_case("date") {
             continue;
         }

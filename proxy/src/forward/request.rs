@@ -6,24 +6,7 @@
 use std::ops::Range;
 
 use crate::config::Route;
-use crate::policy::identity::replaced_by_gateway;
-
-/// Request headers that describe this hop only, never forwarded.
-fn hop_by_hop(name: &[u8]) -> bool {
-    [
-        &b"connection"[..],
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"expect",
-        b"content-length",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
-}
+use crate::policy::headers::{not_forwarded, replaced_by_gateway};
 
 /// Writes the upstream request head into `out` (the caller appends the body); returns where
 /// the request id is in it. `connection`: the values of the client's `Connection` headers
@@ -54,7 +37,7 @@ pub fn write_upstream_request<'a>(
     };
     let edits = !route.set_headers.is_empty() || !route.remove_headers.is_empty();
     for (name, value) in headers {
-        if hop_by_hop(name)
+        if not_forwarded(name)
             || replaced_by_gateway(name)
             || (!connection.is_empty() && listed(name))
             || (edits && route.edits_header(name))

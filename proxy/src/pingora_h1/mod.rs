@@ -36,7 +36,8 @@ use crate::forward::request::write_upstream_request;
 use crate::forward::{routed, Fixed, Outcome, Request};
 use crate::pingora_compat;
 use crate::policy::framing::RequestBody;
-use crate::policy::identity::{client_ip, replaced_by_gateway, usable_request_id, Forwarding};
+use crate::policy::headers::replaced_by_gateway;
+use crate::policy::identity::{client_ip, usable_request_id, Forwarding};
 
 mod session;
 use crate::policy::outcome;

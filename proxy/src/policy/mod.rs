@@ -15,7 +15,8 @@
 //! | retry after a failure       | [`retry::decide`]                          |
 //! | a backend failure's answer  | [`outcome::after_failure`]                 |
 //! | keep-alive after an error   | [`outcome::keep_alive_after_error`]        |
-//! | forwarding headers          | [`identity::Forwarding`], [`identity::replaced_by_gateway`] |
+//! | forwarding headers          | [`identity::Forwarding`], [`headers::replaced_by_gateway`] |
+//! | headers never passed on     | [`headers::not_forwarded`], [`headers::hop_by_hop`] |
 //! | the answer's framing        | [`framing::answer_framing`]                |
 //! | backend affinity (`hash`)   | [`affinity::key`]                          |
 //! | metrics and access log      | [`record::record`]                         |
@@ -24,6 +25,7 @@ pub mod admit;
 pub mod affinity;
 pub mod body;
 pub mod framing;
+pub mod headers;
 pub mod identity;
 pub mod outcome;
 pub mod path;

@@ -1,5 +1,6 @@
-//! Reloading the config in place: SIGHUP, or a change of the file when `watch: true` (the
-//! directory is watched, so a Kubernetes ConfigMap's `..data` symlink swap is seen), and DNS
+//! Reloading the config in place: SIGHUP, or a change of the file or of a file it names
+//! (a renewed certificate, say) when `watch: true` (their directories are watched, so a
+//! Kubernetes ConfigMap's or Secret's `..data` symlink swap is seen), and DNS
 //! re-resolution of backends, all through one path:
 //!
 //! read -> parse and validate (the code of `gateway -t`) -> resolve backends -> apply.
@@ -32,8 +33,9 @@ pub struct Reloader {
     snapshot: Arc<ArcSwap<Snapshot>>,
     pools: Arc<Pools>,
     metrics: Arc<Metrics>,
-    /// Serializes reloads and DNS refreshes; holds the hash of the file in force.
-    in_force: Mutex<u64>,
+    /// Serializes reloads and DNS refreshes; holds the hash of the file in force and the
+    /// fingerprint of the files it names.
+    in_force: Mutex<(u64, u64)>,
 }
 
 impl Reloader {
@@ -46,13 +48,14 @@ impl Reloader {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         metrics.config_applied(&format!("{started_hash:016x}"));
+        let files = started.files_fingerprint();
         Arc::new(Reloader {
             path,
             started,
             snapshot,
             pools,
             metrics,
-            in_force: Mutex::new(started_hash),
+            in_force: Mutex::new((started_hash, files)),
         })
     }
 
@@ -67,7 +70,7 @@ impl Reloader {
                 log::info!(
                     "config reloaded ({trigger}): {} hash {:016x}",
                     self.path.display(),
-                    *in_force
+                    in_force.0
                 );
             }
             Ok(false) => {}
@@ -79,9 +82,14 @@ impl Reloader {
         result
     }
 
-    async fn try_reload(&self, in_force: &mut u64, only_if_changed: bool) -> Result<bool, String> {
+    async fn try_reload(
+        &self,
+        in_force: &mut (u64, u64),
+        only_if_changed: bool,
+    ) -> Result<bool, String> {
         let (next, hash) = GatewayConfig::load(&self.path).map_err(|e| e.to_string())?;
-        if only_if_changed && hash == *in_force {
+        let files = next.files_fingerprint();
+        if only_if_changed && (hash, files) == *in_force {
             return Ok(false);
         }
         let restart_only = self.started.restart_only_changes(&next);
@@ -110,7 +118,7 @@ impl Reloader {
         self.snapshot.store(applied.clone());
         self.metrics.tls_certificates(&applied.config);
         self.pools.retain(&applied.config);
-        *in_force = hash;
+        *in_force = (hash, files);
         self.metrics.config_applied(&format!("{hash:016x}"));
         Ok(true)
     }
@@ -157,11 +165,14 @@ impl BackgroundService for ReloadService {
             }
         };
         let (tx, mut changes) = mpsc::channel::<()>(16);
-        let _watcher = if self.watch {
-            watch_directory(self.reloader.path(), tx)
-        } else {
-            None
+        let mut watch = if self.watch { Watch::new(tx) } else { None };
+        let cover = |watch: &mut Option<Watch>| {
+            if let Some(w) = watch {
+                let config = self.reloader.snapshot.load();
+                w.cover(self.reloader.path(), &config.config.files);
+            }
         };
+        cover(&mut watch);
         let dns = self.reloader.clone();
         let dns_task = tokio::spawn(async move {
             loop {
@@ -175,13 +186,18 @@ impl BackgroundService for ReloadService {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    let _ = self.reloader.reload("SIGHUP", false).await;
+                    if let Ok(true) = self.reloader.reload("SIGHUP", false).await {
+                        cover(&mut watch);
+                    }
                 }
                 Some(()) = changes.recv() => {
                     // Debounce: an editor or a ConfigMap update is a burst of events.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     while changes.try_recv().is_ok() {}
-                    let _ = self.reloader.reload("file change", true).await;
+                    if let Ok(true) = self.reloader.reload("file change", true).await {
+                        // Files a new config names may live in other directories.
+                        cover(&mut watch);
+                    }
                 }
                 _ = shutdown.changed() => break,
             }
@@ -190,30 +206,52 @@ impl BackgroundService for ReloadService {
     }
 }
 
-/// Watch the config file's directory; every event in it is a hint to check the file.
-fn watch_directory(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let mut watcher =
-        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+/// The directories of the config file and of the files it names, watched: every event in
+/// one is a hint to check them (a reload that finds nothing changed does nothing).
+struct Watch {
+    watcher: notify::RecommendedWatcher,
+    dirs: std::collections::BTreeSet<PathBuf>,
+}
+
+impl Watch {
+    fn new(tx: mpsc::Sender<()>) -> Option<Watch> {
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if res.is_ok() {
                 let _ = tx.try_send(());
             }
-        }) {
-            Ok(w) => w,
+        });
+        match watcher {
+            Ok(watcher) => Some(Watch {
+                watcher,
+                dirs: Default::default(),
+            }),
             Err(e) => {
-                log::error!("cannot watch {}: {e}; SIGHUP still reloads", dir.display());
-                return None;
+                log::error!("cannot watch for config changes: {e}; SIGHUP still reloads");
+                None
             }
-        };
-    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        log::error!("cannot watch {}: {e}; SIGHUP still reloads", dir.display());
-        return None;
+        }
     }
-    log::info!("watching {} for config changes", dir.display());
-    Some(watcher)
+
+    /// Watch the directories of `config` and `files` not watched yet.
+    fn cover(&mut self, config: &Path, files: &[PathBuf]) {
+        use notify::Watcher;
+        for path in std::iter::once(config).chain(files.iter().map(PathBuf::as_path)) {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf();
+            if self.dirs.contains(&dir) {
+                continue;
+            }
+            match self
+                .watcher
+                .watch(&dir, notify::RecursiveMode::NonRecursive)
+            {
+                Ok(()) => log::info!("watching {} for config changes", dir.display()),
+                Err(e) => log::error!("cannot watch {}: {e}; SIGHUP still reloads", dir.display()),
+            }
+            self.dirs.insert(dir);
+        }
+    }
 }

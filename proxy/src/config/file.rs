@@ -623,25 +623,31 @@ impl Default for FileSlowClients {
 impl FileConfig {
     /// Make every relative file path in the config `dir`'s.
     pub(super) fn anchor_paths(&mut self, dir: &std::path::Path) {
-        let anchor = |p: &mut std::path::PathBuf| {
+        for p in self.paths_mut() {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
-        };
+        }
+    }
+
+    /// Every file the config names: certificates and keys, CA files, the hosts file.
+    pub(super) fn paths_mut(&mut self) -> Vec<&mut std::path::PathBuf> {
+        let mut paths = Vec::new();
         for l in &mut self.listen.0 {
             for c in l.tls.iter_mut().flat_map(|t| t.certificates.0.iter_mut()) {
-                anchor(&mut c.cert);
-                anchor(&mut c.key);
+                paths.push(&mut c.cert);
+                paths.push(&mut c.key);
             }
         }
         let pools = self.upstreams.values_mut().map(|p| &mut p.tls);
         for tls in std::iter::once(&mut self.upstream.tls).chain(pools) {
             if let Some(ca) = tls.as_mut().and_then(|t| t.ca.as_mut()) {
-                anchor(ca);
+                paths.push(ca);
             }
         }
         if let Some(h) = self.upstream.hosts_file.as_mut() {
-            anchor(h);
+            paths.push(h);
         }
+        paths
     }
 }

@@ -22,9 +22,14 @@ pub use values::*;
 
 /// FNV-1a of the file, shown in `gateway_config_info{hash}`.
 pub fn config_hash(text: &str) -> u64 {
-    text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
+    fnv(0xcbf29ce484222325, text.as_bytes())
+}
+
+/// FNV-1a of `bytes`, continuing from `h`.
+pub fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
 }
 
 /// Why a config could not be loaded. The message names the key and line.
@@ -45,6 +50,9 @@ pub struct GatewayConfig {
     pub listen: Vec<HostPort>,
     /// The `listen:` entries with `tls:`, their certificates read and checked.
     pub tls: Vec<TlsListener>,
+    /// Every file the config names (certificates, keys, CA files, the hosts file): `watch`
+    /// follows them too, and a change of one is a change of the config.
+    pub files: Vec<std::path::PathBuf>,
     /// The listeners that redirect to HTTPS or send HSTS (most configs: none).
     pub listener_policies: Vec<ListenerPolicy>,
     pub http2: Http2Settings,
@@ -286,6 +294,18 @@ impl GatewayConfig {
         by_local(&self.listener_policies, |p| &p.address, local?)
     }
 
+    /// A fingerprint of the contents of [`GatewayConfig::files`] (an unreadable one counts
+    /// as such): a renewed certificate changes it though the config file is the same.
+    pub fn files_fingerprint(&self) -> u64 {
+        self.files.iter().fold(0xcbf29ce484222325, |h, path| {
+            let h = fnv(h, path.as_os_str().as_encoded_bytes());
+            match std::fs::read(path) {
+                Ok(bytes) => fnv(fnv(h, &[0]), &bytes),
+                Err(_) => fnv(h, &[1]),
+            }
+        })
+    }
+
     /// Read and validate a config file: what start-up, `gateway -t` and every reload run.
     /// Also returns the file's hash ([`config_hash`]).
     pub fn load(path: &Path) -> Result<(Self, u64), ConfigError> {
@@ -317,7 +337,11 @@ impl GatewayConfig {
         if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
             file.anchor_paths(dir);
         }
-        Self::from_file(file)
+        let files = file.paths_mut().into_iter().map(|p| p.clone()).collect();
+        Ok(GatewayConfig {
+            files,
+            ..Self::from_file(file)?
+        })
     }
 
     fn from_file(mut f: FileConfig) -> Result<Self, String> {
@@ -459,6 +483,7 @@ impl GatewayConfig {
             fast_path: f.fast_path,
             listen,
             tls,
+            files: Vec::new(),
             listener_policies,
             http2: Http2Settings::from(&f.http2),
             handshake_timeout: sc.handshake_timeout.0,

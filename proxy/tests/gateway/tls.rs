@@ -643,6 +643,55 @@ async fn a_rapid_reset_flood_is_cut_off_while_others_are_served() {
     drop(gw);
 }
 
+/// `watch: true` follows the certificate files too: a renewal written over them (a new file
+/// renamed into place, as certbot and cert-manager do) in another directory than the config,
+/// named by a path relative to the config's, is in force for new handshakes without a
+/// signal; the config file never changed.
+#[tokio::test]
+async fn watch_follows_a_renewed_certificate() {
+    let pki = Pki::new();
+    let issued = tempfile::tempdir().unwrap();
+    let old = pki.leaf(issued.path(), "old", &["a.test"]);
+    let new = pki.leaf(issued.path(), "new", &["a.test"]);
+    let tls_port = free_port();
+    let up = Upstream::start("a").await;
+    let body = format!(
+        "watch: true\nlisten:\n  - \"127.0.0.1:%PORT%\"\n  - {{address: \"127.0.0.1:{tls_port}\", tls: {{certificates: [{{cert: certs/a.pem, key: certs/a.key}}]}}}}\nupstream:\n  backends: [\"{}\"]\n{HEALTH}",
+        up.addr
+    );
+    let gw = GatewayProc::start_with(&body, |dir, yaml| {
+        std::fs::create_dir(dir.join("certs")).unwrap();
+        std::fs::copy(&old.cert, dir.join("certs/a.pem")).unwrap();
+        std::fs::copy(&old.key, dir.join("certs/a.key")).unwrap();
+        let path = dir.join("gateway.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    })
+    .await;
+    let got = || async { presented(&connect(&pki, tls_port, Some("a.test"), &[]).await.unwrap()) };
+    assert!(got().await == old.der);
+    let before = gw.reload_counts().await;
+    let certs = gw.dir.path().join("certs");
+    for (from, to) in [(&new.key, "a.key"), (&new.cert, "a.pem")] {
+        std::fs::copy(from, certs.join("next")).unwrap();
+        std::fs::rename(certs.join("next"), certs.join(to)).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got().await != new.der {
+        assert!(
+            Instant::now() < deadline,
+            "the renewal was not picked up: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = gw.reload_counts().await;
+    assert!(after.0 > before.0, "{before:?} {after:?}");
+    // Between the two renames the pair did not match: that reload (if one ran) was refused
+    // and the old pair stayed in force; no other reload is counted as failed.
+    assert!(after.1 - before.1 <= 1.0, "{before:?} {after:?}");
+}
+
 /// A CONTINUATION flood: one header block continued by frame after frame, never ended. The
 /// connection is closed at h2's bound (5 frames for the default 16 KiB header cap) and
 /// counted, while another HTTP/2 client is served all along.

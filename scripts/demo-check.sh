@@ -30,6 +30,8 @@ code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 h2=$(curl -s -o /dev/null -w '%{http_version} %{http_code}' --http2 --cacert data/tls/localhost.pem https://localhost:8443/items)
 [ "$h2" = "2 200" ] || fail "curl --http2 https://localhost:8443/items: $h2"
 grep -q "curl --http2 --cacert data/tls/localhost.pem https://localhost:8443/items" /tmp/floodgate-demo.out || fail "the demo does not print the TLS curl"
+moved=$(curl -s -o /dev/null -w '%{http_code} %{redirect_url}' localhost:8080/items?x=1)
+[ "$moved" = "308 https://localhost:8443/items?x=1" ] || fail "GET :8080/items is not redirected to :8443: $moved"
 served=$(for i in $(seq 1 9); do curl -s -D- -o /dev/null localhost:8000/items | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}'; done | sort -u | wc -l)
 [ "$served" = 3 ] || fail "round robin over 3 backends, saw $served"
 llm=$(curl -s -XPOST -H 'X-API-Key: fg_demo_pro_key' -H 'Content-Type: application/json' -d '{"prompt":"hello"}' localhost:8000/llm)
@@ -38,10 +40,15 @@ per_ip=$(for i in $(seq 1 8); do code --interface 127.0.0.2 -XPOST localhost:800
 [ "$per_ip" -ge 1 ] || fail "no per-IP 429"
 per_user=$(for i in $(seq 1 12); do code -H 'X-API-Key: fg_demo_free_key' localhost:8000/items; echo; done | grep -c 429 || true)
 [ "$per_user" -ge 1 ] || fail "no per-user 429"
-curl -s localhost:9100/metrics | grep -q 'gateway_rejections_total{reason="rate_limit_ip"}' || fail "gateway metrics"
-curl -s localhost:8001/metrics | grep -q backend_requests_total || fail "backend metrics"
+# (Read whole before grep: `grep -q` stops at its match, and under pipefail the curl it cut
+# off would fail the check.)
+metrics=$(curl -s localhost:9100/metrics)
+grep -q 'gateway_rejections_total{reason="rate_limit_ip"}' <<<"$metrics" || fail "gateway metrics"
+metrics=$(curl -s localhost:8001/metrics)
+grep -q backend_requests_total <<<"$metrics" || fail "backend metrics"
 kill -HUP "$(cat data/gateway.pid)"; sleep 0.5
-curl -s localhost:9100/metrics | grep -q 'gateway_config_reloads_total{result="success"} 1' || fail "reload"
+metrics=$(curl -s localhost:9100/metrics)
+grep -q 'gateway_config_reloads_total{result="success"} 1' <<<"$metrics" || fail "reload"
 
 wrk_out=$(wrk -t2 -c20 -d2s http://localhost:8000/items)
 echo "$wrk_out" | grep -q "Socket errors" && fail "wrk socket errors: $wrk_out"
@@ -100,4 +107,4 @@ left=$(pgrep -g "$demo" || true)
 [ -z "$left" ] || fail "GATEWAYS=2: processes left behind: $left"
 echo "demo-check: GATEWAYS=2: one client's /llm limit across :8000 and :8010: $passed of 12 passed ($(echo $codes))"
 
-echo "demo-check: OK (HTTP/2 over TLS on :8443, round robin over 3, /llm, per-IP and per-user 429, metrics, reload, wrk and hey clean, 30 NUL posts 422 with every backend kept, a backend SIGTERMed under load with none failed, nothing left running; GATEWAYS=2 shares the /llm limit)"
+echo "demo-check: OK (HTTP/2 over TLS on :8443, :8080 redirected to it, round robin over 3, /llm, per-IP and per-user 429, metrics, reload, wrk and hey clean, 30 NUL posts 422 with every backend kept, a backend SIGTERMed under load with none failed, nothing left running; GATEWAYS=2 shares the /llm limit)"

@@ -32,7 +32,7 @@ wait_http() { # url
 }
 
 # The demo's fixed ports must be free, so it never talks to somebody else's server by mistake.
-ports=(8000 8001 8002 8003 8443 9000 9100)
+ports=(8000 8001 8002 8003 8080 8443 9000 9100)
 [ "$GATEWAYS" = 2 ] && ports+=(8010 9110)
 [ -z "${REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1 && ports+=(6390)
 busy=()
@@ -91,8 +91,8 @@ if [ "$GATEWAYS" = 2 ]; then
   pids+=($!)
   echo "$!" > data/gateway-2.pid
 fi
-# TLS on :8443 (HTTP/2 and HTTP/1.1) with a self-signed certificate made here, once: the
-# demo's config is $CONFIG with that listener added.
+# TLS on :8443 (HTTP/2 and HTTP/1.1) with a self-signed certificate made here, once, and
+# :8080 redirecting to it: the demo's config is $CONFIG with those listeners added.
 mkdir -p data/tls
 if [ ! -s data/tls/localhost.pem ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
@@ -100,7 +100,8 @@ if [ ! -s data/tls/localhost.pem ]; then
     -keyout data/tls/localhost.key -out data/tls/localhost.pem 2>/dev/null
 fi
 tls_listen="{address: \"0.0.0.0:8443\", tls: {certificates: [{cert: \"$PWD/data/tls/localhost.pem\", key: \"$PWD/data/tls/localhost.key\"}]}}"
-sed -E "s|^listen: \[(.*)\]$|listen: [\1, $tls_listen]|" "$CONFIG" > data/gateway-demo.yaml
+redirect_listen="{address: \"0.0.0.0:8080\", redirect_https: {port: 8443}}"
+sed -E "s|^listen: \[(.*)\]$|listen: [\1, $tls_listen, $redirect_listen]|" "$CONFIG" > data/gateway-demo.yaml
 CONFIG=data/gateway-demo.yaml
 "$BIN/gateway" -c "$CONFIG" --upgrade-sock "$PWD/data/gateway-upgrade.sock" > data/logs/gateway.log 2>&1 &
 gateway_pid=$!
@@ -133,6 +134,7 @@ cat <<MSG
 Floodgate is running.$replicas
   gateway        http://localhost:8000        (config: $CONFIG)
                  https://localhost:8443       (HTTP/2 and HTTP/1.1; self-signed: data/tls/localhost.pem)
+                 http://localhost:8080        (redirects to https://localhost:8443)
   gateway stats  http://localhost:9100/metrics
   backends       http://localhost:8001 .. 8003 (each has /health, /ready, /metrics)
   mock vendor    http://localhost:9000/stats  (contract 500 calls/min)

@@ -50,11 +50,19 @@ python3 -m kubernetes_validate --version >/dev/null 2>&1 || python3 -m pip insta
 manifests=$(ls k8s/*.yaml | grep -v kustomization.yaml)
 python3 -m kubernetes_validate --strict -k 1.30.0 $manifests || fail "Kubernetes manifests"
 python3 - "$BIN" <<'PY' || fail "k8s gateway ConfigMap"
-import subprocess, sys, tempfile, yaml
+# Laid out as the pod mounts it: the ConfigMap in live/, the TLS Secret (a certificate made
+# here) in tls/ beside it, which the config names by relative paths.
+import os, subprocess, sys, tempfile, yaml
 for doc in yaml.safe_load_all(open("k8s/gateway.yaml")):
     if doc and doc.get("kind") == "ConfigMap":
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(doc["data"]["gateway.yaml"])
-        subprocess.run([f"{sys.argv[1]}/gateway", "-t", "-c", f.name], check=True)
+        with tempfile.TemporaryDirectory() as d:
+            os.makedirs(f"{d}/live")
+            os.makedirs(f"{d}/tls")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-days", "2", "-subj", "/CN=gateway.example", "-keyout", f"{d}/tls/tls.key",
+                            "-out", f"{d}/tls/tls.crt"], check=True, capture_output=True)
+            with open(f"{d}/live/gateway.yaml", "w") as f:
+                f.write(doc["data"]["gateway.yaml"])
+            subprocess.run([f"{sys.argv[1]}/gateway", "-t", "-c", f"{d}/live/gateway.yaml"], check=True)
 PY
 echo "check-deploy: OK"

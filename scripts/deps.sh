@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages Floodgate needs, when they are missing.
 #   scripts/deps.sh          build + test needs: cmake (pingora), redis-server, postgresql,
-#                            wrk + hey + curl (the scripted demo), docker-compose (compose check),
+#                            wrk + hey + curl + openssl (the scripted demo), docker-compose (compose check),
 #                            ss (iproute2: a test counts the TCP segments an answer arrives in)
 #   scripts/deps.sh bench    plus what the load tests compare against: nginx, haproxy, valgrind
 #                            (instruction counts), h2load (nghttp2-client: TLS handshakes and
@@ -17,6 +17,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 have wrk || need+=(wrk)
 have hey || need+=(hey)
 have curl || need+=(curl)
+have openssl || need+=(openssl)   # the demo's and the deploy check's certificates
 have ss || need+=(iproute2)
 have docker-compose || need+=(docker-compose)
 if [ "${1:-}" = bench ]; then

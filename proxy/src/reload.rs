@@ -87,11 +87,20 @@ impl Reloader {
         in_force: &mut (u64, u64),
         only_if_changed: bool,
     ) -> Result<bool, String> {
+        // The named files as they were before the load and after it: a certificate replaced
+        // while it was being read may have been read old, so the config in force then is
+        // recorded as of before, and the next look at the files reloads it again.
+        let before = self.snapshot.load().config.files_fingerprint();
         let (next, hash) = GatewayConfig::load(&self.path).map_err(|e| e.to_string())?;
-        let files = next.files_fingerprint();
-        if only_if_changed && (hash, files) == *in_force {
+        let after = next.files_fingerprint();
+        if only_if_changed && (hash, after) == *in_force {
             return Ok(false);
         }
+        let files = if next.files == self.snapshot.load().config.files {
+            before
+        } else {
+            after
+        };
         let restart_only = self.started.restart_only_changes(&next);
         if !restart_only.is_empty() {
             log::warn!(

@@ -9,6 +9,14 @@
 //!   hook to say otherwise. Those are the client's doing, counted in
 //!   `gateway_rejections_total`; here they are logged at debug, so an attack cannot flood the
 //!   error log. Failures after the head have pingora's `suppress_error_log` hook (proxy.rs).
+//!
+//! The `h2` crate (pingora's HTTP/2 server) reports through `tracing`, whose spans and events
+//! went to `log` when no `tracing` subscriber is installed: several per HTTP/2 frame, each
+//! building a record for a level that is off (about 3% of an HTTP/2 request's CPU). Its
+//! spans and events are debug and trace only, so when the level at start is info or above
+//! (and `RUST_LOG` is not set) a no-op subscriber takes them instead; a reload that raises the
+//! level to debug then shows the gateway's and pingora's debug lines but not h2's (start with
+//! `log_level: debug` or `RUST_LOG` for those).
 
 use std::fmt::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +40,9 @@ pub fn init(level: LevelFilter) {
     FROM_ENV.store(from_env, Ordering::Relaxed);
     if log::set_boxed_logger(Box::new(GatewayLogger { inner })).is_ok() {
         log::set_max_level(max);
+    }
+    if !from_env && max < LevelFilter::Debug {
+        let _ = tracing::dispatcher::set_global_default(tracing::Dispatch::none());
     }
 }
 

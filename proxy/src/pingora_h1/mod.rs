@@ -290,18 +290,10 @@ impl ProxyHttp for Gateway {
             pool: &pool,
             settings: &route.settings,
         };
-        let mut down = SessionDownstream {
-            session,
-            lines: Vec::with_capacity(512),
-            request_id: &request_id,
-            hsts: ctx.hsts.as_deref(),
-            head: None,
-            started: false,
-        };
+        let mut down = SessionDownstream::new(session, &request_id, ctx.hsts.as_deref());
         let out: Outcome = self.forward(&fwd, &mut down).await;
-        let req = down.session.req_header().clone();
-        let done = Self::finished(ctx, &req);
-        self.finish(&snap, done, &out);
+        drop(down);
+        self.finish(&snap, Self::finished(ctx, session.req_header()), &out);
         ctx.recorded = true;
         if out.cut {
             ctx.cut = true;
@@ -311,7 +303,7 @@ impl ProxyHttp for Gateway {
             );
         }
         if !out.keep_alive {
-            down.session.set_keepalive(None);
+            session.set_keepalive(None);
         }
         Ok(true)
     }

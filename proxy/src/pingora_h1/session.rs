@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue};
 use pingora::prelude::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
@@ -64,6 +66,13 @@ pub(super) fn upstream_error(e: &Error) -> UpstreamError {
 }
 
 /// The answer through pingora's session.
+///
+/// Over HTTP/2 the answer goes to pingora's HTTP/2 session directly (the gateway has no
+/// downstream modules for pingora's `Session` to run): the head as HEADERS with END_STREAM
+/// when there is no body, else the body staged until [`Downstream::flush`] and sent as DATA
+/// with END_STREAM on the last piece. Through pingora's `Session` every answer took three
+/// frames (HEADERS, DATA, and an empty DATA to end the stream, as pingora's `Session` drops
+/// the end flag of a head), each one queued, encoded and flushed by the `h2` crate.
 pub(super) struct SessionDownstream<'a> {
     pub(super) session: &'a mut Session,
     pub(super) lines: Vec<u8>,
@@ -74,15 +83,50 @@ pub(super) struct SessionDownstream<'a> {
     /// can still be answered 502), and whether it has no body.
     pub(super) head: Option<(Box<ResponseHeader>, bool)>,
     pub(super) started: bool,
+    /// Body bytes staged until the next [`Downstream::flush`].
+    pub(super) staged: BytesMut,
 }
 
-impl SessionDownstream<'_> {
-    async fn write_head(&mut self) -> bool {
-        let Some((resp, end)) = self.head.take() else {
+impl<'a> SessionDownstream<'a> {
+    pub(super) fn new(
+        session: &'a mut Session,
+        request_id: &'a [u8],
+        hsts: Option<&'a [u8]>,
+    ) -> Self {
+        SessionDownstream {
+            session,
+            lines: Vec::with_capacity(512),
+            request_id,
+            hsts,
+            head: None,
+            started: false,
+            staged: BytesMut::new(),
+        }
+    }
+
+    /// Write the staged head, if any; `end`: nothing follows it (HTTP/2: END_STREAM on it).
+    async fn write_head(&mut self, end: bool) -> bool {
+        let Some((resp, _)) = self.head.take() else {
             return true;
         };
         self.started = true;
-        self.session.write_response_header(resp, end).await.is_ok()
+        match self.session.as_mut() {
+            ServerSession::H2(h2) => h2.write_response_header(resp, end).is_ok(),
+            _ => self.session.write_response_header(resp, end).await.is_ok(),
+        }
+    }
+
+    /// The staged body bytes, sent; `end`: the body is complete.
+    async fn write_body(&mut self, end: bool) -> bool {
+        let data = self.staged.split().freeze();
+        match self.session.as_mut() {
+            ServerSession::H2(h2) => h2.write_body(data, end).await.is_ok(),
+            _ => self
+                .session
+                .write_response_body((!data.is_empty()).then_some(data), end)
+                .await
+                .is_ok(),
+        }
     }
 }
 
@@ -92,27 +136,14 @@ impl Downstream for SessionDownstream<'_> {
     }
 
     async fn head(&mut self, head: &AnswerHead, keep_alive: bool) -> bool {
-        let mut resp = match ResponseHeader::build(head.status, None) {
-            Ok(r) => r,
-            Err(_) => return false,
+        let resp = if pingora_compat::is_http2(self.session) {
+            h2_head(head.status, &self.lines, self.request_id)
+        } else {
+            h1_head(head.status, &self.lines, self.request_id)
         };
-        // The status line first, then `Name: value` lines, as `forward::answer` wrote them.
-        for line in self.lines.split(|&b| b == b'\n').skip(1) {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
-                continue;
-            };
-            let name = String::from_utf8_lossy(&line[..colon]).into_owned();
-            if resp
-                .append_header(name, line[colon + 1..].trim_ascii())
-                .is_err()
-            {
-                return false;
-            }
-        }
-        if resp.insert_header("X-Request-Id", self.request_id).is_err() {
+        let Some(mut resp) = resp else {
             return false;
-        }
+        };
         if let Some(v) = self.hsts {
             if resp.insert_header(HSTS, v).is_err() {
                 return false;
@@ -126,22 +157,39 @@ impl Downstream for SessionDownstream<'_> {
     }
 
     async fn body(&mut self, data: &[u8]) -> bool {
-        if !self.write_head().await {
-            return false;
-        }
-        let data = Some(Bytes::copy_from_slice(data));
-        self.session.write_response_body(data, false).await.is_ok()
+        self.staged.extend_from_slice(data);
+        true
     }
 
     async fn flush(&mut self, end: bool) -> bool {
-        let no_body = self.head.as_ref().is_some_and(|(_, none)| *none);
-        if !self.write_head().await {
-            return false;
+        if !self.staged.is_empty() {
+            return self.write_head(false).await && self.write_body(end).await;
         }
-        no_body || !end || self.session.write_response_body(None, true).await.is_ok()
+        match self.head.take() {
+            Some((resp, no_body)) => {
+                self.started = true;
+                if let ServerSession::H2(h2) = self.session.as_mut() {
+                    // Nothing follows: END_STREAM on the head itself.
+                    return h2.write_response_header(resp, end).is_ok();
+                }
+                // HTTP/1: pingora ends an answer without a body itself.
+                if self
+                    .session
+                    .write_response_header(resp, no_body)
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+                no_body || !end || self.write_body(true).await
+            }
+            None => !end || self.write_body(true).await,
+        }
     }
 
     async fn error(&mut self, answer: &ErrorAnswer<'_>) -> bool {
+        self.head = None;
+        self.staged.clear();
         self.started = true;
         let answer = ErrorAnswer {
             hsts: self.hsts.or(answer.hsts),
@@ -153,6 +201,63 @@ impl Downstream for SessionDownstream<'_> {
     fn started(&self) -> bool {
         self.started
     }
+}
+
+/// The answer's header lines as `forward::answer` wrote them into `lines` (the status line
+/// first, then `Name: value` lines): each name and its trimmed value.
+fn header_lines(lines: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    lines.split(|&b| b == b'\n').skip(1).filter_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|&b| b == b':')?;
+        Some((&line[..colon], line[colon + 1..].trim_ascii()))
+    })
+}
+
+/// The head for pingora's HTTP/1 session: the names' case kept.
+fn h1_head(status: u16, lines: &[u8], request_id: &[u8]) -> Option<ResponseHeader> {
+    let mut resp = ResponseHeader::build(status, None).ok()?;
+    for (name, value) in header_lines(lines) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        resp.append_header(name, value).ok()?;
+    }
+    resp.insert_header("X-Request-Id", request_id).ok()?;
+    Some(resp)
+}
+
+/// The head for pingora's HTTP/2 session: names lower case (HTTP/2 has no case to keep), the
+/// values slices of one copy of the lines, and without the connection-specific fields, which
+/// pingora's HTTP/2 session would remove (RFC 9113 8.2.2).
+fn h2_head(status: u16, lines: &[u8], request_id: &[u8]) -> Option<ResponseHeader> {
+    let shared = Bytes::copy_from_slice(lines);
+    let mut headers = http::HeaderMap::with_capacity(16);
+    for (name, value) in header_lines(&shared) {
+        let name = HeaderName::from_bytes(name).ok()?;
+        if is_connection_specific(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(shared.slice_ref(value)).ok()?;
+        headers.try_append(name, value).ok()?;
+    }
+    let mut id = HeaderValue::from_bytes(request_id).ok()?;
+    // Unique to each answer: HPACK "never indexed", so h2's encoder neither searches its
+    // table for it nor inserts it (evicting the fields that do repeat).
+    id.set_sensitive(true);
+    headers
+        .try_insert(HeaderName::from_static("x-request-id"), id)
+        .ok()?;
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(status).ok()?;
+    parts.headers = headers;
+    Some(ResponseHeader::from(parts))
+}
+
+fn is_connection_specific(name: &HeaderName) -> bool {
+    use http::header::{CONNECTION, TRANSFER_ENCODING, UPGRADE};
+    *name == CONNECTION
+        || *name == TRANSFER_ENCODING
+        || *name == UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 impl Gateway {

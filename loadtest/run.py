@@ -13,6 +13,8 @@ SCENARIOS (overhead,equal_load,fixed_rate,instructions,items_get,items_post,floo
 backend_killed,slow_backend,slow_body,tls,seed_backend),
 EQUAL_RATE (equal_load's offered rate, req/s; 0: 60% of the slowest of the three proxies'
 scenario-1 median, so every proxy has headroom),
+TLS_RATE (scenario 10's fixed rate for CPU per request over TLS, req/s in total: 2000),
+TLS_POOL (scenario 10's idle upstream connections kept by Floodgate and nginx: 1024),
 BODY_BYTES (0: the trivial upstream answers a 25-byte JSON body; N: N bytes),
 BIN (target/release), SMOKE=1 (one short round of each, for CI: keeps the runner from rotting;
 no goals judged).
@@ -47,6 +49,10 @@ BODY_BYTES = int(os.environ.get("BODY_BYTES", "0"))
 SCENARIOS = os.environ.get("SCENARIOS", "overhead,equal_load,fixed_rate,instructions,items_get,items_post,flood,slowloris,"
                            "backend_killed,slow_backend,slow_body,tls,seed_backend").split(",")
 EQUAL_RATE = int(os.environ.get("EQUAL_RATE", "0"))
+TLS_RATE = 300 if SMOKE else int(os.environ.get("TLS_RATE", "2000"))
+# Clients of scenario 10's fixed rate (h2load --rps is per client).
+TLS_RATE_CLIENTS = 20
+TLS_POOL = int(os.environ.get("TLS_POOL", "1024"))
 # BASELINE_BIN: another build's directory (its `gateway`), measured beside this one as
 # "floodgate-before" in the same interleaved rounds (an A/B of a change).
 BASELINE = os.environ.get("BASELINE_BIN")
@@ -356,20 +362,31 @@ def start_backends():
 
 # --- scenarios ------------------------------------------------------------------------------
 
+class Hung(Exception):
+    """A load generator that did not stop: its measurement is taken again."""
+
+
 def interleaved(targets, measure, label):
     """targets: name -> (url, pid or None). Runs ROUNDS interleaved rounds; medians."""
     samples = {t: [] for t in targets}
     for r in range(ROUNDS):
         for t, (url, pid) in targets.items():
-            user0, sys0 = cpu_times(pid) if pid else (0, 0)
-            m = measure(url)
+            for attempt in range(3):
+                user0, sys0 = cpu_times(pid) if pid else (0, 0)
+                try:
+                    m = measure(url)
+                    break
+                except Hung as e:
+                    if attempt == 2:
+                        raise
+                    log(f"  {label} round {r + 1} {t}: {e}; measured again")
             user1, sys1 = cpu_times(pid) if pid else (0, 0)
             n = max(m["requests"], 1)
             m["user_us"], m["sys_us"] = (user1 - user0) / n * 1e6, (sys1 - sys0) / n * 1e6
             m["cpu_per_10k"] = (m["user_us"] + m["sys_us"]) / 100
             samples[t].append(m)
             log(f"  {label} round {r + 1} {t}: {m['rps']:.0f} 2xx/s p50 {m['p50']:.2f} ms p99 {m['p99']:.2f} ms"
-                f" non-2xx {m['non2xx']} errors {m['errors']}")
+                f" non-2xx {m['non2xx']} errors {m['errors']} CPU {m['cpu_per_10k'] * 100:.1f} us/req")
     out = {}
     for t, ss in samples.items():
         keys = ("rps", "p50", "p90", "p99", "cpu_per_10k", "user_us", "sys_us") + tuple(
@@ -753,30 +770,47 @@ def with_tls(name, argv, port, certs):
     """Turn the plaintext listener of one proxy's config (written by proxy_argv) into a TLS one
     on the same port, ALPN h2 and http/1.1, TLS 1.2 and 1.3, session tickets on: each proxy's
     defaults for cipher suites (every one negotiates TLS 1.3 with TLS_AES_256_GCM_SHA384 with
-    h2load and openssl's clients; the report records what was negotiated)."""
+    h2load and openssl's clients; the report records what was negotiated).
+
+    Idle upstream connections kept: TLS_POOL (1,024) for Floodgate (`keepalive_pool`) and nginx
+    (`keepalive`), whose 128 elsewhere is below the h2 measure's 500 streams in flight: each
+    burst of answers left ~370 connections over the cap, closed, and reopened for the next
+    burst (about one connect and close per 30 requests, and the client ports in TIME_WAIT
+    then ran out: 503s). HAProxy keeps every idle connection by default."""
     cert, key, both = certs
     path = argv[argv.index("-c" if name != "haproxy" else "-f") + 1]
     text = open(path).read()
     if name.startswith("floodgate"):
         text = text.replace(f'listen: ["127.0.0.1:{port}"]',
                             f'listen: [{{address: "127.0.0.1:{port}", tls: {{certificates: [{{cert: "{cert}", key: "{key}"}}]}}}}]')
+        text = text.replace("upstream:\n", f"upstream:\n  keepalive_pool: {TLS_POOL}\n", 1)
     elif name == "nginx":
         text = text.replace(f"listen 127.0.0.1:{port} reuseport;",
                             f"listen 127.0.0.1:{port} reuseport ssl http2;\n    ssl_certificate {cert};\n"
                             f"    ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n"
                             "    ssl_session_cache shared:SSL:10m;\n    ssl_session_tickets on;")
+        text = text.replace("keepalive 128;", f"keepalive {TLS_POOL};")
     elif name == "haproxy":
         text = text.replace(f"bind 127.0.0.1:{port}\n", f"bind 127.0.0.1:{port} ssl crt {both} alpn h2,http/1.1\n")
     with open(path, "w") as f:
         f.write(text)
 
 
-def h2load(url, h1, conns=CONNS, streams=1, seconds=None):
+def h2load(url, h1, conns=CONNS, streams=1, seconds=None, rps=0):
     """Keep-alive requests over TLS: h2load's 2xx answers per second (h1: HTTP/1.1, else h2
-    with `streams` concurrent streams per connection)."""
+    with `streams` concurrent streams per connection); `rps`: each connection sends at that
+    fixed rate (h2load --rps) instead of as fast as answers come."""
     secs = seconds or int(DURATION.rstrip("s"))
-    argv = ["h2load", "-c", str(conns), "-t", "1", "-m", str(streams), "-D", str(secs), url] + (["--h1"] if h1 else [])
-    out = subprocess.run(argv, capture_output=True, text=True).stdout
+    # At a fixed rate, a number of requests (rate x duration) rather than -D: h2load 1.52 with
+    # --rps and -D does not stop ("Stopping all clients", then waits on forever).
+    span = ["-n", str(rps * conns * secs), "--rps", str(rps)] if rps else ["-D", str(secs)]
+    argv = ["h2load", "-c", str(conns), "-t", "1", "-m", str(streams), *span, url] + (["--h1"] if h1 else [])
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=2 * secs + 15).stdout
+    except subprocess.TimeoutExpired:
+        # Seen with --h1 when the server closes connections (after 1,000 requests each):
+        # "Stopping all clients", then one client goes on forever.
+        raise Hung(f"h2load did not stop after {secs} s: {' '.join(argv)}")
     done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
     lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
@@ -784,11 +818,25 @@ def h2load(url, h1, conns=CONNS, streams=1, seconds=None):
     if not done or not codes:
         raise RuntimeError(f"h2load: {out}")
     ok, n = int(codes.group(1)), int(done.group(3))
+    took = re.search(r"finished in ([\d.]+)s", out)
+    if rps and took:
+        secs = float(took.group(1))
     # h2load gives min, max, mean: p50 holds the mean and p99 the max here.
     mean = ms(lat.group(3)) if lat else 0.0
     return {"rps": ok / secs, "requests": n, "non2xx": n - ok, "errors": int(done.group(5)) + int(done.group(6)),
             "p50": mean, "p90": mean, "p99": ms(lat.group(2)) if lat else 0.0,
             "tls": f"{cipher.group(1)} {cipher.group(2)}" if cipher else "?"}
+
+
+def h2load_at_rate(rate, h1, clients=TLS_RATE_CLIENTS):
+    """A measure for `interleaved`: `rate` requests per second in total over TLS, from
+    `clients` keep-alive connections at rate / clients each (HTTP/1.1, or h2 with up to 10
+    streams per connection), for CPU per request at the same load on every proxy. At least 10 s
+    (unless SMOKE): /proc counts CPU in ticks of 10 ms, a few percent of what 10 s at 2,000 req/s
+    cost."""
+    secs = int(DURATION.rstrip("s")) if SMOKE else max(10, int(DURATION.rstrip("s")))
+    return lambda url: h2load(url, h1, conns=clients, streams=1 if h1 else 10, seconds=secs,
+                              rps=max(1, rate // clients))
 
 
 def handshakes(resume, seconds=None, clients=2):
@@ -815,7 +863,8 @@ def handshakes(resume, seconds=None, clients=2):
 def scenario_tls(upstreams):
     """Every proxy with the same certificate on a TLS listener, interleaved: full and resumed
     handshakes per second, keep-alive requests per second over TLS HTTP/1.1 and over h2, and
-    CPU per request at a fixed rate (loadgen has no TLS: h2load at a fixed rate instead)."""
+    CPU per request at a fixed rate, TLS_RATE in total over TLS HTTP/1.1 and over h2 (loadgen
+    has no TLS: h2load --rps instead)."""
     certs = make_certificate()
     targets = {}
     for name in PROXIES:
@@ -835,6 +884,10 @@ def scenario_tls(upstreams):
         "resumed_handshakes": interleaved(targets, handshakes(True), "tls resumed handshakes"),
         "h1": interleaved(targets, lambda u: h2load(u, True), "tls http/1.1 keep-alive"),
         "h2": interleaved(targets, lambda u: h2load(u, False, conns=CONNS, streams=10), "h2 keep-alive"),
+        "h1_rate": interleaved(targets, h2load_at_rate(TLS_RATE, True), f"tls http/1.1 at {TLS_RATE} req/s"),
+        "h2_rate": interleaved(targets, h2load_at_rate(TLS_RATE, False), f"h2 at {TLS_RATE} req/s"),
+        "rate": TLS_RATE,
+        "pool": TLS_POOL,
     }
     for _, pid in targets.values():
         stop(pid)
@@ -1138,7 +1191,9 @@ def write_report(r):
                   "Full and resumed handshakes: two parallel `openssl s_time` loops (connect, handshake, close; "
                   "`-reuse -tls1_2` resumes the first session). Keep-alive: h2load, " + f"{CONNS} connections, "
                   "HTTP/1.1 (one request at a time per connection) and h2 (10 streams per connection). "
-                  "Medians of interleaved rounds; CPU is the proxy's, per request or handshake.", "",
+                  "Medians of interleaved rounds; CPU is the proxy's, per request or handshake. Idle upstream "
+                  f"connections kept: {t.get('pool', 128):,} (Floodgate `keepalive_pool`, nginx `keepalive`; "
+                  "HAProxy keeps all).", "",
                   "| measure | " + " | ".join(PROXIES) + " | Floodgate / nginx | Floodgate / HAProxy |",
                   "|---|" + "---|" * (len(PROXIES) + 2)]
         for key, label in (("full_handshakes", "full handshakes/s"), ("resumed_handshakes", "resumed handshakes/s"),
@@ -1148,7 +1203,31 @@ def write_report(r):
                                                       for p in PROXIES)
                          + f" | {ratio(v['floodgate']['rps'], v['nginx']['rps']):.2f} | "
                            f"{ratio(v['floodgate']['rps'], v['haproxy']['rps']):.2f} |")
+        rate = t.get("rate", TLS_RATE)
+        for key, label in (("h1_rate", f"TLS HTTP/1.1 at {rate:,} req/s: CPU per request"),
+                           ("h2_rate", f"h2 at {rate:,} req/s: CPU per request")):
+            if key not in t:
+                continue
+            v = t[key]
+            lines.append(f"| {label} | " + " | ".join(f"{v[p]['cpu_per_10k'] * 100:.1f} us ({v[p]['rps']:,.0f} 2xx/s)"
+                                                      for p in PROXIES)
+                         + f" | {ratio(v['floodgate']['cpu_per_10k'], v['nginx']['cpu_per_10k']):.2f} | "
+                           f"{ratio(v['floodgate']['cpu_per_10k'], v['haproxy']['cpu_per_10k']):.2f} |")
         lines.append("")
+        if "h1_rate" in t:
+            lines += [f"CPU per request at a fixed rate: h2load --rps, {TLS_RATE_CLIENTS} keep-alive connections at "
+                      f"{rate // TLS_RATE_CLIENTS} req/s each ({rate:,} req/s in total; h2: up to 10 streams per "
+                      "connection), well below every proxy's capacity; the proxy's CPU (user + kernel, from /proc) "
+                      "over the requests answered. The ratios in those rows are of CPU per request (lower is "
+                      "better).", ""]
+        for key, label in (("h1_rate", "TLS HTTP/1.1"), ("h2_rate", "h2")):
+            if key not in t:
+                continue
+            v = t[key]
+            lowest = min(v["nginx"]["cpu_per_10k"], v["haproxy"]["cpu_per_10k"])
+            goals.append((f"Scenario 10, CPU per request at a fixed {rate:,} req/s over {label}: Floodgate lowest",
+                          v["floodgate"]["cpu_per_10k"] <= lowest,
+                          f"{v['floodgate']['cpu_per_10k'] * 100:.1f} vs {lowest * 100:.1f} us"))
         for key, label in (("full_handshakes", "full handshakes/s"), ("resumed_handshakes", "resumed handshakes/s"),
                            ("h1", "keep-alive TLS HTTP/1.1 2xx/s"), ("h2", "keep-alive h2 2xx/s")):
             v = t[key]

@@ -53,6 +53,11 @@ TLS_RATE = 300 if SMOKE else int(os.environ.get("TLS_RATE", "2000"))
 # Clients of scenario 10's fixed rate (h2load --rps is per client).
 TLS_RATE_CLIENTS = 20
 TLS_POOL = int(os.environ.get("TLS_POOL", "1024"))
+# Requests per client connection in scenario 10 (Floodgate's max_requests_per_connection,
+# nginx's keepalive_requests; HAProxy has no such cap): at both defaults (1,000) nginx closed
+# every h2 connection after 1,000 requests and h2load does not reconnect in h2 mode, so
+# nginx's h2 figure was a cap (50 x 1,000 / 5 s), not its speed.
+TLS_REQUESTS_PER_CONNECTION = 1_000_000
 # BASELINE_BIN: another build's directory (its `gateway`), measured beside this one as
 # "floodgate-before" in the same interleaved rounds (an A/B of a change).
 BASELINE = os.environ.get("BASELINE_BIN")
@@ -776,7 +781,8 @@ def with_tls(name, argv, port, certs):
     (`keepalive`), whose 128 elsewhere is below the h2 measure's 500 streams in flight: each
     burst of answers left ~370 connections over the cap, closed, and reopened for the next
     burst (about one connect and close per 30 requests, and the client ports in TIME_WAIT
-    then ran out: 503s). HAProxy keeps every idle connection by default."""
+    then ran out: 503s). HAProxy keeps every idle connection by default. Requests per client
+    connection: TLS_REQUESTS_PER_CONNECTION for Floodgate and nginx (HAProxy has no cap)."""
     cert, key, both = certs
     path = argv[argv.index("-c" if name != "haproxy" else "-f") + 1]
     text = open(path).read()
@@ -784,12 +790,16 @@ def with_tls(name, argv, port, certs):
         text = text.replace(f'listen: ["127.0.0.1:{port}"]',
                             f'listen: [{{address: "127.0.0.1:{port}", tls: {{certificates: [{{cert: "{cert}", key: "{key}"}}]}}}}]')
         text = text.replace("upstream:\n", f"upstream:\n  keepalive_pool: {TLS_POOL}\n", 1)
+        text = text.replace("keepalive_timeout: 60s}",
+                            f"keepalive_timeout: 60s, max_requests_per_connection: {TLS_REQUESTS_PER_CONNECTION}}}", 1)
     elif name == "nginx":
         text = text.replace(f"listen 127.0.0.1:{port} reuseport;",
                             f"listen 127.0.0.1:{port} reuseport ssl http2;\n    ssl_certificate {cert};\n"
                             f"    ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n"
                             "    ssl_session_cache shared:SSL:10m;\n    ssl_session_tickets on;")
         text = text.replace("keepalive 128;", f"keepalive {TLS_POOL};")
+        text = text.replace("    client_max_body_size 1m;",
+                            f"    client_max_body_size 1m;\n    keepalive_requests {TLS_REQUESTS_PER_CONNECTION};")
     elif name == "haproxy":
         text = text.replace(f"bind 127.0.0.1:{port}\n", f"bind 127.0.0.1:{port} ssl crt {both} alpn h2,http/1.1\n")
     with open(path, "w") as f:

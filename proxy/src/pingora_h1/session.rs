@@ -12,6 +12,7 @@ use pingora::{Error, ErrorType, Result};
 
 use super::RequestCtx;
 use crate::answers::{ErrorAnswer, HSTS};
+use crate::policy::headers;
 use crate::forward::answer::AnswerHead;
 use crate::forward::Downstream;
 use crate::pingora_compat;
@@ -251,13 +252,10 @@ fn h2_head(status: u16, lines: &[u8], request_id: &[u8]) -> Option<ResponseHeade
     Some(ResponseHeader::from(parts))
 }
 
+/// A header HTTP/2 forbids in an answer (RFC 9113 §8.2.2): the hop-by-hop ones, and
+/// `Transfer-Encoding` (the own answer lines keep it for HTTP/1's re-chunking).
 fn is_connection_specific(name: &HeaderName) -> bool {
-    use http::header::{CONNECTION, TRANSFER_ENCODING, UPGRADE};
-    *name == CONNECTION
-        || *name == TRANSFER_ENCODING
-        || *name == UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    *name == http::header::TRANSFER_ENCODING || headers::hop_by_hop(name.as_str().as_bytes())
 }
 
 impl Gateway {

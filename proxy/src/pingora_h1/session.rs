@@ -12,12 +12,12 @@ use pingora::{Error, ErrorType, Result};
 
 use super::RequestCtx;
 use crate::answers::{ErrorAnswer, HSTS};
-use crate::policy::headers;
 use crate::forward::answer::AnswerHead;
 use crate::forward::Downstream;
 use crate::pingora_compat;
 use crate::policy::body::BodyReservation;
 use crate::policy::framing::AnswerBody;
+use crate::policy::headers;
 use crate::policy::outcome::UpstreamError;
 use crate::policy::record::{Engine, Finished};
 use crate::policy::{body, Rejection};

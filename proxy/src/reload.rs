@@ -90,13 +90,14 @@ impl Reloader {
         // The named files as they were before the load and after it: a certificate replaced
         // while it was being read may have been read old, so the config in force then is
         // recorded as of before, and the next look at the files reloads it again.
-        let before = self.snapshot.load().config.files_fingerprint();
+        let previous = self.snapshot.load_full();
+        let before = previous.config.files_fingerprint();
         let (next, hash) = GatewayConfig::load(&self.path).map_err(|e| e.to_string())?;
         let after = next.files_fingerprint();
         if only_if_changed && (hash, after) == *in_force {
             return Ok(false);
         }
-        let files = if next.files == self.snapshot.load().config.files {
+        let files = if next.files == previous.config.files {
             before
         } else {
             after
@@ -122,7 +123,6 @@ impl Reloader {
         default.set_tls(next.upstream().tls.as_ref());
         self.pools.apply(&next).await?;
         crate::logging::set_level(next.log_level.filter());
-        let previous = self.snapshot.load_full();
         let applied = Arc::new(Snapshot::new(next, Some(&previous)));
         self.snapshot.store(applied.clone());
         self.metrics.tls_certificates(&applied.config);

@@ -22,10 +22,15 @@ pub use values::*;
 
 /// FNV-1a of the file, shown in `gateway_config_info{hash}`.
 pub fn config_hash(text: &str) -> u64 {
-    fnv(0xcbf29ce484222325, text.as_bytes())
+    fnv(FNV_OFFSET, text.as_bytes())
 }
 
-/// FNV-1a of `bytes`, continuing from `h`.
+/// FNV-1a's starting value.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a of `bytes`, continuing from `h` ([`FNV_OFFSET`] to start): the config's hash, the
+/// named files' fingerprint, the route table's map hasher.
+#[inline]
 pub fn fnv(h: u64, bytes: &[u8]) -> u64 {
     bytes
         .iter()
@@ -297,7 +302,7 @@ impl GatewayConfig {
     /// A fingerprint of the contents of [`GatewayConfig::files`] (an unreadable one counts
     /// as such): a renewed certificate changes it though the config file is the same.
     pub fn files_fingerprint(&self) -> u64 {
-        self.files.iter().fold(0xcbf29ce484222325, |h, path| {
+        self.files.iter().fold(FNV_OFFSET, |h, path| {
             let h = fnv(h, path.as_os_str().as_encoded_bytes());
             match std::fs::read(path) {
                 Ok(bytes) => fnv(fnv(h, &[0]), &bytes),
@@ -337,14 +342,11 @@ impl GatewayConfig {
         if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
             file.anchor_paths(dir);
         }
-        let files = file.paths_mut().into_iter().map(|p| p.clone()).collect();
-        Ok(GatewayConfig {
-            files,
-            ..Self::from_file(file)?
-        })
+        Self::from_file(file)
     }
 
     fn from_file(mut f: FileConfig) -> Result<Self, String> {
+        let files = f.paths_mut().into_iter().map(|p| p.clone()).collect();
         let health = |hc: FileHealthCheck, key: &str| -> Result<HealthSettings, String> {
             if !hc.path.starts_with('/') {
                 return Err(format!("{key}.path: {:?} must start with '/'", hc.path));
@@ -483,7 +485,7 @@ impl GatewayConfig {
             fast_path: f.fast_path,
             listen,
             tls,
-            files: Vec::new(),
+            files,
             listener_policies,
             http2: Http2Settings::from(&f.http2),
             handshake_timeout: sc.handshake_timeout.0,

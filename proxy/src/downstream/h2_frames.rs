@@ -122,21 +122,43 @@ impl Walk {
 #[derive(Debug)]
 pub struct FrameScan {
     walk: Walk,
-    max_resets: u32,
-    resets: u32,
-    window_start: Option<Instant>,
+    resets: Resets,
     /// CONTINUATION frames without END_HEADERS in the open header block.
     continuations: u32,
     max_continuations: u32,
+}
+
+/// The client's RST_STREAM frames within [`RESET_WINDOW`].
+#[derive(Debug)]
+struct Resets {
+    max: u32,
+    count: u32,
+    window_start: Option<Instant>,
+}
+
+impl Resets {
+    /// Count one; false once over the cap.
+    fn count(&mut self, now: Instant) -> bool {
+        match self.window_start {
+            Some(start) if now.duration_since(start) < RESET_WINDOW => self.count += 1,
+            _ => {
+                self.window_start = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count <= self.max
+    }
 }
 
 impl FrameScan {
     pub fn new(max_resets: u32, max_continuations: u32) -> Self {
         FrameScan {
             walk: Walk::new(PREFACE_LEN),
-            max_resets,
-            resets: 0,
-            window_start: None,
+            resets: Resets {
+                max: max_resets,
+                count: 0,
+                window_start: None,
+            },
             continuations: 0,
             max_continuations,
         }
@@ -150,39 +172,30 @@ impl FrameScan {
     /// Follow `data`; the refusal once the client reset more streams than allowed or
     /// continued a header block too long.
     pub fn observe(&mut self, data: &[u8], now: impl Fn() -> Instant) -> Result<(), Rejection> {
-        let mut walk = std::mem::replace(&mut self.walk, Walk::new(0));
-        let r = walk.walk(data, |seen| {
+        let (resets, continuations, max) = (
+            &mut self.resets,
+            &mut self.continuations,
+            self.max_continuations,
+        );
+        self.walk.walk(data, |seen| {
             let Seen::Header(h) = seen else {
                 return Ok(0);
             };
             let ends_block = h[4] & END_HEADERS != 0;
             match h[3] {
-                RST_STREAM if !self.count_reset(now()) => return Err(Rejection::Http2RapidReset),
-                HEADERS | PUSH_PROMISE => self.continuations = 0,
-                CONTINUATION if ends_block => self.continuations = 0,
+                RST_STREAM if !resets.count(now()) => return Err(Rejection::Http2RapidReset),
+                HEADERS | PUSH_PROMISE => *continuations = 0,
+                CONTINUATION if ends_block => *continuations = 0,
                 CONTINUATION => {
-                    self.continuations += 1;
-                    if self.continuations > self.max_continuations {
+                    *continuations += 1;
+                    if *continuations > max {
                         return Err(Rejection::Http2ContinuationFlood);
                     }
                 }
                 _ => {}
             }
             Ok(0)
-        });
-        self.walk = walk;
-        r
-    }
-
-    fn count_reset(&mut self, now: Instant) -> bool {
-        match self.window_start {
-            Some(start) if now.duration_since(start) < RESET_WINDOW => self.resets += 1,
-            _ => {
-                self.window_start = Some(now);
-                self.resets = 1;
-            }
-        }
-        self.resets <= self.max_resets
+        })
     }
 }
 
